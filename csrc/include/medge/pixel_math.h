@@ -1,0 +1,162 @@
+// Per-pixel maths shared by the CPU and CUDA implementations, compiled by both
+// the host compiler and nvcc, so the two paths compute the same function. The
+// DICOM parameters are folded on the host (double precision) into a float
+// affine map around an integer pivot; see prepare_image() in prepare.cpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "medge/preprocess.h"
+
+#if defined(__CUDACC__)
+#define MEDGE_HD __host__ __device__ __forceinline__
+#else
+#define MEDGE_HD inline
+#endif
+
+namespace medge {
+namespace detail {
+
+// How the affine value u becomes the display value y in [0, 1].
+enum class Shape : int32_t {
+  kClamp = 0,    // LINEAR (width > 1), LINEAR_EXACT, fixed range: y = clamp(u, 0, 1)
+  kStep = 1,     // LINEAR with width == 1: y = u > 0
+  kSigmoid = 2,  // SIGMOID: y = 1 / (1 + exp(-4 u))
+};
+
+// One image, ready for the kernels: geometry, decoding and value transform.
+struct PreparedImage {
+  const void* pixels;
+  int64_t row_stride;
+  int32_t in_height, in_width;
+  PixelType pixel_type;
+  Shape shape;
+  int32_t invert;
+  // Stored-value decoding for integer containers: keep bits_stored low bits,
+  // then sign-extend when sign_bit != 0.
+  uint32_t value_mask;
+  uint32_t sign_bit;
+  // u = scale * (stored - pivot) + offset. The pivot is the stored value at
+  // the window centre, so (stored - pivot) is exact in float for any value
+  // that is not clamped anyway and `offset` is small: float keeps ~1e-7
+  // absolute precision even for int32 data far from zero.
+  int64_t pivot;      // integer containers
+  float pivot_float;  // float32 container
+  float scale;
+  float offset;
+  // Where the image lands in the output (letterbox region; whole output for stretch).
+  int32_t region_top, region_left, region_height, region_width;
+  float scale_y, scale_x;  // input pixels per output pixel inside the region
+};
+
+// Turns validated public parameters into a PreparedImage. Host only.
+// Throws InvalidArgument with a message that names the image index.
+PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, int64_t index);
+void validate_output(const OutputParams& out);
+
+template <typename T>
+struct Wide {
+  using type = int32_t;
+};
+template <>
+struct Wide<int32_t> {
+  using type = int64_t;  // an int32 container needs 64-bit room for masking and the pivot difference
+};
+
+// Stored value -> (stored - pivot) as float, honouring Bits Stored and Pixel Representation.
+template <typename T>
+MEDGE_HD float centred_value(const PreparedImage& im, T raw) {
+  using W = typename Wide<T>::type;
+  // Reinterpret the container's bits as unsigned, keep the stored bits, then sign-extend.
+  uint32_t bits = static_cast<uint32_t>(static_cast<typename std::make_unsigned<T>::type>(raw)) & im.value_mask;
+  W value = static_cast<W>(bits);
+  if (im.sign_bit != 0 && (bits & im.sign_bit)) value -= static_cast<W>(im.sign_bit) * 2;
+  return static_cast<float>(value - static_cast<W>(im.pivot));
+}
+
+template <>
+MEDGE_HD float centred_value<float>(const PreparedImage& im, float raw) {
+  return raw - im.pivot_float;
+}
+
+// Centred value -> display value in [0, 1] (VOI then polarity).
+MEDGE_HD float display_value(const PreparedImage& im, float centred) {
+  float u = centred * im.scale + im.offset;
+  float y;
+  if (im.shape == Shape::kClamp) {
+    y = u <= 0.0f ? 0.0f : (u >= 1.0f ? 1.0f : u);
+  } else if (im.shape == Shape::kStep) {
+    y = u > 0.0f ? 1.0f : 0.0f;
+  } else {
+#if defined(__CUDA_ARCH__)
+    y = 1.0f / (1.0f + __expf(-4.0f * u));
+#else
+    y = 1.0f / (1.0f + std::exp(-4.0f * u));
+#endif
+  }
+  return im.invert ? 1.0f - y : y;
+}
+
+template <typename T>
+MEDGE_HD float load_display(const PreparedImage& im, int64_t y, int64_t x) {
+  const T* row = static_cast<const T*>(im.pixels) + y * im.row_stride;
+  return display_value(im, centred_value<T>(im, row[x]));
+}
+
+// Taps of one output coordinate along one axis. `antialias` applies only
+// when shrinking (scale > 1); otherwise plain half-pixel bilinear.
+struct AxisTaps {
+  int32_t first;   // first input index
+  int32_t count;   // number of taps (bilinear: 2, last may repeat the edge)
+  float center;    // antialias: filter centre in input pixels; bilinear: fraction toward first + 1
+  float support;   // antialias: filter half-width; 0 for bilinear
+  float inv_support;
+};
+
+MEDGE_HD AxisTaps axis_taps(int32_t dst, float scale, int32_t in_size, bool antialias) {
+  AxisTaps t;
+  if (antialias && scale > 1.0f) {
+    // As PyTorch's _upsample_bilinear2d_aa: centre = scale * (dst + 0.5),
+    // taps in [int(centre - support + 0.5), int(centre + support + 0.5)).
+    float center = scale * (dst + 0.5f);
+    int32_t lo = static_cast<int32_t>(center - scale + 0.5f);
+    if (lo < 0) lo = 0;
+    int32_t hi = static_cast<int32_t>(center + scale + 0.5f);
+    if (hi > in_size) hi = in_size;
+    t.first = lo;
+    t.count = hi - lo;
+    t.center = center;
+    t.support = scale;
+    t.inv_support = 1.0f / scale;
+  } else {
+    float src = scale * (dst + 0.5f) - 0.5f;
+    if (src < 0.0f) src = 0.0f;
+    int32_t i0 = static_cast<int32_t>(src);
+    if (i0 >= in_size - 1) {
+      // At (or past) the last sample the edge value is taken whole, as PyTorch does.
+      t.first = in_size - 1;
+      t.count = 1;
+      t.center = 0.0f;
+    } else {
+      t.first = i0;
+      t.count = 2;
+      t.center = src - static_cast<float>(i0);  // weight of the second tap
+    }
+    t.support = 0.0f;
+    t.inv_support = 0.0f;
+  }
+  return t;
+}
+
+// Unnormalised weight of tap k (input index t.first + k).
+MEDGE_HD float tap_weight(const AxisTaps& t, int32_t k) {
+  if (t.support == 0.0f) return k == 0 ? 1.0f - t.center : t.center;
+  float d = (static_cast<float>(t.first + k) + 0.5f - t.center) * t.inv_support;
+  d = d < 0.0f ? -d : d;
+  return d < 1.0f ? 1.0f - d : 0.0f;
+}
+
+}  // namespace detail
+}  // namespace medge

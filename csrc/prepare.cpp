@@ -1,0 +1,199 @@
+// Validation of the public parameters and their folding into PreparedImage,
+// shared by the CPU and CUDA entry points. All DICOM arithmetic that can be
+// done once per image happens here, in double precision.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+#include "medge/pixel_math.h"
+#include "medge/preprocess.h"
+
+namespace medge {
+namespace detail {
+namespace {
+
+[[noreturn]] void fail_image(int64_t index, const std::string& what) {
+  std::ostringstream msg;
+  msg << "image " << index << ": " << what;
+  throw InvalidArgument(msg.str());
+}
+
+int32_t container_bits(PixelType type) { return static_cast<int32_t>(pixel_type_size(type) * 8); }
+
+bool is_valid_pixel_type(PixelType type) {
+  const int32_t v = static_cast<int32_t>(type);
+  return v >= 0 && v <= static_cast<int32_t>(PixelType::kFloat32);
+}
+
+// Round half up, the rule the Python reference documents for letterbox sizes.
+int64_t round_half_up(double v) { return static_cast<int64_t>(std::floor(v + 0.5)); }
+
+}  // namespace
+
+void validate_output(const OutputParams& out) {
+  if (out.height <= 0 || out.width <= 0 || out.height > kMaxOutputSide || out.width > kMaxOutputSide) {
+    std::ostringstream msg;
+    msg << "output size " << out.height << " x " << out.width << " must be within 1.." << kMaxOutputSide;
+    throw InvalidArgument(msg.str());
+  }
+  if (out.channels != 1 && out.channels != 3) throw InvalidArgument("output channels must be 1 or 3");
+  if (out.fit != Fit::kStretch && out.fit != Fit::kLetterbox) throw InvalidArgument("unknown fit mode");
+  if (out.resample != Resample::kBilinear && out.resample != Resample::kBilinearAntialias)
+    throw InvalidArgument("unknown resample mode");
+  if (out.output_type != OutputType::kFloat32 && out.output_type != OutputType::kFloat16)
+    throw InvalidArgument("unknown output type");
+  if (!std::isfinite(out.pad_value)) throw InvalidArgument("pad value must be finite");
+  for (int c = 0; c < out.channels; ++c) {
+    if (!std::isfinite(out.mean[c]) || !std::isfinite(out.std[c]) || out.std[c] == 0.0f)
+      throw InvalidArgument("normalisation mean must be finite and std finite and non-zero");
+  }
+}
+
+PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, int64_t index) {
+  PreparedImage p{};
+  if (image.pixels == nullptr) fail_image(index, "pixel pointer is null");
+  if (!is_valid_pixel_type(image.pixel_type)) fail_image(index, "unknown pixel type");
+  if (image.height <= 0 || image.width <= 0 || image.height > kMaxImageSide || image.width > kMaxImageSide) {
+    std::ostringstream msg;
+    msg << "size " << image.height << " x " << image.width << " must be within 1.." << kMaxImageSide;
+    fail_image(index, msg.str());
+  }
+  if (image.row_stride < image.width || image.row_stride > kMaxImageSide * 4)
+    fail_image(index, "row stride must be at least the width (in elements)");
+  const int64_t elem = pixel_type_size(image.pixel_type);
+  const int64_t needed = ((image.height - 1) * image.row_stride + image.width) * elem;
+  if (image.buffer_bytes < needed) {
+    std::ostringstream msg;
+    msg << "buffer holds " << image.buffer_bytes << " bytes but " << image.height << " x " << image.width
+        << " with row stride " << image.row_stride << " needs " << needed;
+    fail_image(index, msg.str());
+  }
+
+  p.pixels = image.pixels;
+  p.row_stride = image.row_stride;
+  p.in_height = static_cast<int32_t>(image.height);
+  p.in_width = static_cast<int32_t>(image.width);
+  p.pixel_type = image.pixel_type;
+  p.invert = image.invert ? 1 : 0;
+
+  // Stored-value decoding (PS3.3 C.7.6.3.1): only Bits Stored low bits count.
+  const bool is_float = image.pixel_type == PixelType::kFloat32;
+  if (!is_float) {
+    const int32_t bits = container_bits(image.pixel_type);
+    const int32_t stored = image.bits_stored == 0 ? bits : image.bits_stored;
+    if (stored < 1 || stored > bits) {
+      std::ostringstream msg;
+      msg << "bits stored " << image.bits_stored << " must be within 1.." << bits << " for this pixel type";
+      fail_image(index, msg.str());
+    }
+    p.value_mask = stored == 32 ? 0xFFFFFFFFu : ((1u << stored) - 1u);
+    p.sign_bit = image.is_signed ? (1u << (stored - 1)) : 0u;
+  }
+
+  // Modality LUT then VOI, as one affine map u(stored) = a * stored + b
+  // followed by a shape, all in double here.
+  const double m = image.rescale_slope;
+  const double b = image.rescale_intercept;
+  if (!std::isfinite(m) || !std::isfinite(b) || m == 0.0)
+    fail_image(index, "rescale slope must be finite and non-zero, intercept finite");
+  double a = 0.0, c0 = 0.0, pivot_modality = 0.0;
+  if (image.voi_mode == VoiMode::kWindow) {
+    const double c = image.window_center;
+    const double w = image.window_width;
+    if (!std::isfinite(c) || !std::isfinite(w) || w <= 0.0)
+      fail_image(index, "window centre must be finite and window width finite and > 0");
+    pivot_modality = c;
+    switch (image.voi_function) {
+      case VoiFunction::kLinear:
+        // PS3.3 C.11.2.1.2.1: u = (x - (c - 0.5)) / (w - 1) + 0.5, clamped.
+        if (w < 1.0) fail_image(index, "window width must be >= 1 for VOI LUT Function LINEAR");
+        if (w == 1.0) {
+          p.shape = Shape::kStep;  // x <= c - 0.5 -> 0, else 1
+          a = m;
+          c0 = b - (c - 0.5);
+        } else {
+          p.shape = Shape::kClamp;
+          a = m / (w - 1.0);
+          c0 = (b - (c - 0.5)) / (w - 1.0) + 0.5;
+        }
+        break;
+      case VoiFunction::kLinearExact:
+        // C.11.2.1.3.2: u = (x - c) / w + 0.5, clamped.
+        p.shape = Shape::kClamp;
+        a = m / w;
+        c0 = (b - c) / w + 0.5;
+        break;
+      case VoiFunction::kSigmoid:
+        // C.11.2.1.3.1: y = 1 / (1 + exp(-4 (x - c) / w)).
+        p.shape = Shape::kSigmoid;
+        a = m / w;
+        c0 = (b - c) / w;
+        break;
+      default:
+        fail_image(index, "unknown VOI LUT function");
+    }
+  } else if (image.voi_mode == VoiMode::kRange) {
+    const double lo = image.range_low, hi = image.range_high;
+    if (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo))
+      fail_image(index, "value range must be finite with high > low");
+    p.shape = Shape::kClamp;
+    a = m / (hi - lo);
+    c0 = (b - lo) / (hi - lo);
+    pivot_modality = 0.5 * (lo + hi);
+  } else {
+    fail_image(index, "unknown VOI mode");
+  }
+  if (!std::isfinite(a) || !std::isfinite(c0) || a == 0.0)
+    fail_image(index, "rescale and window parameters overflow double precision");
+
+  // Pivot: the stored value at the window centre, so the kernels work with
+  // small exact differences (see PreparedImage).
+  const double pivot_stored = (pivot_modality - b) / m;
+  if (is_float) {
+    p.pivot_float = static_cast<float>(std::isfinite(pivot_stored) ? pivot_stored : 0.0);
+    p.pivot = 0;
+    p.offset = static_cast<float>(a * static_cast<double>(p.pivot_float) + c0);
+  } else {
+    // Any integer stored value lies within +-2^32; a pivot beyond that only
+    // means everything is clamped, so bound it to keep int64 maths exact.
+    constexpr double kPivotBound = 4294967296.0 * 2.0;
+    double clamped = pivot_stored;
+    if (!(clamped > -kPivotBound)) clamped = -kPivotBound;
+    if (!(clamped < kPivotBound)) clamped = kPivotBound;
+    p.pivot = static_cast<int64_t>(std::llround(clamped));
+    p.offset = static_cast<float>(a * static_cast<double>(p.pivot) + c0);
+  }
+  p.scale = static_cast<float>(a);
+  if (!std::isfinite(p.scale) || !std::isfinite(p.offset) || p.scale == 0.0f)
+    fail_image(index, "rescale and window parameters exceed float precision");
+
+  // Geometry.
+  if (out.fit == Fit::kLetterbox) {
+    const double s = std::min(static_cast<double>(out.height) / image.height,
+                              static_cast<double>(out.width) / image.width);
+    int64_t rh = round_half_up(image.height * s), rw = round_half_up(image.width * s);
+    rh = std::max<int64_t>(1, std::min<int64_t>(rh, out.height));
+    rw = std::max<int64_t>(1, std::min<int64_t>(rw, out.width));
+    p.region_height = static_cast<int32_t>(rh);
+    p.region_width = static_cast<int32_t>(rw);
+    p.region_top = static_cast<int32_t>((out.height - rh) / 2);
+    p.region_left = static_cast<int32_t>((out.width - rw) / 2);
+  } else {
+    p.region_height = static_cast<int32_t>(out.height);
+    p.region_width = static_cast<int32_t>(out.width);
+    p.region_top = 0;
+    p.region_left = 0;
+  }
+  p.scale_y = static_cast<float>(static_cast<double>(image.height) / p.region_height);
+  p.scale_x = static_cast<float>(static_cast<double>(image.width) / p.region_width);
+  return p;
+}
+
+}  // namespace detail
+
+int64_t output_bytes_required(const OutputParams& out, int64_t count) {
+  return count * out.channels * out.height * out.width * output_type_size(out.output_type);
+}
+
+}  // namespace medge

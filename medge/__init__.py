@@ -1,0 +1,1 @@
+"""medge: edge deployment of medical-imaging networks (work in progress)."""

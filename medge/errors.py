@@ -1,0 +1,56 @@
+"""medge's error hierarchy: every user-facing failure is a MedgeError.
+
+The CLIs print a MedgeError's message without a traceback and exit with status
+2; any other exception is a bug in medge and keeps its traceback. Messages say
+what was wrong and what to do about it, and never contain patient-identifying
+tag values (names, IDs, dates): only tag keywords, numbers and UIDs of the
+image itself.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MedgeError",
+    "DicomError",
+    "PreprocessError",
+    "SpecError",
+    "BackendUnavailable",
+    "CudaError",
+    "MissingDependency",
+]
+
+
+class MedgeError(Exception):
+    """Base class of every error medge raises on purpose."""
+
+
+class DicomError(MedgeError):
+    """A DICOM object cannot be read or its pixels cannot be interpreted."""
+
+
+class SpecError(MedgeError, ValueError):
+    """A PreprocessSpec (or its JSON form) is invalid."""
+
+
+class PreprocessError(MedgeError, ValueError):
+    """Arguments to preprocessing are invalid (sizes, dtypes, buffers)."""
+
+
+class BackendUnavailable(MedgeError):
+    """A requested compute backend or device is not available here."""
+
+
+class CudaError(MedgeError, RuntimeError):
+    """A CUDA call or kernel launch failed."""
+
+
+class MissingDependency(BackendUnavailable, ImportError):
+    """An optional dependency is not installed; the message names the pip extra."""
+
+    def __init__(self, module: str, extra: str, purpose: str) -> None:
+        self.module = module
+        self.extra = extra
+        super().__init__(
+            f"{purpose} needs the Python package '{module}', which is not installed. "
+            f'Install it with: pip install "medge[{extra}]"'
+        )

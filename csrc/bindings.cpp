@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "medge/pixel_math.h"
 #include "medge/preprocess.h"
 
 namespace py = pybind11;
@@ -21,11 +22,11 @@ namespace {
 
 PixelType pixel_type_of(const py::array& array, int64_t index) {
   const py::dtype dt = array.dtype();
-  if (dt.is(py::dtype::of<uint8_t>())) return PixelType::kUInt8;
-  if (dt.is(py::dtype::of<uint16_t>())) return PixelType::kUInt16;
-  if (dt.is(py::dtype::of<int16_t>())) return PixelType::kInt16;
-  if (dt.is(py::dtype::of<int32_t>())) return PixelType::kInt32;
-  if (dt.is(py::dtype::of<float>())) return PixelType::kFloat32;
+  if (dt.equal(py::dtype::of<uint8_t>())) return PixelType::kUInt8;
+  if (dt.equal(py::dtype::of<uint16_t>())) return PixelType::kUInt16;
+  if (dt.equal(py::dtype::of<int16_t>())) return PixelType::kInt16;
+  if (dt.equal(py::dtype::of<int32_t>())) return PixelType::kInt32;
+  if (dt.equal(py::dtype::of<float>())) return PixelType::kFloat32;
   throw InvalidArgument("image " + std::to_string(index) + ": dtype " + std::string(py::str(dt)) +
                         " is not one of uint8, uint16, int16, int32, float32 in native byte order");
 }
@@ -52,7 +53,7 @@ void check_output_array(const py::array& output, const OutputParams& out, int64_
   if (!(output.flags() & py::array::c_style)) throw InvalidArgument("output array must be C-contiguous");
   const bool fp16 = out.output_type == OutputType::kFloat16;
   const py::dtype want = fp16 ? py::dtype("float16") : py::dtype::of<float>();
-  if (!output.dtype().is(want))
+  if (!output.dtype().equal(want))
     throw InvalidArgument("output dtype must be " + std::string(py::str(want)) + ", got " +
                           std::string(py::str(output.dtype())));
   const std::array<int64_t, 4> shape{count, out.channels, out.height, out.width};
@@ -90,6 +91,12 @@ void run_cuda(std::vector<ImageParams> params, std::uintptr_t output, int64_t ou
   py::gil_scoped_release release;
   preprocess_cuda(params.data(), count, out, reinterpret_cast<void*>(output), output_bytes,
                   reinterpret_cast<cudaStream_t>(stream));
+}
+
+// Runs the native validation (sizes, pointers, parameters) without touching memory.
+void validate_params(const std::vector<ImageParams>& params, const OutputParams& out) {
+  detail::validate_output(out);
+  for (size_t i = 0; i < params.size(); ++i) detail::prepare_image(params[i], out, static_cast<int64_t>(i));
 }
 
 py::tuple float3(const float (&v)[3]) { return py::make_tuple(v[0], v[1], v[2]); }
@@ -177,6 +184,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("preprocess_cuda", &run_cuda, py::arg("params"), py::arg("output_address"), py::arg("output_bytes"),
         py::arg("out_params"), py::arg("stream"),
         "Enqueue preprocessing of device images (params carry device addresses) on `stream`; does not synchronise.");
+  m.def("validate_params", &validate_params, py::arg("params"), py::arg("out_params"),
+        "Native validation of image and output parameters; raises PreprocessError. Reads no pixels.");
   m.def("output_bytes_required", &output_bytes_required, py::arg("out_params"), py::arg("count"));
   m.def("cuda_compiled", &cuda_compiled, "True when this build contains the CUDA kernels.");
   m.def("cuda_device_count", &cuda_device_count, "Visible CUDA devices (0 without driver or GPU; never raises).");

@@ -78,8 +78,7 @@ PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, i
   p.invert = image.invert ? 1 : 0;
 
   // Stored-value decoding (PS3.3 C.7.6.3.1): only Bits Stored low bits count.
-  const bool is_float = image.pixel_type == PixelType::kFloat32;
-  if (!is_float) {
+  if (image.pixel_type != PixelType::kFloat32) {
     const int32_t bits = container_bits(image.pixel_type);
     const int32_t stored = image.bits_stored == 0 ? bits : image.bits_stored;
     if (stored < 1 || stored > bits) {
@@ -91,44 +90,47 @@ PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, i
     p.sign_bit = image.is_signed ? (1u << (stored - 1)) : 0u;
   }
 
-  // Modality LUT then VOI, as one affine map u(stored) = a * stored + b
-  // followed by a shape, all in double here.
+  // Modality LUT then VOI, folded into u(stored) = a * (stored - s0) + u0
+  // followed by a shape (see PreparedImage), all in double here. x0 is the
+  // modality value at the transform's centre, s0 the stored value there.
   const double m = image.rescale_slope;
   const double b = image.rescale_intercept;
   if (!std::isfinite(m) || !std::isfinite(b) || m == 0.0)
     fail_image(index, "rescale slope must be finite and non-zero, intercept finite");
-  double a = 0.0, c0 = 0.0, pivot_modality = 0.0;
+  double a = 0.0, x0 = 0.0, u0 = 0.0;
   if (image.voi_mode == VoiMode::kWindow) {
     const double c = image.window_center;
     const double w = image.window_width;
     if (!std::isfinite(c) || !std::isfinite(w) || w <= 0.0)
       fail_image(index, "window centre must be finite and window width finite and > 0");
-    pivot_modality = c;
     switch (image.voi_function) {
       case VoiFunction::kLinear:
-        // PS3.3 C.11.2.1.2.1: u = (x - (c - 0.5)) / (w - 1) + 0.5, clamped.
+        // PS3.3 C.11.2.1.2.1: y = (x - (c - 0.5)) / (w - 1) + 0.5, clamped to [0, 1].
         if (w < 1.0) fail_image(index, "window width must be >= 1 for VOI LUT Function LINEAR");
+        x0 = c - 0.5;
         if (w == 1.0) {
-          p.shape = Shape::kStep;  // x <= c - 0.5 -> 0, else 1
+          p.shape = Shape::kStep;  // x <= c - 0.5 -> 0, else 1: the sign of x - x0
           a = m;
-          c0 = b - (c - 0.5);
+          u0 = 0.0;
         } else {
           p.shape = Shape::kClamp;
           a = m / (w - 1.0);
-          c0 = (b - (c - 0.5)) / (w - 1.0) + 0.5;
+          u0 = 0.5;
         }
         break;
       case VoiFunction::kLinearExact:
-        // C.11.2.1.3.2: u = (x - c) / w + 0.5, clamped.
+        // C.11.2.1.3.2: y = (x - c) / w + 0.5, clamped.
         p.shape = Shape::kClamp;
+        x0 = c;
         a = m / w;
-        c0 = (b - c) / w + 0.5;
+        u0 = 0.5;
         break;
       case VoiFunction::kSigmoid:
         // C.11.2.1.3.1: y = 1 / (1 + exp(-4 (x - c) / w)).
         p.shape = Shape::kSigmoid;
+        x0 = c;
         a = m / w;
-        c0 = (b - c) / w;
+        u0 = 0.0;
         break;
       default:
         fail_image(index, "unknown VOI LUT function");
@@ -137,36 +139,35 @@ PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, i
     const double lo = image.range_low, hi = image.range_high;
     if (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo))
       fail_image(index, "value range must be finite with high > low");
-    p.shape = Shape::kClamp;
+    p.shape = Shape::kClamp;  // y = (x - lo) / (hi - lo), clamped
+    x0 = 0.5 * (lo + hi);
     a = m / (hi - lo);
-    c0 = (b - lo) / (hi - lo);
-    pivot_modality = 0.5 * (lo + hi);
+    u0 = 0.5;
   } else {
     fail_image(index, "unknown VOI mode");
   }
-  if (!std::isfinite(a) || !std::isfinite(c0) || a == 0.0)
+  const double s0 = (x0 - b) / m;
+  if (!std::isfinite(a) || a == 0.0 || !std::isfinite(s0))
     fail_image(index, "rescale and window parameters overflow double precision");
-
-  // Pivot: the stored value at the window centre, so the kernels work with
-  // small exact differences (see PreparedImage).
-  const double pivot_stored = (pivot_modality - b) / m;
-  if (is_float) {
-    p.pivot_float = static_cast<float>(std::isfinite(pivot_stored) ? pivot_stored : 0.0);
-    p.pivot = 0;
-    p.offset = static_cast<float>(a * static_cast<double>(p.pivot_float) + c0);
-  } else {
-    // Any integer stored value lies within +-2^32; a pivot beyond that only
-    // means everything is clamped, so bound it to keep int64 maths exact.
-    constexpr double kPivotBound = 4294967296.0 * 2.0;
-    double clamped = pivot_stored;
-    if (!(clamped > -kPivotBound)) clamped = -kPivotBound;
-    if (!(clamped < kPivotBound)) clamped = kPivotBound;
-    p.pivot = static_cast<int64_t>(std::llround(clamped));
-    p.offset = static_cast<float>(a * static_cast<double>(p.pivot) + c0);
-  }
   p.scale = static_cast<float>(a);
-  if (!std::isfinite(p.scale) || !std::isfinite(p.offset) || p.scale == 0.0f)
+  if (!std::isfinite(p.scale) || p.scale == 0.0f)
     fail_image(index, "rescale and window parameters exceed float precision");
+  p.offset = static_cast<float>(u0);
+
+  // Any stored value lies within +-2^32: bounding the pivot to +-2^40 keeps
+  // the integer maths exact; frac then carries the (huge) rest, which float
+  // represents to 1e-7 relative, and such windows saturate anyway.
+  constexpr double kCentreBound = 1099511627776.0;  // 2^40
+  const double centre = std::max(-kCentreBound, std::min(kCentreBound, s0));
+  if (image.pixel_type == PixelType::kFloat32) {
+    p.pivot = 0;
+    p.pivot_float = static_cast<float>(centre);
+    p.frac = static_cast<float>(s0 - static_cast<double>(p.pivot_float));
+  } else {
+    p.pivot = static_cast<int64_t>(std::llround(centre));
+    p.pivot_float = 0.0f;
+    p.frac = static_cast<float>(s0 - static_cast<double>(p.pivot));
+  }
 
   // Geometry.
   if (out.fit == Fit::kLetterbox) {

@@ -156,16 +156,16 @@ void preprocess_cuda(const ImageParams* images, int64_t count, const OutputParam
     msg << "output buffer holds " << output_bytes << " bytes but " << count << " images need " << needed;
     throw InvalidArgument(msg.str());
   }
+  // Parameters first, so bad ones are reported as such even without a device.
+  std::vector<PreparedImage> prepared(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) prepared[static_cast<size_t>(i)] = detail::prepare_image(images[i], out, i);
+
   if (cuda_device_count() == 0) throw CudaError("no CUDA device is available (no driver or no GPU)");
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) throw_cuda(err, "cudaGetDevice");
-
-  std::vector<PreparedImage> prepared(static_cast<size_t>(count));
-  for (int64_t i = 0; i < count; ++i) {
-    prepared[static_cast<size_t>(i)] = detail::prepare_image(images[i], out, i);
+  for (int64_t i = 0; i < count; ++i)
     check_device_pointer(images[i].pixels, device, "image " + std::to_string(i) + " pixel pointer");
-  }
   check_device_pointer(output, device, "output pointer");
 
   LaunchParams params{};

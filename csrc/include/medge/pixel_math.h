@@ -38,12 +38,15 @@ struct PreparedImage {
   // then sign-extend when sign_bit != 0.
   uint32_t value_mask;
   uint32_t sign_bit;
-  // u = scale * (stored - pivot) + offset. The pivot is the stored value at
-  // the window centre, so (stored - pivot) is exact in float for any value
-  // that is not clamped anyway and `offset` is small: float keeps ~1e-7
-  // absolute precision even for int32 data far from zero.
+  // u = ((stored - pivot) - frac) * scale + offset, where pivot + frac is the
+  // stored value s0 at the transform's centre (window centre, range middle),
+  // pivot an integer and |frac| <= 0.5, and offset = u(s0) is 0 or 0.5.
+  // (stored - pivot) is exact in float for every value that is not clamped
+  // anyway, and the float error of u is ~1e-7 of the display range however
+  // steep the window and however far from zero the data (int32 included).
   int64_t pivot;      // integer containers
   float pivot_float;  // float32 container
+  float frac;
   float scale;
   float offset;
   // Where the image lands in the output (letterbox region; whole output for stretch).
@@ -83,7 +86,7 @@ MEDGE_HD float centred_value<float>(const PreparedImage& im, float raw) {
 
 // Centred value -> display value in [0, 1] (VOI then polarity).
 MEDGE_HD float display_value(const PreparedImage& im, float centred) {
-  float u = centred * im.scale + im.offset;
+  float u = (centred - im.frac) * im.scale + im.offset;
   float y;
   if (im.shape == Shape::kClamp) {
     y = u <= 0.0f ? 0.0f : (u >= 1.0f ? 1.0f : u);

@@ -1,0 +1,140 @@
+"""The CUDA path of medge.preprocess (private; see preprocess.preprocess).
+
+Host images are staged once into one device buffer (pageable copies, so the
+host arrays are free as soon as the call returns); device arrays are read in
+place. The kernel writes straight into the caller's output (any CUDA array)
+or a new DeviceArray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendUnavailable, PreprocessError
+from .image import PixelSemantics
+from .preprocess import PreprocessSpec, _as_images, _frame_params, _host_frames, _kernel_array, _output_params
+
+_KERNEL_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
+_STAGING_ALIGNMENT = 256  # bytes: keeps every staged frame's rows aligned for coalesced loads
+
+
+def _is_device_array(obj: Any) -> bool:
+    if hasattr(obj, "__cuda_array_interface__"):
+        try:
+            obj.__cuda_array_interface__  # torch CPU tensors raise here
+            return True
+        except (AttributeError, RuntimeError):
+            return False
+    if hasattr(obj, "__dlpack_device__"):
+        try:
+            return int(obj.__dlpack_device__()[0]) in (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+        except Exception:  # noqa: BLE001 - a foreign object's protocol failure means "not a device array"
+            return False
+    return False
+
+
+def _device_semantics(shape: tuple[int, ...], dtype: np.dtype) -> PixelSemantics:
+    """Default semantics of a raw device array of stored values (as Image.from_array)."""
+    frames = 1 if len(shape) == 2 else shape[0]
+    bits = dtype.itemsize * 8
+    return PixelSemantics(
+        rows=shape[-2], columns=shape[-1], number_of_frames=frames, bits_allocated=bits, bits_stored=bits,
+        pixel_representation=1 if dtype.kind == "i" else 0,
+    )
+
+
+def run(native, images: Any, spec: PreprocessSpec, out: Any, stream: Any, device: int):
+    if not native.cuda_compiled():
+        raise BackendUnavailable(
+            "this medge build has no CUDA kernels (nvcc was not found when it was built); use device='cpu' "
+            "or reinstall medge with the CUDA toolkit on PATH"
+        )
+    if native.cuda_device_count() == 0:
+        raise BackendUnavailable("no CUDA device is visible (no NVIDIA driver or no GPU); use device='cpu'")
+    if device < 0 or device >= native.cuda_device_count():
+        raise BackendUnavailable(f"CUDA device {device} does not exist ({native.cuda_device_count()} visible)")
+    from .runtime import cuda as mc
+
+    with mc._on_device(device):
+        own_stream = mc.Stream(device=device) if stream is None else None
+        handle = own_stream.handle if own_stream is not None else mc.stream_handle(stream)
+        views: list = []
+        try:
+            result = _run_on_stream(native, mc, images, spec, out, handle, device, views)
+        finally:
+            for view in views:
+                view.release()
+            if own_stream is not None:
+                own_stream.synchronize()
+                own_stream.close()
+    return result
+
+
+def _run_on_stream(native, mc, images: Any, spec: PreprocessSpec, out: Any, handle: int, device: int, views: list):
+    items = images if isinstance(images, (list, tuple)) else [images]
+    params: list = []
+    host: list[tuple[int, np.ndarray]] = []  # (index into params, frame) to stage
+    for index, item in enumerate(items):
+        if _is_device_array(item):
+            view = mc.as_device_view(item, stream=handle, dtypes=_KERNEL_DTYPES, name=f"image {index}")
+            views.append(view)
+            if view.ndim not in (2, 3):
+                raise PreprocessError(f"image {index}: device arrays must be 2-D or 3-D, got shape {view.shape}")
+            itemsize = view.dtype.itemsize
+            if view.strides[-1] != itemsize or view.strides[-2] % itemsize or view.strides[-2] < view.shape[-1] * itemsize:
+                raise PreprocessError(f"image {index}: device array rows must be contiguous")
+            semantics = _device_semantics(view.shape, view.dtype)
+            frame_stride = view.strides[0] if view.ndim == 3 else 0
+            for frame in range(semantics.number_of_frames):
+                p = _frame_params(native, semantics, frame, spec, f"image {index}")
+                p.pixels_address = view.ptr + frame * frame_stride
+                p.height, p.width = view.shape[-2], view.shape[-1]
+                p.row_stride = view.strides[-2] // itemsize
+                p.pixel_type = getattr(native.PixelType, view.dtype.name)
+                p.buffer_bytes = ((p.height - 1) * p.row_stride + p.width) * itemsize
+                params.append(p)
+        else:
+            for image in _as_images([item]):
+                arrays, frame_params = _host_frames(native, [image], spec)
+                for array, p in zip(arrays, frame_params):
+                    host.append((len(params), np.ascontiguousarray(_kernel_array(array, f"image {index}"))))
+                    params.append(p)
+
+    staging = None
+    if host:
+        offsets, total = [], 0
+        for _, array in host:
+            offsets.append(total)
+            total += -(-array.nbytes // _STAGING_ALIGNMENT) * _STAGING_ALIGNMENT
+        staging = mc.DeviceBuffer(total, device=device)
+        for (slot, array), offset in zip(host, offsets):
+            mc.host_to_device(staging.ptr + offset, array, stream=handle)
+            p = params[slot]
+            p.pixels_address = staging.ptr + offset
+            p.height, p.width = array.shape
+            p.row_stride = array.shape[1]
+            p.pixel_type = getattr(native.PixelType, array.dtype.name)
+            p.buffer_bytes = array.nbytes
+
+    shape = (len(params), *spec.output_shape_per_image)
+    if out is None:
+        result = mc.DeviceArray(shape, spec.dtype, device=device)
+        out_ptr, out_bytes = result.ptr, result.nbytes
+    else:
+        view = mc.as_device_view(out, stream=handle, require_writable=True, require_contiguous=True,
+                                 dtypes=(spec.dtype,), name="out")
+        views.append(view)
+        if tuple(view.shape) != shape:
+            raise PreprocessError(f"out must have shape {shape}, got {tuple(view.shape)}")
+        result, out_ptr, out_bytes = out, view.ptr, view.nbytes
+
+    native.preprocess_cuda(params, out_ptr, out_bytes, _output_params(native, spec), handle)
+    if staging is not None:
+        # The staged frames must outlive the kernel that reads them.
+        mc._synchronize(handle)
+        staging.close()
+    elif isinstance(result, mc.DeviceArray):
+        result.mark_pending(handle)
+    return result

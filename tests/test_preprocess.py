@@ -1,0 +1,527 @@
+"""medge.preprocess against the independent float64 reference (tests/reference.py).
+
+Every test that produces pixels runs on each device through the same function:
+the "cuda" case skips, with the reason, where no CUDA device is visible.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import medge
+from medge import PreprocessSpec, preprocess
+from medge.errors import DicomError, PreprocessError, SpecError
+from medge.image import FrameTransform, Image, PixelSemantics, Window
+
+from . import reference as ref
+
+# Tolerances from the issue: relative to the output range (1/std per channel).
+TOLERANCE = {"float32": 1e-4, "float16": 1e-3}
+
+
+def _cuda_skip_reason() -> str:
+    from medge import _C
+
+    if not _C.cuda_compiled():
+        return "this medge build has no CUDA kernels (nvcc was not found at build time)"
+    return "no CUDA device visible (medge._C.cuda_device_count() == 0: no driver or no GPU)"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    if request.param == "cuda" and not medge.cuda_available():
+        pytest.skip(_cuda_skip_reason())
+    return request.param
+
+
+def to_numpy(result) -> np.ndarray:
+    """Host copy of a preprocess() result from any device."""
+    if isinstance(result, np.ndarray):
+        return result
+    if hasattr(result, "to_host"):
+        return result.to_host()
+    if hasattr(result, "get"):  # CuPy
+        return result.get()
+    return np.asarray(result.cpu())  # torch
+
+
+def make_image(raw, *, bits_stored=None, signed=None, slope=1.0, intercept=0.0, windows=(), function="LINEAR",
+               photometric="MONOCHROME2") -> Image:
+    raw = raw if raw.ndim == 3 else raw[None]
+    bits_allocated = raw.dtype.itemsize * 8
+    semantics = PixelSemantics(
+        rows=raw.shape[1],
+        columns=raw.shape[2],
+        number_of_frames=raw.shape[0],
+        bits_allocated=bits_allocated,
+        bits_stored=bits_allocated if bits_stored is None else bits_stored,
+        pixel_representation=int(raw.dtype.kind == "i") if signed is None else int(signed),
+        photometric_interpretation=photometric,
+        frames=(FrameTransform(slope, intercept, tuple(Window(c, w) for c, w in windows), function),),
+    )
+    return Image(raw, semantics)
+
+
+def reference_for(image: Image, spec: PreprocessSpec) -> np.ndarray:
+    """Reference output of every frame of ``image`` under ``spec``."""
+    frames = []
+    sem = image.semantics
+    for f in range(image.number_of_frames):
+        t = sem.frame_transform(f)
+        if spec.voi == "range":
+            voi = ("range", *spec.value_range)
+        elif spec.voi == "window":
+            voi = ("window", *spec.window, spec.voi_function or "LINEAR")
+        else:
+            w = t.windows[spec.window_index]
+            voi = ("window", w.center, w.width, spec.voi_function or t.voi_function)
+        frames.append(
+            ref.reference_frame(
+                image.pixels[f],
+                bits_stored=sem.bits_stored,
+                signed=sem.pixel_representation == 1,
+                slope=t.rescale_slope,
+                intercept=t.rescale_intercept,
+                voi=voi,
+                invert=sem.inverted,
+                out_h=spec.height,
+                out_w=spec.width,
+                channels=spec.channels,
+                fit=spec.fit,
+                pad_value=spec.pad_value,
+                resample=spec.resample,
+                mean=spec.mean,
+                std=spec.std,
+            )
+        )
+    return np.stack(frames)
+
+
+def assert_matches(out: np.ndarray, expected: np.ndarray, spec: PreprocessSpec) -> None:
+    assert out.shape == expected.shape
+    assert out.dtype == np.dtype(spec.dtype)
+    stds = np.abs(np.broadcast_to(np.asarray(spec.std, dtype=np.float64), (spec.channels,)))
+    # Error in display units = error relative to the output range of each channel.
+    error = np.abs(out.astype(np.float64) - expected) * stds[None, :, None, None]
+    worst = float(error.max()) if error.size else 0.0
+    assert worst <= TOLERANCE[spec.dtype], f"max error {worst:.3g} (relative to output range)"
+
+
+# ---------------------------------------------------------------------------
+# Random cases: every option, random sizes and values, mixed batches
+
+
+DTYPES = ["uint8", "uint16", "int16", "int32", "float32"]
+
+
+@st.composite
+def frame_cases(draw):
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    h = draw(st.integers(1, 48))
+    w = draw(st.integers(1, 48))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if dtype.kind == "f":
+        scale = draw(st.sampled_from([1.0, 1000.0, 1e6]))
+        raw = (rng.standard_normal((h, w)) * scale).astype(np.float32)
+        bits, signed = 32, True
+    else:
+        info = np.iinfo(dtype)
+        bits_alloc = dtype.itemsize * 8
+        bits = draw(st.integers(1, bits_alloc))
+        signed = draw(st.booleans())
+        # Full container range: junk above Bits Stored must be ignored.
+        raw = rng.integers(info.min, info.max, size=(h, w), endpoint=True, dtype=dtype)
+    slope = draw(st.sampled_from([1.0, 0.5, 2.5, -1.0, 0.001]))
+    intercept = draw(st.sampled_from([0.0, -1024.0, 100.25, 3.0e5]))
+    stored = ref.stored_values(raw, bits if dtype.kind != "f" else 32, signed)
+    modality = ref.modality_lut(stored, slope, intercept)
+    lo, hi = float(modality.min()), float(modality.max())
+    spread = max(hi - lo, 1.0)
+    center = lo + draw(st.floats(-0.2, 1.2)) * spread
+    function = draw(st.sampled_from(["LINEAR", "LINEAR_EXACT", "SIGMOID"]))
+    width = draw(st.sampled_from([0.05, 0.3, 1.0, 3.0])) * spread
+    if function == "LINEAR":
+        width = draw(st.sampled_from([1.0, max(width, 1.0)]))
+    image = make_image(
+        raw,
+        bits_stored=bits if dtype.kind != "f" else None,
+        signed=signed if dtype.kind != "f" else None,
+        slope=slope,
+        intercept=intercept,
+        windows=[(center, width)],
+        function=function,
+        photometric=draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2"])),
+    )
+    return image, (lo, hi)
+
+
+@st.composite
+def spec_cases(draw, value_range):
+    channels = draw(st.sampled_from([1, 3]))
+    voi = draw(st.sampled_from(["dicom", "range"]))
+    kwargs = {}
+    if voi == "range":
+        lo, hi = value_range
+        kwargs["value_range"] = (lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo) + 1.0)
+    n_stats = draw(st.sampled_from([1, channels]))
+    mean = tuple(draw(st.floats(-0.5, 0.5)) for _ in range(n_stats))
+    std = tuple(draw(st.sampled_from([0.1, 0.229, 1.0, 2.0, -1.0])) for _ in range(n_stats))
+    return PreprocessSpec(
+        height=draw(st.integers(1, 40)),
+        width=draw(st.integers(1, 40)),
+        channels=channels,
+        voi=voi,
+        fit=draw(st.sampled_from(["stretch", "letterbox"])),
+        pad_value=draw(st.sampled_from([0.0, 1.0, 0.25])),
+        resample=draw(st.sampled_from(["bilinear", "bilinear_antialias"])),
+        mean=mean,
+        std=std,
+        dtype=draw(st.sampled_from(["float32", "float16"])),
+        **kwargs,
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_batches_match_reference(device, data):
+    """Mixed batches (different dtypes, sizes, bits, rescale, window, polarity) vs the reference."""
+    cases = [data.draw(frame_cases()) for _ in range(data.draw(st.integers(1, 3)))]
+    images = [image for image, _ in cases]
+    spec = data.draw(spec_cases(cases[0][1]))
+    out = to_numpy(preprocess(images, spec, device=device))
+    expected = np.concatenate([reference_for(image, spec) for image in images])
+    assert_matches(out, expected, spec)
+
+
+@pytest.mark.parametrize("in_shape,out_shape", [((512, 512), (224, 224)), ((300, 500), (64, 96)), ((7, 5), (31, 17))])
+@pytest.mark.parametrize("resample", ["bilinear", "bilinear_antialias"])
+@pytest.mark.parametrize("fit", ["stretch", "letterbox"])
+def test_ct_like_sizes(device, in_shape, out_shape, resample, fit):
+    """Realistic sizes (shrink a lot, enlarge, aspect changes) with CT encoding and a 40/400 window."""
+    rng = np.random.default_rng(1)
+    raw = rng.integers(-1024, 3071, size=in_shape, dtype=np.int16)
+    image = make_image(raw, intercept=-1024.0 + 1024, windows=[(40, 400)])
+    spec = PreprocessSpec(*out_shape, resample=resample, fit=fit, pad_value=0.0, mean=(0.5,), std=(0.25,))
+    out = to_numpy(preprocess(image, spec, device=device))
+    assert_matches(out, reference_for(image, spec), spec)
+
+
+def test_float16_output_is_float32_output_rounded(device):
+    """fp16 output equals the fp32 output rounded to nearest even, bit for bit (checks the half conversion)."""
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 4096, size=(130, 70), dtype=np.uint16)
+    image = make_image(raw, bits_stored=12, windows=[(2048, 3000)])
+    spec32 = PreprocessSpec(50, 40, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 1e-4))
+    out32 = to_numpy(preprocess(image, spec32, device=device))
+    out16 = to_numpy(preprocess(image, spec32.replace(dtype="float16"), device=device))
+    np.testing.assert_array_equal(out16.view(np.uint16), out32.astype(np.float16).view(np.uint16))
+    assert np.isinf(out16[:, 2]).any() or np.abs(out16[:, 2]).max() > 1000  # 1/1e-4 scaling reaches the fp16 range
+
+
+# ---------------------------------------------------------------------------
+# Hand-checked values (small enough to verify by eye)
+
+
+def test_window_formulas_at_known_points(device):
+    """LINEAR, LINEAR_EXACT and SIGMOID at values worked out from PS3.3 C.11.2 by hand."""
+    raw = np.array([[-200, -161, -160, 40, 239, 240, 500]], dtype=np.int16)
+    # Same size in and out, bilinear: resampling is the identity.
+    spec = PreprocessSpec(1, 7, resample="bilinear")
+    linear = to_numpy(preprocess(make_image(raw, windows=[(40, 400)], function="LINEAR"), spec, device=device))
+    # c=40, w=400: x <= -160.0 -> 0; x > 239.0 -> 1; else (x - 39.5) / 399 + 0.5
+    np.testing.assert_allclose(linear[0, 0, 0], [0, 0, 0, (40 - 39.5) / 399 + 0.5, 1, 1, 1], atol=1e-6)
+    exact = to_numpy(preprocess(make_image(raw, windows=[(40, 400)], function="LINEAR_EXACT"), spec, device=device))
+    # x <= -160 -> 0; x > 240 -> 1; else (x - 40) / 400 + 0.5
+    np.testing.assert_allclose(exact[0, 0, 0], [0, 0, 0, 0.5, (239 - 40) / 400 + 0.5, 1, 1], atol=1e-6)
+    sigmoid = to_numpy(preprocess(make_image(raw, windows=[(40, 400)], function="SIGMOID"), spec, device=device))
+    np.testing.assert_allclose(sigmoid[0, 0, 0, 3], 0.5, atol=1e-6)
+    np.testing.assert_allclose(sigmoid[0, 0, 0, 5], 1 / (1 + np.exp(-4 * 200 / 400)), atol=1e-6)
+
+
+def test_linear_width_one_is_a_threshold(device):
+    raw = np.array([[98, 99, 100, 101]], dtype=np.uint16)
+    out = to_numpy(preprocess(make_image(raw, windows=[(100, 1)]), PreprocessSpec(1, 4, resample="bilinear"),
+                              device=device))
+    np.testing.assert_array_equal(out[0, 0, 0], [0, 0, 1, 1])  # x <= c - 0.5 -> 0, else 1
+
+
+def test_monochrome1_inverts_after_voi(device):
+    raw = np.array([[0, 1000, 4095]], dtype=np.uint16)
+    spec = PreprocessSpec(1, 3, voi="range", value_range=(0, 4095), resample="bilinear")
+    m2 = to_numpy(preprocess(make_image(raw), spec, device=device))
+    m1 = to_numpy(preprocess(make_image(raw, photometric="MONOCHROME1"), spec, device=device))
+    np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
+    np.testing.assert_allclose(m1[0, 0, 0], [1.0, 1 - 1000 / 4095, 0.0], atol=1e-6)
+
+
+def test_bits_stored_masks_junk_and_sign_extends(device):
+    # 12 bits stored in 16: 0xF7FF holds junk 0xF000 above 0x7FF; as signed 12-bit 0x800 is -2048.
+    raw = np.array([[0xF7FF, 0x0800, 0x0FFF, 0x0001]], dtype=np.uint16)
+    spec = PreprocessSpec(1, 4, voi="range", value_range=(-2048, 2047), resample="bilinear")
+    unsigned = to_numpy(preprocess(make_image(raw, bits_stored=12, signed=False), spec, device=device))
+    np.testing.assert_allclose(unsigned[0, 0, 0], np.clip((np.array([0x7FF, 0x800, 0xFFF, 1]) + 2048) / 4095, 0, 1),
+                               atol=1e-6)
+    signed = to_numpy(preprocess(make_image(raw, bits_stored=12, signed=True), spec, device=device))
+    np.testing.assert_allclose(signed[0, 0, 0], (np.array([2047, -2048, -1, 1]) + 2048) / 4095, atol=1e-6)
+
+
+def test_antialias_two_to_one_is_the_triangle_average(device):
+    """Shrinking 4 -> 2 with antialias: taps weigh 1/8, 3/8, 3/8, 1/8 (edges renormalised)."""
+    raw = np.array([[0, 100, 200, 300]], dtype=np.uint16).repeat(2, axis=0)
+    spec = PreprocessSpec(1, 2, voi="range", value_range=(0, 1000), resample="bilinear_antialias")
+    out = to_numpy(preprocess(make_image(raw), spec, device=device))[0, 0, 0]
+    # Output 0: centre 1.0, support 2: weights for j=0,1,2 = 0.75, 0.75, 0.25 -> normalised by 1.75.
+    np.testing.assert_allclose(out[0], (0.75 * 0 + 0.75 * 100 + 0.25 * 200) / 1.75 / 1000, atol=1e-6)
+    plain = to_numpy(preprocess(make_image(raw), spec.replace(resample="bilinear"), device=device))[0, 0, 0]
+    np.testing.assert_allclose(plain[0], 50 / 1000, atol=1e-6)  # src 0.5: halfway between 0 and 100
+
+
+def test_letterbox_pads_outside_the_region(device):
+    raw = np.full((10, 20), 500, dtype=np.uint16)
+    spec = PreprocessSpec(20, 20, voi="range", value_range=(0, 1000), fit="letterbox", pad_value=0.25,
+                          resample="bilinear")
+    out = to_numpy(preprocess(make_image(raw), spec, device=device))[0, 0]
+    top, left, rh, rw = ref.letterbox_region(10, 20, 20, 20)
+    assert (top, left, rh, rw) == (5, 0, 10, 20)
+    np.testing.assert_allclose(out[:5], 0.25)
+    np.testing.assert_allclose(out[15:], 0.25)
+    np.testing.assert_allclose(out[5:15], 0.5, atol=1e-6)
+
+
+def test_extreme_int32_values_keep_precision(device):
+    """A narrow window far from zero on int32 data: float pivoting must keep 1e-4."""
+    base = 2_000_000_000
+    raw = (base + np.arange(-50, 50, dtype=np.int64)).astype(np.int32).reshape(10, 10)
+    image = make_image(raw, slope=1.0, intercept=-1.5e9, windows=[(base - 1.5e9, 37.0)], function="LINEAR_EXACT")
+    spec = PreprocessSpec(10, 10, resample="bilinear")
+    out = to_numpy(preprocess(image, spec, device=device))
+    assert_matches(out, reference_for(image, spec), spec)
+    assert 0 < out.mean() < 1
+
+
+def test_multiframe_and_mixed_batch_order(device):
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 4000, size=(3, 20, 30), dtype=np.uint16)
+    multi = make_image(frames, windows=[(2000, 1000)])
+    single = make_image(rng.integers(-500, 500, size=(40, 10), dtype=np.int16), windows=[(0, 300)])
+    spec = PreprocessSpec(16, 16)
+    out = to_numpy(preprocess([single, multi, single], spec, device=device))
+    assert out.shape == (5, 1, 16, 16)
+    expected = np.concatenate([reference_for(single, spec), reference_for(multi, spec), reference_for(single, spec)])
+    assert_matches(out, expected, spec)
+
+
+def test_per_frame_transforms_are_honoured(device):
+    """Enhanced multi-frame: each frame with its own rescale and window."""
+    raw = np.tile(np.arange(100, dtype=np.uint16).reshape(10, 10), (2, 1, 1))
+    semantics = PixelSemantics(
+        rows=10, columns=10, number_of_frames=2, bits_allocated=16, bits_stored=16,
+        frames=(FrameTransform(1.0, 0.0, (Window(50, 100),)), FrameTransform(2.0, 100.0, (Window(150, 60),))),
+    )
+    image = Image(raw, semantics)
+    spec = PreprocessSpec(10, 10, resample="bilinear")
+    out = to_numpy(preprocess(image, spec, device=device))
+    assert_matches(out, reference_for(image, spec), spec)
+    assert not np.allclose(out[0], out[1])
+
+
+def test_window_selection_and_overrides(device):
+    raw = np.arange(400, dtype=np.int16).reshape(20, 20)
+    image = make_image(raw, windows=[(100, 50), (300, 200)])
+    for spec in (
+        PreprocessSpec(8, 8, window_index=1),
+        PreprocessSpec(8, 8, voi="window", window=(200, 80), voi_function="SIGMOID"),
+        PreprocessSpec(8, 8, voi_function="LINEAR_EXACT"),
+    ):
+        assert_matches(to_numpy(preprocess(image, spec, device=device)), reference_for(image, spec), spec)
+
+
+def test_noncontiguous_and_big_endian_inputs(device):
+    rng = np.random.default_rng(4)
+    base = rng.integers(-1000, 1000, size=(40, 60), dtype=np.int16)
+    spec = PreprocessSpec(12, 12, voi="range", value_range=(-1000, 1000))
+    expected = to_numpy(preprocess(base.copy(), spec, device=device))
+    big = base.astype(">i2")
+    np.testing.assert_array_equal(to_numpy(preprocess(big, spec, device=device)), expected)
+    strided = np.zeros((40, 120), dtype=np.int16)
+    strided[:, ::2] = base
+    np.testing.assert_array_equal(to_numpy(preprocess(strided[:, ::2], spec, device=device)), expected)
+    padded_rows = np.zeros((40, 64), dtype=np.int16)
+    padded_rows[:, :60] = base
+    np.testing.assert_array_equal(to_numpy(preprocess(padded_rows[:, :60], spec, device=device)), expected)
+
+
+def test_output_buffer_is_written_in_place_cpu():
+    raw = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    spec = PreprocessSpec(4, 4, voi="range", value_range=(0, 255))
+    out = np.full((3, 1, 4, 4), np.nan, dtype=np.float32)
+    result = preprocess([raw, raw, raw], spec, out=out)
+    assert result is out
+    assert np.isfinite(out).all()
+
+
+def test_thread_count_does_not_change_results():
+    rng = np.random.default_rng(5)
+    images = [make_image(rng.integers(0, 4096, size=(97, 131), dtype=np.uint16), windows=[(2000, 2500)])
+              for _ in range(5)]
+    spec = PreprocessSpec(70, 45, channels=3)
+    single = preprocess(images, spec, num_threads=1)
+    many = preprocess(images, spec, num_threads=7)
+    np.testing.assert_array_equal(single, many)
+
+
+# ---------------------------------------------------------------------------
+# PreprocessSpec
+
+
+def test_spec_json_round_trip():
+    spec = PreprocessSpec(224, 256, channels=3, voi="window", window=(-600, 1500), voi_function="SIGMOID",
+                          fit="letterbox", pad_value=0.5, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          dtype="float16")
+    text = spec.to_json()
+    assert json.loads(text)["schema_version"] == 1
+    assert PreprocessSpec.from_json(text) == spec
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(height=0, width=10), "height"),
+        (dict(height=10, width=10, channels=2), "channels"),
+        (dict(height=10, width=10, voi="window"), "window"),
+        (dict(height=10, width=10, voi="window", window=(0, 0.5)), "width"),
+        (dict(height=10, width=10, voi="window", window=(0, float("nan"))), "finite"),
+        (dict(height=10, width=10, voi="range", value_range=(5, 5)), "high > low"),
+        (dict(height=10, width=10, std=(0.0,)), "non-zero"),
+        (dict(height=10, width=10, channels=3, mean=(0.1, 0.2)), "mean"),
+        (dict(height=10, width=10, dtype="int8"), "dtype"),
+        (dict(height=10, width=10, resample="bicubic"), "resample"),
+        (dict(height=10, width=10, voi_function="GAMMA"), "voi_function"),
+    ],
+)
+def test_spec_rejects_bad_values(kwargs, message):
+    with pytest.raises(SpecError, match=message):
+        PreprocessSpec(**kwargs)
+
+
+def test_spec_json_errors():
+    with pytest.raises(SpecError, match="not valid JSON"):
+        PreprocessSpec.from_json("{")
+    with pytest.raises(SpecError, match="unknown"):
+        PreprocessSpec.from_dict({"height": 1, "width": 1, "colour": "red"})
+    with pytest.raises(SpecError, match="schema version"):
+        PreprocessSpec.from_dict({"schema_version": 99, "height": 1, "width": 1})
+    with pytest.raises(SpecError, match="missing"):
+        PreprocessSpec.from_dict({"height": 1})
+
+
+# ---------------------------------------------------------------------------
+# Bad input answered, nothing written out of bounds
+
+
+def test_bad_output_buffers_are_refused():
+    raw = np.zeros((8, 8), dtype=np.uint16)
+    spec = PreprocessSpec(4, 4, voi="range", value_range=(0, 1))
+    with pytest.raises(PreprocessError, match="shape"):
+        preprocess(raw, spec, out=np.empty((2, 1, 4, 4), np.float32))
+    with pytest.raises(PreprocessError, match="dtype"):
+        preprocess(raw, spec, out=np.empty((1, 1, 4, 4), np.float64))
+    readonly = np.empty((1, 1, 4, 4), np.float32)
+    readonly.flags.writeable = False
+    with pytest.raises(PreprocessError, match="read-only"):
+        preprocess(raw, spec, out=readonly)
+    with pytest.raises(PreprocessError, match="C-contiguous"):
+        preprocess(raw, spec, out=np.empty((1, 1, 4, 8), np.float32)[..., ::2])
+
+
+def test_missing_window_is_a_clear_error():
+    with pytest.raises(DicomError, match="no Window Center/Width"):
+        preprocess(np.zeros((4, 4), np.int16), PreprocessSpec(2, 2))
+
+
+def test_unsupported_dtypes_and_values():
+    spec = PreprocessSpec(2, 2, voi="range", value_range=(0, 1))
+    with pytest.raises(PreprocessError, match="2\\*\\*31"):
+        preprocess(np.full((4, 4), 2**31, np.uint32), spec)
+    with pytest.raises(PreprocessError, match="integer or float|not supported"):
+        preprocess(np.zeros((4, 4), np.complex64), spec)
+    with pytest.raises(PreprocessError, match="cannot preprocess"):
+        preprocess([object()], spec)
+    with pytest.raises(PreprocessError, match="device"):
+        preprocess(np.zeros((4, 4), np.uint8), spec, device="tpu")
+
+
+def test_native_validation_rejects_bad_parameters():
+    """The native entry points check sizes, pointers and parameters themselves (no Python in between)."""
+    from medge import _C
+
+    out = _C.OutputParams()
+    out.height, out.width = 4, 4
+
+    def params(**changes):
+        p = _C.ImageParams()
+        p.pixels_address = 4096
+        p.height, p.width, p.row_stride = 8, 8, 8
+        p.pixel_type = _C.PixelType.uint16
+        p.buffer_bytes = 128
+        for key, value in changes.items():
+            setattr(p, key, value)
+        return p
+
+    _C.validate_params([params()], out)  # the baseline is valid
+    cases = {
+        "pointer is null": dict(pixels_address=0),
+        "needs 128": dict(buffer_bytes=127),
+        "row stride": dict(row_stride=7),
+        "size": dict(height=0),
+        "bits stored": dict(bits_stored=17),
+        "slope": dict(rescale_slope=0.0),
+        "window width": dict(window_width=-1.0),
+        "window centre": dict(window_center=float("inf")),
+        ">= 1 for VOI LUT Function LINEAR": dict(window_width=0.5),
+        "high > low": dict(voi_mode=_C.VoiMode.range, range_low=1.0, range_high=1.0),
+    }
+    for message, change in cases.items():
+        with pytest.raises(PreprocessError, match=message):
+            _C.validate_params([params(**change)], out)
+    bad_out = _C.OutputParams()
+    bad_out.height, bad_out.width, bad_out.channels = 4, 4, 2
+    with pytest.raises(PreprocessError, match="channels"):
+        _C.validate_params([params()], bad_out)
+    huge = _C.OutputParams()
+    huge.height, huge.width = 1 << 20, 4
+    with pytest.raises(PreprocessError, match="output size"):
+        _C.validate_params([params()], huge)
+
+
+def test_cuda_entry_point_validates_before_touching_memory():
+    """Even without a GPU, the CUDA entry point refuses bad parameters and undersized outputs."""
+    from medge import _C
+
+    out = _C.OutputParams()
+    out.height, out.width = 4, 4
+    p = _C.ImageParams()
+    p.pixels_address, p.height, p.width, p.row_stride, p.buffer_bytes = 4096, 8, 8, 8, 128
+    if not _C.cuda_compiled():
+        with pytest.raises(medge.errors.CudaError, match="no CUDA support"):
+            _C.preprocess_cuda([p], 4096, 64, out, 0)
+        return
+    with pytest.raises(PreprocessError, match="output buffer holds"):
+        _C.preprocess_cuda([p], 4096, 10, out, 0)
+    p.buffer_bytes = 1
+    with pytest.raises(PreprocessError, match="buffer holds 1 bytes"):
+        _C.preprocess_cuda([p], 4096, 64, out, 0)
+
+
+def test_cuda_unavailable_is_a_clear_error():
+    if medge.cuda_available():
+        pytest.skip("a CUDA device is present: this tests the message given without one")
+    with pytest.raises(medge.errors.MedgeError, match="CUDA|cuda"):
+        preprocess(np.zeros((4, 4), np.uint8), PreprocessSpec(2, 2, voi="range", value_range=(0, 1)), device="cuda")

@@ -72,10 +72,11 @@ struct Wide<int32_t> {
 template <typename T>
 MEDGE_HD float centred_value(const PreparedImage& im, T raw) {
   using W = typename Wide<T>::type;
-  // Reinterpret the container's bits as unsigned, keep the stored bits, then sign-extend.
-  uint32_t bits = static_cast<uint32_t>(static_cast<typename std::make_unsigned<T>::type>(raw)) & im.value_mask;
-  W value = static_cast<W>(bits);
-  if (im.sign_bit != 0 && (bits & im.sign_bit)) value -= static_cast<W>(im.sign_bit) * 2;
+  // Reinterpret the container's bits as unsigned, keep the stored bits, then
+  // sign-extend branch-free: (v ^ s) - s flips the sign bit's weight from +s
+  // to -s, and is the identity when sign_bit is 0 (unsigned).
+  const uint32_t bits = static_cast<uint32_t>(static_cast<typename std::make_unsigned<T>::type>(raw)) & im.value_mask;
+  const W value = static_cast<W>(bits ^ im.sign_bit) - static_cast<W>(im.sign_bit);
   return static_cast<float>(value - static_cast<W>(im.pivot));
 }
 
@@ -84,20 +85,28 @@ MEDGE_HD float centred_value<float>(const PreparedImage& im, float raw) {
   return raw - im.pivot_float;
 }
 
+// VOI shape applied to the affine value u.
+template <Shape S>
+MEDGE_HD float apply_shape(float u) {
+  if (S == Shape::kClamp) return u <= 0.0f ? 0.0f : (u >= 1.0f ? 1.0f : u);
+  if (S == Shape::kStep) return u > 0.0f ? 1.0f : 0.0f;
+#if defined(__CUDA_ARCH__)
+  return 1.0f / (1.0f + __expf(-4.0f * u));
+#else
+  return 1.0f / (1.0f + std::exp(-4.0f * u));
+#endif
+}
+
 // Centred value -> display value in [0, 1] (VOI then polarity).
 MEDGE_HD float display_value(const PreparedImage& im, float centred) {
-  float u = (centred - im.frac) * im.scale + im.offset;
+  const float u = (centred - im.frac) * im.scale + im.offset;
   float y;
   if (im.shape == Shape::kClamp) {
-    y = u <= 0.0f ? 0.0f : (u >= 1.0f ? 1.0f : u);
+    y = apply_shape<Shape::kClamp>(u);
   } else if (im.shape == Shape::kStep) {
-    y = u > 0.0f ? 1.0f : 0.0f;
+    y = apply_shape<Shape::kStep>(u);
   } else {
-#if defined(__CUDA_ARCH__)
-    y = 1.0f / (1.0f + __expf(-4.0f * u));
-#else
-    y = 1.0f / (1.0f + std::exp(-4.0f * u));
-#endif
+    y = apply_shape<Shape::kSigmoid>(u);
   }
   return im.invert ? 1.0f - y : y;
 }

@@ -1,0 +1,1 @@
+"""Command-line tools: ``medge`` (demo, preprocess) and, later, ``medge-convert``."""

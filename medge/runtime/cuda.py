@@ -1,0 +1,1714 @@
+"""CUDA objects owned from Python: streams, device and pinned buffers, device arrays, zero-copy views.
+
+Built on cuda-python's runtime bindings (``cuda.bindings.runtime``; ``cuda.cudart``
+on cuda-python < 12.6), imported lazily: importing this module needs only numpy,
+and anything that has to call CUDA raises ``MissingDependency`` naming the
+``cuda`` extra when cuda-python is missing.
+
+Interchange, both directions:
+
+- out: :class:`DeviceArray` exports ``__cuda_array_interface__`` (version 3) and
+  DLPack (``__dlpack__`` / ``__dlpack_device__``), so torch, CuPy, numba and
+  JAX take it without a copy;
+- in: :func:`as_device_view` accepts anything exporting either protocol (torch,
+  CuPy, numba, pycuda, JAX, a DeviceArray) and returns a :class:`DeviceView`:
+  pointer, shape, byte strides, dtype and an owner that keeps the memory alive.
+
+The DLPack side is implemented in pure Python with ctypes (``DLManagedTensor``
+and ``DLManagedTensorVersioned``, PyCapsules through ``ctypes.pythonapi``). It
+does not depend on the device type, so :func:`to_dlpack_capsule` and
+:func:`from_dlpack_capsule` work for host memory too; the tests exercise them
+on the CPU against numpy.
+
+Stream conventions (the same in every function here): a stream argument may be
+None (the legacy default stream, handle 0), an int handle, or any stream object
+:func:`stream_handle` understands. Every copy is asynchronous on that stream
+unless its docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import math
+import sys
+import weakref
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import CudaError, MissingDependency, PreprocessError
+
+__all__ = [
+    "DLDeviceType",
+    "SUPPORTED_DTYPES",
+    "check",
+    "stream_handle",
+    "device_count",
+    "current_device",
+    "Stream",
+    "DeviceBuffer",
+    "PinnedBuffer",
+    "DeviceArray",
+    "DeviceView",
+    "as_device_view",
+    "host_to_device",
+    "device_to_host",
+    "to_dlpack_capsule",
+    "from_dlpack_capsule",
+    "DLPackTensor",
+]
+
+
+class DLDeviceType(enum.IntEnum):
+    """DLPack device types medge deals with (values from dlpack.h)."""
+
+    CPU = 1
+    CUDA = 2
+    CUDA_HOST = 3
+    CUDA_MANAGED = 13
+
+
+#: Device types whose memory a CUDA kernel on the owning device can address directly.
+_DEVICE_ACCESSIBLE = (DLDeviceType.CUDA, DLDeviceType.CUDA_MANAGED)
+
+#: Element types a device view may carry unless the caller narrows them (``dtypes=``).
+SUPPORTED_DTYPES = tuple(
+    np.dtype(t)
+    for t in (
+        np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32,
+        np.int64, np.uint64, np.float16, np.float32, np.float64,
+    )
+)
+
+# ---------------------------------------------------------------------------
+# cuda-python, imported on first use
+# ---------------------------------------------------------------------------
+
+_RT: Any = None
+
+# cudaError_t values that mean "there is no usable GPU here" rather than a failure.
+_ERR_INSUFFICIENT_DRIVER = 35
+_ERR_NO_DEVICE = 100
+
+
+def _runtime(purpose: str = "CUDA memory and streams") -> Any:
+    """Return cuda-python's runtime module, importing it on first use.
+
+    Raises:
+        MissingDependency: cuda-python is not installed (extra ``cuda``).
+    """
+    global _RT
+    if _RT is None:
+        try:
+            from cuda.bindings import runtime as rt  # cuda-python >= 12.6 (cuda-bindings)
+        except ImportError:
+            try:
+                from cuda import cudart as rt  # older cuda-python; same functions
+            except ImportError:
+                raise MissingDependency("cuda-python", "cuda", purpose) from None
+        _RT = rt
+    return _RT
+
+
+def _cuda_available() -> bool:
+    """True when cuda-python imports (says nothing about a driver or a GPU)."""
+    try:
+        _runtime()
+    except MissingDependency:
+        return False
+    return True
+
+
+def _error_text(err: Any) -> str:
+    kind = type(err).__name__
+    try:
+        if kind == "cudaError_t":
+            ok, text = _runtime().cudaGetErrorString(err)
+        elif kind == "CUresult":
+            from cuda.bindings import driver
+
+            ok, text = driver.cuGetErrorString(err)
+        else:
+            return ""
+        if int(ok) == 0 and text:
+            return text.decode() if isinstance(text, bytes) else str(text)
+    except Exception:  # the driver library itself may be missing
+        pass
+    return ""
+
+
+def _cuda_error(err: Any, what: Optional[str]) -> CudaError:
+    code = int(err)
+    name = getattr(err, "name", None) or f"CUDA error {code}"
+    text = _error_text(err)
+    message = f"{what or 'CUDA call'} failed with {name} ({code})"
+    if text:
+        message += f": {text}"
+    if code in (_ERR_INSUFFICIENT_DRIVER, _ERR_NO_DEVICE) and type(err).__name__ == "cudaError_t":
+        message += (
+            ". No usable CUDA GPU: check that the NVIDIA driver is installed and recent "
+            "enough for this CUDA runtime, and that a GPU is visible (CUDA_VISIBLE_DEVICES)"
+        )
+    exc = CudaError(message)
+    exc.code = code  # type: ignore[attr-defined]
+    exc.error_name = name  # type: ignore[attr-defined]
+    return exc
+
+
+def check(result: Any, what: Optional[str] = None) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` result, raising on failure.
+
+    Args:
+        result: what a cuda-python call returned: a tuple whose first item is a
+            ``cudaError_t`` (or driver ``CUresult``), or such an error alone.
+        what: the call's name, for the message (``"cudaMalloc"``).
+
+    Returns:
+        None when the call returns no value, the value when it returns one, a
+        tuple of values otherwise.
+
+    Raises:
+        CudaError: the error code is not success; the message carries the error
+            name and CUDA's description, the exception ``code`` and ``error_name``.
+    """
+    if isinstance(result, tuple):
+        err, values = result[0], result[1:]
+    else:
+        err, values = result, ()
+    if int(err) != 0:
+        raise _cuda_error(err, what)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def device_count() -> int:
+    """Number of CUDA devices visible to this process.
+
+    Returns 0, rather than raising, when CUDA reports no device or no usable
+    driver (``cudaErrorNoDevice``, ``cudaErrorInsufficientDriver``); call
+    ``check(_runtime().cudaGetDeviceCount())`` to see that error itself.
+
+    Raises:
+        MissingDependency: cuda-python is not installed.
+        CudaError: any other CUDA failure.
+    """
+    rt = _runtime("Counting CUDA devices")
+    result = rt.cudaGetDeviceCount()
+    if int(result[0]) in (_ERR_INSUFFICIENT_DRIVER, _ERR_NO_DEVICE):
+        return 0
+    return int(check(result, "cudaGetDeviceCount"))
+
+
+def current_device() -> int:
+    """The calling thread's current CUDA device ordinal (``cudaGetDevice``).
+
+    Raises:
+        MissingDependency: cuda-python is not installed.
+        CudaError: no usable device or driver.
+    """
+    return int(check(_runtime("Querying the CUDA device").cudaGetDevice(), "cudaGetDevice"))
+
+
+@contextlib.contextmanager
+def _on_device(device: Optional[int]):
+    """Make ``device`` current for the block and restore the previous one."""
+    if device is None:
+        yield
+        return
+    rt = _runtime()
+    previous = int(check(rt.cudaGetDevice(), "cudaGetDevice"))
+    if previous == device:
+        yield
+        return
+    check(rt.cudaSetDevice(device), "cudaSetDevice")
+    try:
+        yield
+    finally:
+        rt.cudaSetDevice(previous)
+
+
+# ---------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------
+
+_STREAM_KINDS = (
+    "None (legacy default stream), an int handle, an object with __cuda_stream__ "
+    "(cuda.core, CuPy, cuda-python handles, medge Stream), a torch.cuda.Stream, "
+    "a CuPy stream or a cuda-python cudaStream_t/CUstream"
+)
+
+
+def stream_handle(stream: Any) -> int:
+    """Normalise a stream given in any common form to its integer ``cudaStream_t``.
+
+    Accepted: None (0, the legacy default stream); a non-negative int (1 and 2
+    are the runtime's ``cudaStreamLegacy`` and ``cudaStreamPerThread``); an
+    object implementing ``__cuda_stream__`` (returns ``(0, handle)``); a
+    ``torch.cuda.Stream`` (``.cuda_stream``); a CuPy stream (``.ptr``); a
+    cuda-python ``cudaStream_t`` / ``CUstream`` (``int(obj)``); a ctypes
+    ``c_void_p``.
+
+    Raises:
+        PreprocessError: the object is not a stream in any of these forms.
+    """
+    if stream is None:
+        return 0
+    if isinstance(stream, bool):  # bool is an int subclass; True is not a stream
+        raise PreprocessError(f"expected a CUDA stream, got {stream!r}; accepted: {_STREAM_KINDS}")
+    if isinstance(stream, (int, np.integer)):
+        handle = int(stream)
+        if handle < 0:
+            raise PreprocessError(f"a CUDA stream handle must be >= 0, got {handle}")
+        return handle
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if protocol is not None:
+        # cuda.core 0.1 exposed it as a property; everything since is a method.
+        value = protocol() if callable(protocol) else protocol
+        if (
+            not isinstance(value, tuple)
+            or len(value) != 2
+            or not all(isinstance(v, (int, np.integer)) for v in value)
+        ):
+            raise PreprocessError(
+                f"{type(stream).__name__}.__cuda_stream__() returned {value!r}; "
+                "the protocol requires a (version, handle) tuple of ints"
+            )
+        version, handle = (int(v) for v in value)
+        if version != 0:
+            raise PreprocessError(
+                f"{type(stream).__name__}.__cuda_stream__() reports protocol version {version}; "
+                "medge understands version 0"
+            )
+        return stream_handle(handle)
+    torch_handle = getattr(stream, "cuda_stream", None)  # torch.cuda.Stream / ExternalStream
+    if isinstance(torch_handle, (int, np.integer)) and not isinstance(torch_handle, bool):
+        return stream_handle(int(torch_handle))
+    # CuPy streams carry .ptr; so do CuPy arrays and memory, hence the class-name test.
+    cupy_handle = getattr(stream, "ptr", None)
+    if type(stream).__name__.endswith("Stream") and isinstance(cupy_handle, (int, np.integer)):
+        return stream_handle(int(cupy_handle))
+    if type(stream).__name__ in ("cudaStream_t", "CUstream"):  # cuda-python without the protocol
+        return stream_handle(int(stream))
+    if isinstance(stream, ctypes.c_void_p):
+        return stream_handle(stream.value or 0)
+    raise PreprocessError(
+        f"expected a CUDA stream, got {type(stream).__module__}.{type(stream).__qualname__}; "
+        f"accepted: {_STREAM_KINDS}"
+    )
+
+
+def _order_after(consumer: int, producer: int) -> None:
+    """Make work later enqueued on ``consumer`` wait for what is enqueued on ``producer`` now.
+
+    Records an event on the producer stream and makes the consumer wait on it;
+    the host does not block. Destroying the event right away is allowed: CUDA
+    releases it once the recorded work completes.
+    """
+    if consumer == producer:
+        return
+    rt = _runtime("Ordering CUDA streams")
+    event = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
+    try:
+        check(rt.cudaEventRecord(event, producer), "cudaEventRecord")
+        check(rt.cudaStreamWaitEvent(consumer, event, 0), "cudaStreamWaitEvent")
+    finally:
+        rt.cudaEventDestroy(event)
+
+
+def _synchronize(handle: int) -> None:
+    check(_runtime("Synchronising a CUDA stream").cudaStreamSynchronize(handle), "cudaStreamSynchronize")
+
+
+def _destroy_stream(destroy: Any, handle: int, _finalizing=sys.is_finalizing) -> None:
+    if _finalizing():  # the driver reclaims everything at process exit
+        return
+    try:
+        destroy(handle)
+    except Exception:
+        pass
+
+
+class Stream:
+    """An owned, non-blocking CUDA stream (``cudaStreamCreateWithFlags(cudaStreamNonBlocking)``).
+
+    Non-blocking: work on it does not synchronise with the legacy default
+    stream. Use it as a context manager, or call :meth:`close`; it is also
+    destroyed when garbage-collected. Implements ``__cuda_stream__``, so torch,
+    CuPy and cuda.core accept it.
+
+    Args:
+        device: device to create the stream on; None means the current device.
+
+    Raises:
+        MissingDependency: cuda-python is not installed.
+        CudaError: the stream cannot be created (no device, ...).
+    """
+
+    def __init__(self, *, device: Optional[int] = None) -> None:
+        rt = _runtime("Creating a CUDA stream")
+        with _on_device(device):
+            self.device = current_device() if device is None else int(device)
+            created = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self._handle = int(created)
+        self._finalizer = weakref.finalize(self, _destroy_stream, rt.cudaStreamDestroy, self._handle)
+        self._finalizer.atexit = False
+
+    @property
+    def handle(self) -> int:
+        """The ``cudaStream_t`` as an int."""
+        if not self._finalizer.alive:
+            raise ValueError("this Stream has been closed")
+        return self._handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+    def synchronize(self) -> None:
+        """Block the host until all work enqueued on this stream has finished."""
+        _synchronize(self.handle)
+
+    def wait_for(self, other: Any) -> None:
+        """Make later work on this stream wait for the work enqueued on ``other`` so far."""
+        _order_after(self.handle, stream_handle(other))
+
+    def close(self) -> None:
+        """Wait for the stream's work, then destroy it. Closing twice is allowed."""
+        if self._finalizer.alive:
+            try:
+                self.synchronize()
+            finally:
+                self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"0x{self._handle:x}"
+        return f"Stream({state}, device={self.device})"
+
+
+# ---------------------------------------------------------------------------
+# Buffers
+# ---------------------------------------------------------------------------
+
+
+def _free_device_memory(rt: Any, ptr: int, device: int, _finalizing=sys.is_finalizing) -> None:
+    """Finalizer of DeviceBuffer: free on the owning device, never raise."""
+    if _finalizing():  # calling into CUDA during interpreter teardown is unsafe; exit frees it
+        return
+    try:
+        ok, previous = rt.cudaGetDevice()
+        switch = int(ok) == 0 and previous != device
+        if switch:
+            rt.cudaSetDevice(device)
+        rt.cudaFree(ptr)
+        if switch:
+            rt.cudaSetDevice(previous)
+    except Exception:
+        pass
+
+
+def _free_host_memory(free_host: Any, ptr: int, _finalizing=sys.is_finalizing) -> None:
+    if _finalizing():
+        return
+    try:
+        free_host(ptr)
+    except Exception:
+        pass
+
+
+class DeviceBuffer:
+    """``nbytes`` of device memory from ``cudaMalloc``, freed by :meth:`close` or garbage collection.
+
+    Freeing never raises and is skipped during interpreter shutdown, when the
+    driver reclaims the memory itself. A zero-byte buffer allocates nothing
+    (``ptr`` is 0).
+
+    Args:
+        nbytes: size in bytes (>= 0).
+        device: device ordinal; None means the current device.
+
+    Raises:
+        MissingDependency: cuda-python is not installed.
+        CudaError: the allocation fails (out of memory, no device).
+    """
+
+    def __init__(self, nbytes: int, device: Optional[int] = None) -> None:
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise PreprocessError(f"a buffer size must be >= 0, got {nbytes}")
+        self.nbytes = nbytes
+        self._ptr = 0
+        self._finalizer = None
+        self._owner: object = None
+        self._closed = False
+        if nbytes == 0:
+            if device is None:
+                try:
+                    device = current_device()
+                except (MissingDependency, CudaError):
+                    device = 0
+            self.device = int(device)
+            return
+        rt = _runtime("Allocating GPU memory")
+        with _on_device(device):
+            self.device = current_device() if device is None else int(device)
+            # nothing may fail between the allocation and the finalizer that frees it
+            self._ptr = int(check(rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)"))
+        self._finalizer = weakref.finalize(self, _free_device_memory, rt, self._ptr, self.device)
+        self._finalizer.atexit = False
+
+    @classmethod
+    def from_pointer(cls, ptr: int, nbytes: int, device: int, owner: object = None) -> "DeviceBuffer":
+        """Wrap device memory allocated elsewhere, without taking ownership.
+
+        ``owner`` (the object that frees the memory) is kept alive until
+        :meth:`close`, which frees nothing. Needs no CUDA call.
+        """
+        self = cls.__new__(cls)
+        self.nbytes = int(nbytes)
+        if self.nbytes < 0:
+            raise PreprocessError(f"a buffer size must be >= 0, got {self.nbytes}")
+        self._ptr = int(ptr)
+        self.device = int(device)
+        self._finalizer = None
+        self._owner = owner
+        self._closed = False
+        return self
+
+    @property
+    def owns_memory(self) -> bool:
+        """True when this buffer allocated its memory (and frees it)."""
+        return self._finalizer is not None
+
+    @property
+    def ptr(self) -> int:
+        """Device address of the first byte."""
+        if self.closed:
+            raise ValueError("this DeviceBuffer has been closed")
+        return self._ptr
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or (self._finalizer is not None and not self._finalizer.alive)
+
+    def close(self) -> None:
+        """Free the memory now (``cudaFree`` synchronises the device). Arrays and exports on it become invalid."""
+        self._closed = True
+        self._owner = None
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "DeviceBuffer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = "closed" if self.closed else f"0x{self._ptr:x}"
+        return f"DeviceBuffer({self.nbytes} bytes, device={self.device}, {where})"
+
+
+class _HostView:
+    """Carries ``__array_interface__`` for numpy and keeps the buffer it points into alive."""
+
+    __slots__ = ("__array_interface__", "_keep")
+
+    def __init__(self, ptr: int, shape: tuple, dtype: np.dtype, keep: object) -> None:
+        self.__array_interface__ = {
+            "data": (ptr, False),
+            "shape": shape,
+            "typestr": dtype.str,
+            "version": 3,
+        }
+        self._keep = keep
+
+
+class PinnedBuffer:
+    """``nbytes`` of page-locked host memory from ``cudaMallocHost``.
+
+    Copies between pinned memory and the GPU are truly asynchronous (and
+    faster): keep the memory unchanged until the stream has reached the copy.
+    Numpy views from :meth:`array` keep the buffer alive, but :meth:`close`
+    frees it regardless.
+
+    Raises:
+        MissingDependency: cuda-python is not installed.
+        CudaError: the allocation fails.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise PreprocessError(f"a buffer size must be >= 0, got {nbytes}")
+        self.nbytes = nbytes
+        self._ptr = 0
+        self._finalizer = None
+        if nbytes:
+            rt = _runtime("Allocating pinned host memory")
+            self._ptr = int(check(rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes} bytes)"))
+            self._finalizer = weakref.finalize(self, _free_host_memory, rt.cudaFreeHost, self._ptr)
+            self._finalizer.atexit = False
+
+    @property
+    def ptr(self) -> int:
+        if self.closed:
+            raise ValueError("this PinnedBuffer has been closed")
+        return self._ptr
+
+    @property
+    def closed(self) -> bool:
+        return self._finalizer is not None and not self._finalizer.alive
+
+    def array(self, dtype: Any = np.uint8, shape: Optional[Sequence[int]] = None, offset: int = 0) -> np.ndarray:
+        """A writable numpy view of the buffer (no copy).
+
+        Args:
+            dtype: element type.
+            shape: view shape; None means as many elements as fit after ``offset``.
+            offset: byte offset of the first element (a multiple of the item size).
+
+        Raises:
+            PreprocessError: the view does not fit in the buffer or is misaligned.
+        """
+        dtype = np.dtype(dtype)
+        if offset < 0 or offset % dtype.itemsize:
+            raise PreprocessError(f"offset {offset} is not a non-negative multiple of {dtype} itemsize")
+        if shape is None:
+            shape = ((self.nbytes - offset) // dtype.itemsize,)
+        shape = _as_shape(shape)
+        need = offset + math.prod(shape) * dtype.itemsize
+        if need > self.nbytes:
+            raise PreprocessError(
+                f"a {dtype} view of shape {shape} at offset {offset} needs {need} bytes; "
+                f"the pinned buffer has {self.nbytes}"
+            )
+        ptr = self.ptr + offset if self.nbytes else 0
+        return np.asarray(_HostView(ptr, shape, dtype, self))
+
+    def close(self) -> None:
+        """Free the memory now; numpy views of it become invalid."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "PinnedBuffer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = "closed" if self.closed else f"0x{self._ptr:x}"
+        return f"PinnedBuffer({self.nbytes} bytes, {where})"
+
+
+# ---------------------------------------------------------------------------
+# Copies
+# ---------------------------------------------------------------------------
+
+
+def _as_ptr(obj: Any) -> int:
+    if isinstance(obj, (int, np.integer)) and not isinstance(obj, bool):
+        return int(obj)
+    ptr = getattr(obj, "ptr", None)
+    if isinstance(ptr, (int, np.integer)) and not isinstance(ptr, bool):
+        return int(ptr)
+    raise PreprocessError(f"expected a device address (int, DeviceBuffer, DeviceArray), got {type(obj).__name__}")
+
+
+def _host_block(array: Any, nbytes: Optional[int], writable: bool, role: str) -> tuple[int, int]:
+    if not isinstance(array, np.ndarray):
+        raise PreprocessError(f"{role} must be a numpy.ndarray, got {type(array).__name__}")
+    if not array.flags.c_contiguous:
+        raise PreprocessError(f"{role} must be C-contiguous (use numpy.ascontiguousarray)")
+    if writable and not array.flags.writeable:
+        raise PreprocessError(f"{role} is read-only")
+    nbytes = array.nbytes if nbytes is None else int(nbytes)
+    if nbytes < 0 or nbytes > array.nbytes:
+        raise PreprocessError(f"cannot copy {nbytes} bytes: the {role} array holds {array.nbytes}")
+    return array.ctypes.data, nbytes
+
+
+def host_to_device(dst_ptr: Any, src: np.ndarray, nbytes: Optional[int] = None, stream: Any = None) -> None:
+    """Enqueue a copy of ``nbytes`` (default all) of host array ``src`` to device address ``dst_ptr``.
+
+    Asynchronous on ``stream``. From pageable memory CUDA stages the data
+    before returning, so ``src`` may be reused at once; from pinned memory
+    (:class:`PinnedBuffer`) keep ``src`` unchanged until the stream gets there.
+
+    Args:
+        dst_ptr: int address, or a DeviceBuffer / DeviceArray.
+        src: C-contiguous numpy array.
+        nbytes: bytes to copy; None means ``src.nbytes``.
+        stream: see :func:`stream_handle`.
+
+    Raises:
+        PreprocessError: bad arguments. CudaError: the copy cannot be enqueued.
+    """
+    src_ptr, nbytes = _host_block(src, nbytes, writable=False, role="source")
+    dst = _as_ptr(dst_ptr)
+    handle = stream_handle(stream)
+    if nbytes == 0:
+        return
+    rt = _runtime("Copying to the GPU")
+    check(
+        rt.cudaMemcpyAsync(dst, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, handle),
+        "cudaMemcpyAsync(host to device)",
+    )
+
+
+def device_to_host(dst: np.ndarray, src_ptr: Any, nbytes: Optional[int] = None, stream: Any = None) -> None:
+    """Enqueue a copy of ``nbytes`` (default ``dst.nbytes``) from device address ``src_ptr`` into ``dst``.
+
+    Into pageable memory CUDA returns only when the copy is done; into pinned
+    memory it returns at once: synchronise ``stream`` before reading ``dst``.
+
+    Raises:
+        PreprocessError: bad arguments. CudaError: the copy cannot be enqueued.
+    """
+    dst_ptr, nbytes = _host_block(dst, nbytes, writable=True, role="destination")
+    src = _as_ptr(src_ptr)
+    handle = stream_handle(stream)
+    if nbytes == 0:
+        return
+    rt = _runtime("Copying from the GPU")
+    check(
+        rt.cudaMemcpyAsync(dst_ptr, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, handle),
+        "cudaMemcpyAsync(device to host)",
+    )
+
+
+# ---------------------------------------------------------------------------
+# DLPack in pure ctypes (device-type agnostic)
+# ---------------------------------------------------------------------------
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),  # in elements; NULL means C-contiguous (legacy)
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+_Deleter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class _DLManagedTensor(ctypes.Structure):  # DLPack < 1.0, capsule "dltensor"
+    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter)]
+
+
+class _DLPackVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+class _DLManagedTensorVersioned(ctypes.Structure):  # DLPack >= 1.0, capsule "dltensor_versioned"
+    _fields_ = [
+        ("version", _DLPackVersion),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", _Deleter),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", _DLTensor),
+    ]
+
+
+assert ctypes.sizeof(_DLTensor) == 48 and ctypes.sizeof(_DLManagedTensor) == 64
+assert ctypes.sizeof(_DLManagedTensorVersioned) == 80
+
+_DLPACK_VERSION = (1, 0)  # what medge writes into DLManagedTensorVersioned.version
+_FLAG_READ_ONLY = 1 << 0
+_FLAG_IS_COPIED = 1 << 1
+
+# DLDataTypeCode
+_kDLInt, _kDLUInt, _kDLFloat, _kDLBfloat, _kDLComplex, _kDLBool = 0, 1, 2, 4, 5, 6
+_DL_CODE_OF_KIND = {"i": _kDLInt, "u": _kDLUInt, "f": _kDLFloat, "c": _kDLComplex, "b": _kDLBool}
+_KIND_OF_DL_CODE = {v: k for k, v in _DL_CODE_OF_KIND.items()}
+_DL_CODE_NAMES = {0: "int", 1: "uint", 2: "float", 3: "opaque handle", 4: "bfloat", 5: "complex", 6: "bool"}
+
+# Python C-API entry points, as private prototypes (never mutate ctypes.pythonapi's shared ones).
+# PYFUNCTYPE keeps the GIL and turns a set Python error into an exception.
+_api = ctypes.pythonapi
+_Destructor = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_PyCapsule_New = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, _Destructor)(
+    ("PyCapsule_New", _api)
+)
+_PyCapsule_IsValid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_IsValid", _api))
+_PyCapsule_GetName = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", _api))
+_PyCapsule_GetPointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", _api)
+)
+_PyCapsule_SetName = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_SetName", _api))
+# Raw-pointer variants for the capsule destructor: the capsule is being deallocated
+# (refcount 0) there, so it must not be wrapped in a new Python reference.
+_PyCapsule_IsValid_raw = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)(("PyCapsule_IsValid", _api))
+_PyCapsule_GetPointer_raw = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", _api)
+)
+_Py_IncRef = ctypes.PYFUNCTYPE(None, ctypes.py_object)(("Py_IncRef", _api))
+_Py_DecRef = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(("Py_DecRef", _api))
+
+# Capsule names. PyCapsule keeps the char pointer, not a copy, so the strings must
+# outlive every capsule, including those destroyed during interpreter teardown.
+_NAME_LEGACY = b"dltensor"
+_NAME_VERSIONED = b"dltensor_versioned"
+_NAME_LEGACY_USED = b"used_dltensor"
+_NAME_VERSIONED_USED = b"used_dltensor_versioned"
+
+
+def _immortal(obj: Any) -> Any:
+    """Leak one reference so module teardown never frees ``obj`` (C code holds raw pointers to it)."""
+    _Py_IncRef(obj)
+    return obj
+
+
+for _name in (_NAME_LEGACY, _NAME_VERSIONED, _NAME_LEGACY_USED, _NAME_VERSIONED_USED):
+    _immortal(_name)
+
+#: Number of medge DLPack exports whose deleter has not run yet (for leak tests).
+_live_exports = [0]
+
+
+class _ExportContext:
+    """manager_ctx of an exported tensor: owns the struct, shape, strides and a reference to the owner."""
+
+    __slots__ = ("managed", "shape", "strides", "owner", "__weakref__")
+
+
+def _exported_deleter(addr: int, versioned: bool, _decref=_Py_DecRef, _live=_live_exports) -> None:
+    # Called by the consumer (from any thread; the ctypes thunk takes the GIL) exactly once.
+    # Releasing the context frees the struct at ``addr``, so read everything first.
+    try:
+        if not addr:
+            return
+        struct = _DLManagedTensorVersioned if versioned else _DLManagedTensor
+        ctx = struct.from_address(addr).manager_ctx
+        if ctx:
+            _live[0] -= 1
+            _decref(ctx)
+    except BaseException:  # never let an exception escape into C
+        pass
+
+
+def _legacy_deleter(addr, _impl=_exported_deleter):
+    _impl(addr, False)
+
+
+def _versioned_deleter(addr, _impl=_exported_deleter):
+    _impl(addr, True)
+
+
+def _deleter_of(
+    addr: int,
+    versioned: bool,
+    _offsets=(_DLManagedTensor.deleter.offset, _DLManagedTensorVersioned.deleter.offset),
+    _void_p=ctypes.c_void_p,
+    _make=_Deleter,
+) -> Any:
+    """The deleter of the managed tensor at ``addr`` as a callable, or None when NULL.
+
+    Copies the function address, so the callable does not alias the producer's struct.
+    """
+    fn = _void_p.from_address(addr + _offsets[1 if versioned else 0]).value
+    return _make(fn) if fn else None
+
+
+def _capsule_destructor(
+    capsule: int,
+    _valid=_PyCapsule_IsValid_raw,
+    _pointer=_PyCapsule_GetPointer_raw,
+    _deleter_of=_deleter_of,
+    _names=(_NAME_LEGACY, _NAME_VERSIONED),
+) -> None:
+    # A capsule still carrying its unused name was never consumed: release the tensor.
+    # A consumer renames it to "used_*" and then owns the deleter call itself.
+    try:
+        if _valid(capsule, _names[0]):
+            addr = _pointer(capsule, _names[0])
+            deleter = _deleter_of(addr, False)
+        elif _valid(capsule, _names[1]):
+            addr = _pointer(capsule, _names[1])
+            deleter = _deleter_of(addr, True)
+        else:
+            return
+        if deleter is not None:
+            deleter(addr)
+    except BaseException:
+        pass
+
+
+# The C thunks must outlive every capsule and tensor, so they are module-level and immortal.
+_LEGACY_DELETER = _immortal(_Deleter(_legacy_deleter))
+_VERSIONED_DELETER = _immortal(_Deleter(_versioned_deleter))
+_CAPSULE_DESTRUCTOR = _immortal(_Destructor(_capsule_destructor))
+
+
+def _dl_dtype(dtype: np.dtype) -> tuple[int, int]:
+    dtype = np.dtype(dtype)
+    code = _DL_CODE_OF_KIND.get(dtype.kind)
+    if code is None or not dtype.isnative or dtype.fields is not None or dtype.subdtype is not None:
+        raise BufferError(f"dtype {dtype} cannot be exported through DLPack")
+    return code, dtype.itemsize * 8
+
+
+def _np_dtype(code: int, bits: int, lanes: int) -> np.dtype:
+    kind = _KIND_OF_DL_CODE.get(code)
+    if kind is None or lanes != 1 or bits % 8:
+        name = _DL_CODE_NAMES.get(code, f"code {code}")
+        raise BufferError(f"DLPack dtype {name}{bits} (lanes={lanes}) has no numpy equivalent")
+    try:
+        return np.dtype("?") if kind == "b" else np.dtype(f"{kind}{bits // 8}")
+    except TypeError:
+        raise BufferError(f"DLPack dtype {_DL_CODE_NAMES[code]}{bits} has no numpy equivalent") from None
+
+
+def _wants_versioned(max_version: Any) -> bool:
+    """DLPack 1.0 capsule iff the consumer passed max_version with major >= 1."""
+    if max_version is None:
+        return False
+    try:
+        major = int(max_version[0])
+    except (TypeError, IndexError, ValueError):
+        raise TypeError(f"max_version must be a (major, minor) tuple, got {max_version!r}") from None
+    return major >= 1
+
+
+def to_dlpack_capsule(
+    owner: object,
+    *,
+    ptr: int,
+    shape: Sequence[int],
+    strides: Optional[Sequence[int]],
+    dtype: Any,
+    device: tuple[int, int],
+    max_version: Optional[tuple[int, int]] = None,
+    readonly: bool = False,
+    copied: bool = False,
+) -> object:
+    """Build a DLPack PyCapsule describing memory that ``owner`` keeps alive.
+
+    Works for any device type. ``owner`` gets one extra reference (held through
+    the tensor's ``manager_ctx``) until the consumer calls the deleter, or until
+    the capsule is destroyed unconsumed (its destructor calls the deleter only
+    while it is still named ``dltensor``/``dltensor_versioned``).
+
+    Args:
+        owner: object keeping the memory alive.
+        ptr: address of element 0.
+        shape: dimensions.
+        strides: strides in bytes (None: C-contiguous); must be multiples of the itemsize.
+        dtype: numpy dtype of the elements.
+        device: ``(DLDeviceType, device_id)``.
+        max_version: the consumer's ``max_version``; a major >= 1 gets a
+            ``dltensor_versioned`` capsule (DLPack 1.0), None or major 0 the
+            legacy ``dltensor`` one.
+        readonly: set DLPACK_FLAG_BITMASK_READ_ONLY; the legacy format cannot
+            say so, hence BufferError there.
+        copied: set DLPACK_FLAG_BITMASK_IS_COPIED (versioned only).
+
+    Raises:
+        BufferError: the dtype, strides or read-only flag cannot be expressed.
+    """
+    dtype = np.dtype(dtype)
+    code, bits = _dl_dtype(dtype)
+    shape = _as_shape(shape)
+    ndim = len(shape)
+    if strides is None:
+        strides = _c_strides(shape, dtype.itemsize)
+    strides = tuple(int(s) for s in strides)
+    if len(strides) != ndim:
+        raise BufferError(f"strides {strides} do not match shape {shape}")
+    if any(s % dtype.itemsize for s in strides):
+        raise BufferError(f"byte strides {strides} are not multiples of the itemsize {dtype.itemsize}")
+    versioned = _wants_versioned(max_version)
+    if readonly and not versioned:
+        raise BufferError(
+            "cannot export a read-only array as a legacy (unversioned) DLPack capsule, which cannot "
+            "signal read-only; the consumer must ask for max_version >= (1, 0)"
+        )
+
+    ctx = _ExportContext()
+    ctx.owner = owner
+    ctx.shape = (ctypes.c_int64 * max(ndim, 1))(*shape)
+    ctx.strides = (ctypes.c_int64 * max(ndim, 1))(*(s // dtype.itemsize for s in strides))
+    if versioned:
+        managed = _DLManagedTensorVersioned()
+        managed.version.major, managed.version.minor = _DLPACK_VERSION
+        managed.flags = (_FLAG_READ_ONLY if readonly else 0) | (_FLAG_IS_COPIED if copied else 0)
+        managed.deleter = _VERSIONED_DELETER
+        name = _NAME_VERSIONED
+    else:
+        managed = _DLManagedTensor()
+        managed.deleter = _LEGACY_DELETER
+        name = _NAME_LEGACY
+    ctx.managed = managed
+    t = managed.dl_tensor
+    t.data = int(ptr) or None
+    t.device.device_type, t.device.device_id = int(device[0]), int(device[1])
+    t.ndim = ndim
+    t.dtype.code, t.dtype.bits, t.dtype.lanes = code, bits, 1
+    t.shape = ctypes.cast(ctx.shape, ctypes.POINTER(ctypes.c_int64))
+    t.strides = ctypes.cast(ctx.strides, ctypes.POINTER(ctypes.c_int64))
+    t.byte_offset = 0
+
+    managed.manager_ctx = id(ctx)
+    _Py_IncRef(ctx)  # released by the deleter
+    _live_exports[0] += 1
+    try:
+        return _PyCapsule_New(ctypes.addressof(managed), name, _CAPSULE_DESTRUCTOR)
+    except BaseException:
+        _live_exports[0] -= 1
+        _Py_DecRef(id(ctx))
+        raise
+
+
+class DLPackTensor:
+    """A consumed DLPack capsule: the tensor's layout plus the duty to call its deleter once.
+
+    Produced by :func:`from_dlpack_capsule`. :meth:`release` (or garbage
+    collection, or leaving a ``with`` block) calls the producer's deleter;
+    ``ptr`` must not be used after that.
+
+    Attributes:
+        ptr: address of element 0 (data + byte_offset).
+        shape, strides: tuples; strides in bytes.
+        dtype: numpy dtype.
+        device_type, device_id: the DLPack device.
+        readonly: DLPACK_FLAG_BITMASK_READ_ONLY was set (versioned capsules only).
+        copied: DLPACK_FLAG_BITMASK_IS_COPIED was set.
+        versioned: the capsule was a DLPack >= 1.0 ``dltensor_versioned``.
+        version: ``(major, minor)`` of a versioned capsule, None for legacy.
+    """
+
+    def __init__(self, addr: int, deleter: Any, **layout: Any) -> None:
+        self.__dict__.update(layout)
+        self._finalizer = weakref.finalize(self, _call_deleter, deleter, addr)
+        self._finalizer.atexit = False
+
+    def release(self) -> None:
+        """Call the producer's deleter now (idempotent)."""
+        self._finalizer()
+
+    @property
+    def released(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> "DLPackTensor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"DLPackTensor(ptr=0x{self.ptr:x}, shape={self.shape}, dtype={self.dtype}, "
+            f"device=({self.device_type}, {self.device_id}){', released' if self.released else ''})"
+        )
+
+
+def _call_deleter(deleter: Any, addr: int, _finalizing=sys.is_finalizing) -> None:
+    if _finalizing():  # the producer may already be torn down; exit reclaims the memory
+        return
+    try:
+        if deleter is not None:
+            deleter(addr)
+    except Exception:
+        pass
+
+
+def from_dlpack_capsule(capsule: object) -> DLPackTensor:
+    """Consume a DLPack capsule (``dltensor`` or ``dltensor_versioned``) of any device type.
+
+    On success the capsule is renamed ``used_dltensor[_versioned]`` and the
+    returned :class:`DLPackTensor` owns the deleter call. On failure the capsule
+    is left unconsumed, so its own destructor releases the tensor.
+
+    Raises:
+        BufferError: not an unused DLPack capsule, an unsupported major version,
+            or a dtype numpy cannot represent.
+    """
+    try:
+        name = _PyCapsule_GetName(capsule)
+    except (ValueError, TypeError, SystemError):
+        raise BufferError(f"expected a DLPack PyCapsule, got {type(capsule).__name__}") from None
+    if name == _NAME_LEGACY:
+        versioned = False
+    elif name == _NAME_VERSIONED:
+        versioned = True
+    else:
+        raise BufferError(
+            f"expected a PyCapsule named 'dltensor' or 'dltensor_versioned', got {name!r}"
+            + (" (it was consumed already)" if name in (_NAME_LEGACY_USED, _NAME_VERSIONED_USED) else "")
+        )
+    addr = _PyCapsule_GetPointer(capsule, name)
+    if not addr:
+        raise BufferError("the DLPack capsule holds a NULL tensor")
+    if versioned:
+        managed = _DLManagedTensorVersioned.from_address(addr)
+        version = (int(managed.version.major), int(managed.version.minor))
+        if version[0] != _DLPACK_VERSION[0]:
+            # Only version, manager_ctx and deleter may be read at another major version;
+            # leave the capsule unconsumed so its destructor calls the deleter.
+            raise BufferError(f"DLPack {version[0]}.{version[1]} capsule: medge reads DLPack 1.x")
+        flags = int(managed.flags)
+    else:
+        managed = _DLManagedTensor.from_address(addr)
+        version, flags = None, 0
+    t = managed.dl_tensor
+    ndim = int(t.ndim)
+    dtype = _np_dtype(int(t.dtype.code), int(t.dtype.bits), int(t.dtype.lanes))
+    shape = tuple(int(t.shape[i]) for i in range(ndim)) if ndim else ()
+    if ndim and t.strides:
+        strides = tuple(int(t.strides[i]) * dtype.itemsize for i in range(ndim))
+    else:
+        strides = _c_strides(shape, dtype.itemsize)
+    layout = dict(
+        ptr=(int(t.data or 0) + int(t.byte_offset)),
+        shape=shape,
+        strides=strides,
+        dtype=dtype,
+        device_type=int(t.device.device_type),
+        device_id=int(t.device.device_id),
+        readonly=bool(flags & _FLAG_READ_ONLY),
+        copied=bool(flags & _FLAG_IS_COPIED),
+        versioned=versioned,
+        version=version,
+    )
+    deleter = _deleter_of(addr, versioned)
+    if _PyCapsule_SetName(capsule, _NAME_VERSIONED_USED if versioned else _NAME_LEGACY_USED) != 0:
+        raise BufferError("could not mark the DLPack capsule as consumed")
+    return DLPackTensor(addr, deleter, **layout)
+
+
+# ---------------------------------------------------------------------------
+# Device arrays
+# ---------------------------------------------------------------------------
+
+
+def _as_shape(shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    out = tuple(int(d) for d in shape)
+    if any(d < 0 for d in out):
+        raise PreprocessError(f"shape {out} has a negative dimension")
+    return out
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides, step = [], itemsize
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def _check_array_dtype(dtype: Any) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise PreprocessError(
+            f"dtype {dtype} is not supported on the GPU here; supported: "
+            + ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        )
+    return dtype
+
+
+class DeviceArray:
+    """A minimal C-contiguous n-d array in device memory.
+
+    Owns a :class:`DeviceBuffer`, or views part of one (``buffer=``,
+    ``offset=``; several arrays can share one allocation). Exchanges data with
+    other libraries without copies through ``__cuda_array_interface__`` (v3) and
+    ``__dlpack__``.
+
+    Stream semantics: the array remembers the stream on which work writing it
+    may still be pending (``pending_stream``, set by :meth:`copy_from_host` and
+    :meth:`mark_pending`). CAI exports report it as ``stream`` (None once
+    :meth:`synchronize` or :meth:`to_host` has waited for it); ``__dlpack__``
+    makes the consumer's stream wait on it with an event.
+
+    Args:
+        shape: dimensions.
+        dtype: element type (one of SUPPORTED_DTYPES).
+        buffer: existing DeviceBuffer to view; None allocates a new one.
+        offset: byte offset into ``buffer`` (a multiple of the item size).
+        device: device for a new allocation; None means the current device.
+        readonly: exports say the data must not be written.
+
+    Raises:
+        PreprocessError: bad shape/dtype, or the view does not fit the buffer.
+        MissingDependency, CudaError: allocation needs cuda-python and a GPU.
+    """
+
+    def __init__(
+        self,
+        shape: Any,
+        dtype: Any,
+        *,
+        buffer: Optional[DeviceBuffer] = None,
+        offset: int = 0,
+        device: Optional[int] = None,
+        readonly: bool = False,
+    ) -> None:
+        self.shape = _as_shape(shape)
+        self.dtype = _check_array_dtype(dtype)
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+        offset = int(offset)
+        if buffer is None:
+            if offset:
+                raise PreprocessError("offset needs an existing buffer")
+            buffer = DeviceBuffer(self.nbytes, device=device)
+        else:
+            if not isinstance(buffer, DeviceBuffer):
+                raise PreprocessError(f"buffer must be a DeviceBuffer, got {type(buffer).__name__}")
+            if device is not None and int(device) != buffer.device:
+                raise PreprocessError(f"buffer is on device {buffer.device}, not {device}")
+            if offset < 0 or offset % self.dtype.itemsize:
+                raise PreprocessError(f"offset {offset} is not a non-negative multiple of {self.dtype.itemsize}")
+            if offset + self.nbytes > buffer.nbytes:
+                raise PreprocessError(
+                    f"a {self.dtype} array of shape {self.shape} at offset {offset} needs "
+                    f"{offset + self.nbytes} bytes; the buffer has {buffer.nbytes}"
+                )
+        self.buffer = buffer
+        self.offset = offset
+        self.readonly = bool(readonly)
+        self._pending: Optional[int] = None
+        self._pending_ref: Any = None  # keeps a Stream object alive while work on it is pending
+
+    @classmethod
+    def from_host(cls, array: Any, stream: Any = None, *, device: Optional[int] = None) -> "DeviceArray":
+        """Allocate a device array like ``array`` and enqueue the copy on ``stream``."""
+        array = np.asarray(array)
+        out = cls(array.shape, array.dtype, device=device)
+        out.copy_from_host(array, stream)
+        return out
+
+    # -- layout ---------------------------------------------------------------
+
+    @property
+    def ptr(self) -> int:
+        """Device address of element 0 (0 for an empty array)."""
+        return self.buffer.ptr + self.offset if self.nbytes else 0
+
+    @property
+    def device(self) -> int:
+        return self.buffer.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Byte strides (always C-contiguous)."""
+        return _c_strides(self.shape, self.dtype.itemsize)
+
+    # -- stream tracking --------------------------------------------------------
+
+    @property
+    def pending_stream(self) -> Optional[int]:
+        """Handle of the stream on which writes to this array may still be running, or None."""
+        return self._pending
+
+    def mark_pending(self, stream: Any) -> None:
+        """Record that work on ``stream`` (a kernel, an engine) writes this array.
+
+        If another stream was pending, ``stream`` is first made to wait on it, so
+        that one stream is enough to synchronise with everything (the CAI v3
+        producer rule).
+        """
+        handle = stream_handle(stream)
+        if self._pending is not None and self._pending != handle:
+            _order_after(handle, self._pending)
+        self._pending = handle
+        self._pending_ref = stream if not isinstance(stream, (int, np.integer)) else None
+
+    def synchronize(self) -> None:
+        """Block until pending writes have finished; afterwards exports report no stream."""
+        if self._pending is not None:
+            _synchronize(self._pending)
+            self._pending = self._pending_ref = None
+
+    # -- copies -------------------------------------------------------------------
+
+    def copy_from_host(self, array: Any, stream: Any = None) -> None:
+        """Enqueue a copy of host ``array`` (same shape and dtype) into this array on ``stream``.
+
+        Raises:
+            PreprocessError: shape/dtype mismatch, or this array is read-only.
+        """
+        if self.readonly:
+            raise PreprocessError("cannot copy into a read-only DeviceArray")
+        array = np.asarray(array)
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise PreprocessError(
+                f"host array {array.dtype}{list(array.shape)} does not match device array "
+                f"{self.dtype}{list(self.shape)}"
+            )
+        array = np.ascontiguousarray(array)
+        handle = stream_handle(stream)
+        if self._pending is not None and self._pending != handle:
+            _order_after(handle, self._pending)  # do not overwrite data still being written/read
+        host_to_device(self.ptr, array, array.nbytes, handle)
+        if self.nbytes:
+            self._pending = handle
+            self._pending_ref = stream if not isinstance(stream, (int, np.integer)) else None
+
+    def to_host(self, stream: Any = None, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Copy to a host array and wait for it.
+
+        Args:
+            stream: stream for the copy; None means the pending stream if there
+                is one, else the legacy default stream. A different stream is
+                first made to wait on the pending one.
+            out: C-contiguous writable array of the same shape and dtype to fill
+                (pinned memory makes the copy faster).
+
+        Returns:
+            ``out`` or a new array, with the data (the stream has been synchronised).
+        """
+        if stream is None and self._pending is not None:
+            handle = self._pending
+        else:
+            handle = stream_handle(stream)
+            if self._pending is not None and self._pending != handle:
+                _order_after(handle, self._pending)
+        if out is None:
+            out = np.empty(self.shape, self.dtype)
+        elif not isinstance(out, np.ndarray) or out.shape != self.shape or out.dtype != self.dtype:
+            raise PreprocessError(f"out must be a numpy array of {self.dtype}{list(self.shape)}")
+        if self.nbytes:
+            device_to_host(out, self.ptr, self.nbytes, handle)
+            _synchronize(handle)
+            # ``handle`` ran after the pending stream's work, so that work is done too.
+            self._pending = self._pending_ref = None
+        return out
+
+    # -- interchange --------------------------------------------------------------
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        """CUDA Array Interface v3; ``stream`` is the pending stream (None when nothing is pending).
+
+        A pending legacy default stream (handle 0) is reported as 1, since the
+        protocol disallows 0.
+        """
+        stream = self._pending
+        if stream == 0:
+            stream = 1
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, self.readonly),
+            "version": 3,
+            "strides": None,
+            "stream": stream,
+        }
+
+    def __dlpack_device__(self) -> tuple[DLDeviceType, int]:
+        return (DLDeviceType.CUDA, self.device)
+
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[tuple[int, int]] = None,
+        dl_device: Optional[tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> object:
+        """Export as a DLPack capsule (Python array API semantics).
+
+        Args:
+            stream: the consumer's stream: None (legacy default), 1 (legacy
+                default), 2 (per-thread default), another handle, or -1 (do not
+                synchronise). 0 is ambiguous and rejected, as the spec says. The
+                consumer's stream is made to wait on the pending one (an event;
+                the host does not block).
+            max_version: the consumer's highest DLPack version; >= (1, 0) gets a
+                versioned capsule, None or (0, x) the legacy one.
+            dl_device: ``(kDLCPU, 0)`` exports a host copy (unless copy=False);
+                ``(kDLCUDA, self.device)`` is the default; anything else raises.
+            copy: True exports a fresh device copy; False forbids copies.
+
+        Raises:
+            BufferError: the request cannot be met without breaking ``copy`` or
+                is not supported.
+        """
+        if dl_device is not None:
+            want_type, want_id = int(dl_device[0]), int(dl_device[1])
+            if want_type == DLDeviceType.CPU:
+                if copy is False:
+                    raise BufferError("this array is in GPU memory: exporting it to the CPU needs a copy (copy=False)")
+                host = self.to_host()
+                return to_dlpack_capsule(
+                    host, ptr=host.ctypes.data, shape=host.shape, strides=host.strides, dtype=host.dtype,
+                    device=(DLDeviceType.CPU, 0), max_version=max_version, copied=True,
+                )
+            if (want_type, want_id) != (DLDeviceType.CUDA, self.device):
+                raise BufferError(
+                    f"cannot export to DLPack device {(want_type, want_id)}: the array is on "
+                    f"{(int(DLDeviceType.CUDA), self.device)}"
+                )
+        if stream is None:
+            consumer: Optional[int] = 0  # "producer must assume the legacy default stream"
+        elif isinstance(stream, (int, np.integer)) and not isinstance(stream, bool) and int(stream) == -1:
+            consumer = None
+        elif isinstance(stream, (int, np.integer)) and not isinstance(stream, bool) and int(stream) == 0:
+            raise BufferError(
+                "stream=0 is disallowed by DLPack for CUDA (ambiguous); pass 1 for the legacy default stream"
+            )
+        else:
+            consumer = stream_handle(stream)
+        if consumer is not None and self._pending is not None:
+            _order_after(consumer, self._pending)
+
+        source: DeviceArray = self
+        if copy:
+            source = DeviceArray(self.shape, self.dtype, device=self.device)
+            copy_stream = consumer if consumer is not None else (self._pending or 0)
+            if self.nbytes:
+                rt = _runtime("Copying on the GPU")
+                check(
+                    rt.cudaMemcpyAsync(source.ptr, self.ptr, self.nbytes,
+                                       rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, copy_stream),
+                    "cudaMemcpyAsync(device to device)",
+                )
+                if consumer is None:  # consumer asked for no synchronisation: hand over finished data
+                    _synchronize(copy_stream)
+        return to_dlpack_capsule(
+            source, ptr=source.ptr, shape=source.shape, strides=source.strides, dtype=source.dtype,
+            device=(DLDeviceType.CUDA, source.device), max_version=max_version,
+            readonly=source.readonly and not copy, copied=bool(copy),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device={self.device}, "
+            f"ptr=0x{self.buffer._ptr + self.offset:x}{', readonly' if self.readonly else ''})"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Views of foreign device memory
+# ---------------------------------------------------------------------------
+
+
+class DeviceView:
+    """A borrowed view of device memory from another library (see :func:`as_device_view`).
+
+    Attributes:
+        ptr: device address of element 0.
+        shape: dimensions.
+        strides: strides in bytes.
+        dtype: numpy dtype.
+        device_id: CUDA device ordinal, or None when it could not be determined
+            (CUDA Array Interface without cuda-python or without a driver).
+        owner: keeps the memory alive: the source object (CAI) or the consumed
+            :class:`DLPackTensor` (DLPack).
+        stream_sync: the stream handle on which the data is safe to use, i.e.
+            the one ordered after the producer's pending work; None when it is
+            safe on any stream (nothing pending, or the host waited).
+        readonly: the producer marked the data read-only.
+    """
+
+    __slots__ = ("ptr", "shape", "strides", "dtype", "device_id", "owner", "stream_sync", "readonly")
+
+    def __init__(self, ptr, shape, strides, dtype, device_id, owner, stream_sync, readonly=False) -> None:
+        self.ptr = int(ptr)
+        self.shape = tuple(shape)
+        self.strides = tuple(strides)
+        self.dtype = np.dtype(dtype)
+        self.device_id = device_id
+        self.owner = owner
+        self.stream_sync = stream_sync
+        self.readonly = bool(readonly)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def is_c_contiguous(self) -> bool:
+        if self.size <= 1:
+            return True
+        return all(
+            stride == expected
+            for dim, stride, expected in zip(self.shape, self.strides, _c_strides(self.shape, self.dtype.itemsize))
+            if dim != 1
+        )
+
+    def release(self) -> None:
+        """Give the memory back: calls a DLPack producer's deleter; drops the owner reference."""
+        owner, self.owner = self.owner, None
+        if isinstance(owner, DLPackTensor):
+            owner.release()
+
+    def __enter__(self) -> "DeviceView":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"DeviceView(ptr=0x{self.ptr:x}, shape={self.shape}, strides={self.strides}, dtype={self.dtype}, "
+            f"device_id={self.device_id}, stream_sync={self.stream_sync})"
+        )
+
+
+def _describe(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}".replace("builtins.", "")
+
+
+def _host_memory_error(name: str, obj: Any, how: str) -> PreprocessError:
+    return PreprocessError(
+        f"{name} is in host memory ({_describe(obj)}, {how}) but device memory is expected: copy it "
+        "to the GPU first (medge.runtime.cuda.DeviceArray.from_host, or .cuda() / cupy.asarray in "
+        "your framework), or pass it to the CPU code path"
+    )
+
+
+def _pointer_attributes(ptr: int) -> Optional[tuple[int, int]]:
+    """``(cudaMemoryType, device)`` of ``ptr``, or None when CUDA cannot tell (no cuda-python/driver)."""
+    if not ptr:
+        return None
+    try:
+        rt = _runtime()
+    except MissingDependency:
+        return None
+    result = rt.cudaPointerGetAttributes(ptr)
+    if int(result[0]) != 0:
+        rt.cudaGetLastError()  # do not leave a sticky-looking error for later launch checks
+        return None
+    attrs = result[1]
+    return int(attrs.type), int(attrs.device)
+
+
+_MEMORY_UNREGISTERED, _MEMORY_HOST, _MEMORY_DEVICE, _MEMORY_MANAGED = 0, 1, 2, 3
+
+
+def _validate_view(view: DeviceView, name: str, require_writable: bool, require_contiguous: bool,
+                   dtypes: Optional[Iterable[Any]]) -> None:
+    allowed = SUPPORTED_DTYPES if dtypes is None else tuple(np.dtype(d) for d in dtypes)
+    if view.dtype not in allowed:
+        raise PreprocessError(
+            f"{name} has dtype {view.dtype}; expected " + ", ".join(str(d) for d in allowed)
+        )
+    if require_writable and view.readonly:
+        raise PreprocessError(f"{name} is read-only but is used as an output: pass a writable array")
+    if require_contiguous and not view.is_c_contiguous:
+        raise PreprocessError(
+            f"{name} is not C-contiguous (shape {view.shape}, byte strides {view.strides}): "
+            "make it contiguous first (.contiguous() in torch, cupy.ascontiguousarray)"
+        )
+
+
+def _view_from_cai(obj: Any, cai: Any, name: str, consumer: Optional[int], sync: bool) -> DeviceView:
+    if not isinstance(cai, dict):
+        raise PreprocessError(f"{name}: __cuda_array_interface__ of {_describe(obj)} is not a dict")
+    try:
+        shape = tuple(int(d) for d in cai["shape"])
+        typestr = cai["typestr"]
+        ptr, readonly = cai["data"]
+        ptr = int(ptr or 0)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PreprocessError(f"{name}: malformed __cuda_array_interface__ ({exc!r})") from None
+    if cai.get("mask") is not None:
+        raise PreprocessError(f"{name}: masked CUDA arrays are not supported")
+    try:
+        dtype = np.dtype(typestr)
+    except TypeError:
+        raise PreprocessError(f"{name}: unknown typestr {typestr!r} in __cuda_array_interface__") from None
+    if not dtype.isnative:
+        raise PreprocessError(f"{name}: dtype {typestr!r} is not in native byte order")
+    strides = cai.get("strides")
+    strides = _c_strides(shape, dtype.itemsize) if strides is None else tuple(int(s) for s in strides)
+    if len(strides) != len(shape):
+        raise PreprocessError(f"{name}: strides {strides} do not match shape {shape}")
+
+    device_id = None
+    attributes = _pointer_attributes(ptr)
+    if attributes is not None:
+        memory_type, device_id = attributes
+        if memory_type in (_MEMORY_UNREGISTERED, _MEMORY_HOST):
+            raise _host_memory_error(name, obj, "its __cuda_array_interface__ pointer is host memory")
+
+    # CAI v3 synchronisation (numba-cuda docs, "Synchronization"): ``stream`` names the
+    # stream with pending producer work. None: nothing to do. Otherwise the consumer's
+    # stream waits on an event recorded there, or, with no consumer stream, the host
+    # waits. 0 is disallowed by the spec; it is read as the legacy default stream.
+    producer = cai.get("stream") if int(cai.get("version", 0)) >= 3 else None
+    stream_sync: Optional[int] = None
+    if producer is not None and sync:
+        producer = int(producer)
+        if consumer is None:
+            _synchronize(producer)
+        else:
+            _order_after(consumer, producer)
+            stream_sync = consumer
+    elif producer is not None:
+        stream_sync = int(producer)  # the caller opted out: tell it where the data is safe
+    return DeviceView(ptr, shape, strides, dtype, device_id, obj, stream_sync, bool(readonly))
+
+
+def _view_from_dlpack(obj: Any, name: str, consumer: Optional[int], sync: bool) -> DeviceView:
+    try:
+        device_type, device_id = (int(v) for v in obj.__dlpack_device__())
+    except Exception as exc:
+        raise PreprocessError(f"{name}: __dlpack_device__() of {_describe(obj)} failed: {exc}") from exc
+    if device_type in (DLDeviceType.CPU, DLDeviceType.CUDA_HOST):
+        kind = "DLPack device kDLCPU" if device_type == DLDeviceType.CPU else "DLPack device kDLCUDAHost (pinned)"
+        raise _host_memory_error(name, obj, kind)
+    if device_type not in _DEVICE_ACCESSIBLE:
+        raise PreprocessError(
+            f"{name} is on DLPack device type {device_type}; medge needs CUDA device memory "
+            f"(kDLCUDA={int(DLDeviceType.CUDA)} or kDLCUDAManaged={int(DLDeviceType.CUDA_MANAGED)})"
+        )
+    # DLPack stream semantics: the consumer names its stream and the producer orders
+    # its pending work before it. 0 is disallowed (ambiguous), so the legacy default
+    # stream is passed as 1; -1 asks the producer not to synchronise.
+    if not sync:
+        dl_stream: int = -1
+    elif consumer is None:
+        dl_stream = 1
+    else:
+        dl_stream = 1 if consumer == 0 else consumer
+    capsule = None
+    for kwargs in ({"stream": dl_stream, "max_version": _DLPACK_VERSION}, {"stream": dl_stream}):
+        try:
+            capsule = obj.__dlpack__(**kwargs)
+            break
+        except TypeError:  # producer predates the keyword
+            continue
+    if capsule is None:
+        raise PreprocessError(f"{name}: {_describe(obj)}.__dlpack__ accepts neither max_version nor stream")
+    try:
+        tensor = from_dlpack_capsule(capsule)
+    except BufferError as exc:
+        raise PreprocessError(f"{name}: {exc}") from None
+    try:
+        if tensor.device_type != device_type:
+            raise PreprocessError(
+                f"{name}: __dlpack_device__ says device type {device_type} but the capsule says {tensor.device_type}"
+            )
+        stream_sync: Optional[int] = None if dl_stream == -1 else dl_stream
+        if sync and consumer is None:
+            _synchronize(1)  # no consumer stream: wait on the host so any stream may use the data
+            stream_sync = None
+    except BaseException:
+        tensor.release()
+        raise
+    return DeviceView(
+        tensor.ptr, tensor.shape, tensor.strides, tensor.dtype, tensor.device_id, tensor, stream_sync, tensor.readonly
+    )
+
+
+def as_device_view(
+    obj: Any,
+    *,
+    stream: Any = None,
+    require_writable: bool = False,
+    require_contiguous: bool = False,
+    dtypes: Optional[Iterable[Any]] = None,
+    sync: bool = True,
+    name: str = "array",
+) -> DeviceView:
+    """View CUDA device memory exported by another library, without copying.
+
+    Tries ``__cuda_array_interface__`` first (torch, CuPy, numba, pycuda,
+    DeviceArray), then ``__dlpack__`` / ``__dlpack_device__`` (JAX, ...).
+
+    Synchronisation (``sync=True``, the default): with a ``stream`` given, that
+    stream is ordered after the producer's pending work (CAI: an event recorded
+    on the producer's ``stream`` entry and waited on by yours; DLPack: your
+    stream is passed to ``__dlpack__`` and the producer orders itself before
+    it); the host does not block and ``stream_sync`` is your stream. With no
+    ``stream``, the host waits for the producer's pending work (``stream_sync``
+    None): correct for any stream, at the cost of a blocking wait.
+    ``sync=False`` skips all of this (the CAI/DLPack "user knows best" option):
+    ``stream_sync`` then reports the producer's stream, if any.
+
+    Args:
+        obj: the array.
+        stream: the stream you will use the memory on (see :func:`stream_handle`).
+        require_writable: refuse read-only arrays (for outputs).
+        require_contiguous: refuse non-C-contiguous layouts.
+        dtypes: accepted dtypes; None means SUPPORTED_DTYPES.
+        sync: follow the protocols' stream synchronisation (see above).
+        name: what to call the array in error messages ("input 'image'").
+
+    Returns:
+        A :class:`DeviceView`; call ``release()`` (or use ``with``) when done,
+        which matters for DLPack producers.
+
+    Raises:
+        PreprocessError: host memory, an unsupported device or dtype, a
+            read-only output, a non-contiguous layout when required, or an
+            object exporting neither protocol.
+        MissingDependency: synchronisation is needed but cuda-python is missing.
+        CudaError: a CUDA call failed.
+    """
+    consumer = None if stream is None else stream_handle(stream)
+    if isinstance(obj, DeviceView):
+        view = obj
+    else:
+        try:
+            cai = obj.__cuda_array_interface__  # torch raises AttributeError for CPU tensors
+        except AttributeError:
+            cai = None
+        if cai is not None:
+            view = _view_from_cai(obj, cai, name, consumer, sync)
+        elif hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+            view = _view_from_dlpack(obj, name, consumer, sync)
+        elif (
+            isinstance(obj, (np.ndarray, np.generic, list, tuple, memoryview, bytes, bytearray))
+            or hasattr(obj, "__array_interface__")
+            or hasattr(obj, "__array__")
+        ):
+            raise _host_memory_error(name, obj, "no __cuda_array_interface__ or CUDA DLPack export")
+        else:
+            raise PreprocessError(
+                f"{name} must be a CUDA array exporting __cuda_array_interface__ or DLPack "
+                f"(torch, CuPy, numba, JAX, medge DeviceArray); got {_describe(obj)}"
+            )
+    try:
+        _validate_view(view, name, require_writable, require_contiguous, dtypes)
+    except BaseException:
+        if view is not obj:
+            view.release()
+        raise
+    return view

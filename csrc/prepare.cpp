@@ -154,11 +154,12 @@ PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, i
     fail_image(index, "rescale and window parameters exceed float precision");
   p.offset = static_cast<float>(u0);
 
-  // Any stored value lies within +-2^32: bounding the pivot to +-2^40 keeps
-  // the integer maths exact; frac then carries the (huge) rest, which float
-  // represents to 1e-7 relative, and such windows saturate anyway.
-  constexpr double kCentreBound = 1099511627776.0;  // 2^40
-  const double centre = std::max(-kCentreBound, std::min(kCentreBound, s0));
+  // The pivot must fit the kernels' integer arithmetic (int32 for 8/16-bit
+  // containers, int64 for int32): stored values lie within +-2^16 or +-2^32,
+  // so bounding it to +-2^24 or +-2^40 keeps (stored - pivot) exact, and frac
+  // carries the rest: such centres are far outside the data, which saturates.
+  const double bound = image.pixel_type == PixelType::kInt32 ? 1099511627776.0 /* 2^40 */ : 16777216.0 /* 2^24 */;
+  const double centre = std::max(-bound, std::min(bound, s0));
   if (image.pixel_type == PixelType::kFloat32) {
     p.pivot = 0;
     p.pivot_float = static_cast<float>(centre);

@@ -305,6 +305,17 @@ def test_extreme_int32_values_keep_precision(device):
     assert 0 < out.mean() < 1
 
 
+def test_centre_far_outside_a_small_container(device):
+    """Found by hypothesis: a value range whose centre, in stored units (2.18e9 with slope 0.001), is far
+    outside int32 must saturate correctly on 8/16-bit containers instead of wrapping."""
+    raw = np.array([[95, 0]], dtype=np.uint8)
+    image = make_image(raw, bits_stored=1, slope=0.001, photometric="MONOCHROME1")
+    spec = PreprocessSpec(1, 2, voi="range", value_range=(2179375.5, 2179376.5), resample="bilinear")
+    out = to_numpy(preprocess(image, spec, device=device))
+    np.testing.assert_array_equal(out[0, 0, 0], [1.0, 1.0])  # below the range -> 0, MONOCHROME1 -> 1
+    assert_matches(out, reference_for(image, spec), spec)
+
+
 def test_multiframe_and_mixed_batch_order(device):
     rng = np.random.default_rng(3)
     frames = rng.integers(0, 4000, size=(3, 20, 30), dtype=np.uint16)

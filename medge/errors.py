@@ -47,10 +47,9 @@ class CudaError(MedgeError, RuntimeError):
 class MissingDependency(BackendUnavailable, ImportError):
     """An optional dependency is not installed; the message names the pip extra."""
 
-    def __init__(self, module: str, extra: str, purpose: str) -> None:
+    def __init__(self, module: str, extra: "str | None", purpose: str) -> None:
         self.module = module
         self.extra = extra
-        super().__init__(
-            f"{purpose} needs the Python package '{module}', which is not installed. "
-            f'Install it with: pip install "medge[{extra}]"'
-        )
+        # extra=None: a core dependency that a broken install lost.
+        how = f'pip install "medge[{extra}]"' if extra else f"pip install {module} (a dependency of medge itself)"
+        super().__init__(f"{purpose} needs the Python package '{module}', which is not installed. Install it with: {how}")

@@ -1,0 +1,692 @@
+"""DICOM -> Image: the raw stored pixel values plus the semantics needed to interpret them.
+
+``read_dicom`` decodes with pydicom and stops at the stored values: no Modality
+LUT, no VOI, no MONOCHROME1 inversion (the fused preprocessing kernel applies
+those in one pass). What it adds to pydicom:
+
+- one output shape, (frames, rows, columns), in native byte order;
+- the semantics: bits, Pixel Representation, polarity, Rescale Slope/Intercept
+  and every window pair, per frame for enhanced multi-frame objects (Shared
+  and Per-frame Functional Groups), which pydicom's ``apply_modality_lut`` /
+  ``apply_voi_lut`` ignore;
+- validation before decoding (pixel-count limit against decompression bombs,
+  truncated data, missing decoders) and after it (shape and dtype must agree
+  with the header);
+- one error type, :class:`~medge.errors.DicomError`, whose messages carry
+  tag keywords, numbers and UIDs of the image only, never a value that could
+  identify a patient (no string read from the file is ever quoted).
+
+Only Image Pixel, Modality LUT, VOI LUT, SOP Common and functional group
+elements are accessed, so pydicom's lazy value parsing never touches (or
+warns about) patient or study attributes.
+
+pydicom is imported lazily.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Union
+
+import numpy as np
+
+from .errors import DicomError, MissingDependency
+from .image import GREYSCALE_PHOTOMETRICS, VOI_FUNCTIONS, FrameTransform, Image, PixelSemantics, Window
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from pydicom.dataset import Dataset
+
+__all__ = ["read_dicom", "DEFAULT_MAX_PIXELS", "DicomSource"]
+
+_LOG = logging.getLogger(__name__)
+
+#: Largest rows * columns * frames ``read_dicom`` decodes by default (2**28,
+#: i.e. 512 MiB of 16-bit pixels). Checked from the header before decoding, so
+#: a small compressed file that claims a huge image is refused cheaply.
+DEFAULT_MAX_PIXELS = 1 << 28
+
+DicomSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO, "Dataset"]
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAG_NAMES = {
+    "PixelData": "Pixel Data (7FE0,0010)",
+    "FloatPixelData": "Float Pixel Data (7FE0,0008)",
+    "DoubleFloatPixelData": "Double Float Pixel Data (7FE0,0009)",
+}
+# Photometric interpretations medge may name in a message (defined terms of
+# PS3.3 C.7.6.3.1.2); any other string read from a file is never quoted.
+_KNOWN_PHOTOMETRICS = (
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
+    "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
+)
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+# What to install when pydicom has no decoder for a transfer syntax
+# (pydicom 3.0.x decoder plugins; see shared/notes/dicom.md).
+_LIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
+_OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
+_DECODER_INSTALL_HINTS = {
+    "1.2.840.10008.1.2.4.50": f"{_LIBJPEG} (or: pip install pillow; or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.51": f"{_LIBJPEG} (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.57": f"{_LIBJPEG} (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.70": f"{_LIBJPEG} (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.80": f"{_LIBJPEG} (or: pip install pyjpegls; or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.81": f"{_LIBJPEG} (or: pip install pyjpegls; or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.90": f"{_OPENJPEG} (or: pip install pillow; or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.91": f"{_OPENJPEG} (or: pip install pillow; or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.201": _OPENJPEG,
+    "1.2.840.10008.1.2.4.202": _OPENJPEG,
+    "1.2.840.10008.1.2.4.203": _OPENJPEG,
+    "1.2.840.10008.1.2.5": "pip install pylibjpeg pylibjpeg-rle",
+}
+_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+_EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_ENCAPSULATION_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: first item of encapsulated data
+
+
+def read_dicom(source: DicomSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, force: bool = False) -> Image:
+    """Read one DICOM object into an :class:`~medge.image.Image` of raw stored values.
+
+    Pixels are decoded by pydicom (any transfer syntax it has a decoder for),
+    with unused high bits masked (Pixel Representation 0) or sign-extended
+    (1), and are never rescaled. Big-endian data comes out in native byte
+    order. ``Image.pixels`` always has shape (frames, rows, columns) and dtype
+    uint8, uint16, int16, int32 or float32: signed 8-bit is widened to int16,
+    unsigned 32-bit becomes int32 when every value fits (else DicomError),
+    Double Float Pixel Data becomes float32 when that is exact (else
+    DicomError). ``PixelSemantics.bits_allocated`` describes that container.
+
+    Semantics: Rescale Slope/Intercept (1/0 when absent), every Window
+    Center/Width pair with its explanation, VOI LUT Function (LINEAR when
+    absent). For enhanced multi-frame objects each frame's Pixel Value
+    Transformation Sequence and Frame VOI LUT Sequence are taken from the
+    Per-frame Functional Groups, else the Shared Functional Groups, else the
+    top-level attributes; frames that all agree share one FrameTransform.
+
+    Not supported yet: a Modality LUT Sequence raises DicomError (its
+    table cannot be expressed as slope/intercept). A VOI LUT Sequence is
+    ignored (logged as a warning): the image then has only the windows
+    present, possibly none, and must be preprocessed with a fixed window or
+    value range.
+
+    Args:
+        source: a path (str or os.PathLike), the file's bytes (bytes,
+            bytearray, memoryview), a binary file object, or a
+            ``pydicom.Dataset`` (not modified).
+        max_pixels: refuse images whose header claims more than this many
+            pixels (rows * columns * frames), before decoding anything.
+        force: also read data without the DICOM File Meta Information
+            (no preamble / 'DICM' prefix), as pydicom's ``dcmread(force=True)``.
+            Off by default: with it, arbitrary bytes parse into nonsense.
+
+    Returns:
+        The Image, with ``sop_instance_uid`` set from SOP Instance UID when
+        it is present and a valid UID.
+
+    Raises:
+        DicomError: the source is not readable DICOM, has no (or truncated)
+            pixel data, needs a decoder that is not installed (the message
+            says what to pip install), uses an unknown transfer syntax, is not
+            single-sample greyscale (MONOCHROME1/2), exceeds ``max_pixels``,
+            carries an invalid rescale or window, or decodes to an array that
+            disagrees with its header.
+        MissingDependency: pydicom is not installed.
+        ValueError: ``max_pixels`` is not a positive integer.
+    """
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    _import_pydicom()
+    dataset = _load_dataset(source, force)
+    return _image_from_dataset(dataset, int(max_pixels))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _import_pydicom():
+    try:
+        import pydicom
+        import pydicom.pixels  # noqa: F401 - the pixel backend, imported once here
+    except ImportError as exc:
+        raise MissingDependency("pydicom", None, "Reading DICOM") from exc
+    return pydicom
+
+
+def _load_dataset(source: Any, force: bool) -> "Dataset":
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.errors import InvalidDicomError
+
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        stream: Any = io.BytesIO(source)
+        what = "the data"
+    elif isinstance(source, (str, os.PathLike)):
+        stream = os.fspath(source)
+        what = "the file"
+    elif hasattr(source, "read"):
+        stream = source
+        what = "the stream"
+    else:
+        raise DicomError(
+            f"cannot read DICOM from a {type(source).__name__}: pass a path, bytes, a binary file "
+            "object or a pydicom Dataset"
+        )
+    # File names are left out of messages on purpose: they often carry patient
+    # names. The caller knows which file it passed.
+    try:
+        return dcmread(stream, force=force)
+    except InvalidDicomError as exc:
+        raise DicomError(
+            f"{what} is not DICOM: no 'DICM' prefix / File Meta Information (a bare dataset "
+            "without them can be read with force=True)"
+        ) from exc
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DicomError(f"cannot read {what}: {reason}") from exc
+    except Exception as exc:  # pydicom raises many types on damaged input
+        raise DicomError(
+            f"cannot parse {what} ({type(exc).__name__}): it is damaged or not DICOM"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- element access
+
+
+def _value(ds: "Dataset", keyword: str, where: str) -> Any:
+    """Element value, or None when absent or empty. Parsing errors become DicomError."""
+    try:
+        if keyword not in ds:
+            return None
+        value = ds[keyword].value
+    except Exception as exc:  # lazy parsing of a damaged element
+        raise DicomError(f"{where}{_tag_name(keyword)} cannot be parsed ({type(exc).__name__})") from exc
+    return None if _is_empty(value) else value
+
+
+def _is_empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip(" \x00") == ""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value) == 0  # pixel data: never copy or scan it here
+    try:
+        return len(value) == 0  # MultiValue, Sequence
+    except TypeError:
+        return False
+
+
+def _tag_name(keyword: str) -> str:
+    """'Number of Frames (0028,0008)' for 'NumberOfFrames': how messages name an element."""
+    from pydicom.datadict import dictionary_description, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:  # pragma: no cover - only dictionary keywords are passed
+        return keyword
+    return f"{dictionary_description(tag)} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _as_list(value: Any) -> list:
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, (MultiValue, list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _int(ds: "Dataset", keyword: str, where: str, default: Optional[int] = None) -> int:
+    value = _value(ds, keyword, where)
+    if value is None:
+        if default is None:
+            raise DicomError(f"{where}{_tag_name(keyword)} is missing")
+        return default
+    values = _as_list(value)
+    if len(values) != 1:
+        raise DicomError(f"{where}{_tag_name(keyword)} must hold one value, it holds {len(values)}")
+    try:
+        if isinstance(values[0], (bytes, bytearray)) or (
+            isinstance(values[0], float) and not values[0].is_integer()
+        ):
+            raise ValueError
+        return int(values[0])
+    except (TypeError, ValueError) as exc:
+        raise DicomError(f"{where}{_tag_name(keyword)} is not a valid integer") from exc
+
+
+def _floats(ds: "Dataset", keyword: str, where: str) -> Optional[list[float]]:
+    value = _value(ds, keyword, where)
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in _as_list(value)]
+    except (TypeError, ValueError) as exc:
+        raise DicomError(f"{where}{_tag_name(keyword)} is not a valid number") from exc
+
+
+def _float(ds: "Dataset", keyword: str, where: str, default: float) -> float:
+    values = _floats(ds, keyword, where)
+    if values is None:
+        return default
+    if len(values) != 1:
+        raise DicomError(f"{where}{_tag_name(keyword)} must hold one value, it holds {len(values)}")
+    if not math.isfinite(values[0]):
+        raise DicomError(f"{where}{_tag_name(keyword)} must be a finite number, got {values[0]!r}")
+    return values[0]
+
+
+def _code_string(ds: "Dataset", keyword: str, where: str) -> Optional[str]:
+    value = _value(ds, keyword, where)
+    if value is None:
+        return None
+    values = _as_list(value)
+    if len(values) != 1 or not isinstance(values[0], str):
+        raise DicomError(f"{where}{_tag_name(keyword)} must hold one text value")
+    return values[0].strip(" \x00")
+
+
+def _valid_uid(value: Any) -> Optional[str]:
+    """The UID as a string when it is syntactically valid (so it may be shown), else None."""
+    if value is None:
+        return None
+    text = str(value).strip(" \x00")
+    return text if len(text) <= 64 and _UID_RE.match(text) else None
+
+
+# --------------------------------------------------------------------------- header
+
+
+def _pixel_keyword(ds: "Dataset") -> str:
+    present = []
+    for keyword in _PIXEL_KEYWORDS:
+        try:
+            if keyword in ds:
+                present.append(keyword)
+        except Exception as exc:  # pragma: no cover - containment checks do not parse
+            raise DicomError(f"cannot inspect the dataset ({type(exc).__name__})") from exc
+    if not present:
+        kind = ""
+        sop_class = _valid_uid(_value_or_none(ds, "SOPClassUID"))
+        if sop_class:
+            from pydicom.uid import UID
+
+            name = UID(sop_class).name
+            if name != sop_class:  # only registered SOP Class names are shown, never a raw value
+                kind = f" (SOP Class {name})"
+        raise DicomError(
+            f"the dataset has no pixel data{kind}: no Pixel Data, Float Pixel Data or Double Float "
+            "Pixel Data element (or the file is truncated before it)"
+        )
+    if len(present) > 1:
+        raise DicomError(f"the dataset has {len(present)} pixel data elements; only one is allowed")
+    return present[0]
+
+
+def _value_or_none(ds: "Dataset", keyword: str) -> Any:
+    try:
+        return _value(ds, keyword, "")
+    except DicomError:
+        return None
+
+
+def _transfer_syntax(ds: "Dataset", pixel_keyword: str) -> str:
+    """The Transfer Syntax UID the pixel data is encoded with."""
+    meta = getattr(ds, "file_meta", None)
+    raw = _value(meta, "TransferSyntaxUID", "File Meta Information ") if meta is not None else None
+    if raw is not None:
+        uid = _valid_uid(raw)
+        if uid is None:
+            raise DicomError("Transfer Syntax UID (0002,0010) is not a valid UID")
+        return uid
+    # No transfer syntax (a bare dataset read with force=True, or one built in
+    # memory). Native pixel data can still be decoded: only the byte order
+    # matters, and pydicom records the one it read with.
+    try:
+        element = ds[pixel_keyword]
+        value = element.value
+    except Exception as exc:
+        raise DicomError(f"{_PIXEL_TAG_NAMES[pixel_keyword]} cannot be parsed ({type(exc).__name__})") from exc
+    if getattr(element, "is_undefined_length", False) or (
+        isinstance(value, (bytes, bytearray)) and bytes(value[:4]) == _ENCAPSULATION_ITEM_TAG
+    ):
+        raise DicomError(
+            "the dataset has no Transfer Syntax UID (0002,0010) and its Pixel Data is encapsulated "
+            "(compressed), so its compression is unknown: set file_meta.TransferSyntaxUID"
+        )
+    little_endian = getattr(ds, "original_encoding", (None, None))[1]
+    uid = _EXPLICIT_VR_BIG_ENDIAN if little_endian is False else _EXPLICIT_VR_LITTLE_ENDIAN
+    _LOG.debug("no Transfer Syntax UID: decoding native pixel data as %s", uid)
+    return uid
+
+
+_Rescale = Optional[tuple[float, float]]
+_Voi = Optional[tuple[tuple[Window, ...], str]]
+
+
+def _transform_at(ds: Optional["Dataset"], where: str, ignored_luts: list) -> tuple[_Rescale, _Voi]:
+    """(slope, intercept) and (windows, VOI function) found directly in ``ds``; None where absent.
+
+    A VOI LUT Sequence without windows is recorded in ``ignored_luts`` (the
+    caller logs it once, not once per frame).
+    """
+    if ds is None:
+        return None, None
+    if _value(ds, "ModalityLUTSequence", where) is not None:
+        raise DicomError(
+            f"{where}Modality LUT Sequence (0028,3000) is not supported yet: medge applies the "
+            "Modality LUT as Rescale Slope/Intercept only"
+        )
+    rescale = None
+    if _value(ds, "RescaleSlope", where) is not None or _value(ds, "RescaleIntercept", where) is not None:
+        slope = _float(ds, "RescaleSlope", where, 1.0)
+        intercept = _float(ds, "RescaleIntercept", where, 0.0)
+        if slope == 0:
+            raise DicomError(f"{where}Rescale Slope (0028,1053) is 0: every pixel would map to the intercept")
+        rescale = (slope, intercept)
+
+    centers = _floats(ds, "WindowCenter", where)
+    widths = _floats(ds, "WindowWidth", where)
+    function = _code_string(ds, "VOILUTFunction", where)
+    has_voi_lut = _value(ds, "VOILUTSequence", where) is not None
+    if centers is None and widths is None:
+        if has_voi_lut:
+            # Decision: a VOI LUT table is not applied (yet) and not an error
+            # either: the image stays usable with a fixed window or range.
+            # "No windows" is returned (not None) so that a frame's own LUT is
+            # not replaced by shared or top-level windows it did not ask for.
+            ignored_luts.append(where)
+            return rescale, ((), "LINEAR")
+        return rescale, None
+    if centers is None or widths is None:
+        missing = "Window Width (0028,1051)" if widths is None else "Window Center (0028,1050)"
+        raise DicomError(f"{where}{missing} is missing while its counterpart is present")
+    if len(centers) != len(widths):
+        raise DicomError(
+            f"{where}Window Center (0028,1050) has {len(centers)} value(s) but Window Width (0028,1051) "
+            f"has {len(widths)}"
+        )
+    if function is None:
+        function = "LINEAR"  # PS3.3 C.11.2.1.3: absent VOI LUT Function means LINEAR
+    elif function not in VOI_FUNCTIONS:
+        # The value itself is not quoted: no string from the file reaches a message.
+        raise DicomError(
+            f"{where}VOI LUT Function (0028,1056) has an unsupported value "
+            f"(supported: {', '.join(VOI_FUNCTIONS)})"
+        )
+    explanations: list[Optional[str]] = [None] * len(centers)
+    value = _value_or_none(ds, "WindowCenterWidthExplanation")
+    if value is not None:
+        texts = [str(v).strip(" \x00") or None for v in _as_list(value)]
+        if len(texts) == len(centers):
+            explanations = texts
+    windows = tuple(Window(c, w, e) for c, w, e in zip(centers, widths, explanations))
+    for index, window in enumerate(windows):
+        try:
+            window.validate(function)
+        except DicomError as exc:
+            raise DicomError(f"{where}window {index}: {exc}") from exc
+    return rescale, (windows, function)
+
+
+def _sequence_item(ds: Optional["Dataset"], keyword: str, where: str) -> Optional["Dataset"]:
+    """The first item of sequence ``keyword`` in ``ds``, or None."""
+    if ds is None:
+        return None
+    sequence = _value(ds, keyword, where)
+    if sequence is None:
+        return None
+    try:
+        return sequence[0]
+    except Exception as exc:
+        raise DicomError(f"{where}{_tag_name(keyword)} cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _first(*options):
+    return next((option for option in options if option is not None), None)
+
+
+def _frame_transforms(ds: "Dataset", frames: int) -> tuple[FrameTransform, ...]:
+    """One FrameTransform, or one per frame when an enhanced object's frames differ."""
+    ignored_luts: list[str] = []
+    top_rescale, top_voi = _transform_at(ds, "", ignored_luts)
+    shared = _sequence_item(ds, "SharedFunctionalGroupsSequence", "")
+    per_frame_seq = _value(ds, "PerFrameFunctionalGroupsSequence", "")
+    if shared is None and per_frame_seq is None:
+        transforms = [_make_transform(top_rescale, top_voi, "")]
+    else:
+        where = "Shared Functional Groups: "
+        shared_rescale, _ = _transform_at(_sequence_item(shared, "PixelValueTransformationSequence", where),
+                                          where, ignored_luts)
+        _, shared_voi = _transform_at(_sequence_item(shared, "FrameVOILUTSequence", where), where, ignored_luts)
+        if per_frame_seq is not None and len(per_frame_seq) != frames:
+            raise DicomError(
+                f"Per-frame Functional Groups Sequence (5200,9230) has {len(per_frame_seq)} item(s) for "
+                f"{frames} frame(s)"
+            )
+        transforms = []
+        for index in range(frames):
+            where = f"frame {index}: "
+            item = per_frame_seq[index] if per_frame_seq is not None else None
+            rescale, _ = _transform_at(_sequence_item(item, "PixelValueTransformationSequence", where),
+                                       where, ignored_luts)
+            _, voi = _transform_at(_sequence_item(item, "FrameVOILUTSequence", where), where, ignored_luts)
+            # Per-frame overrides shared; top-level is the last fallback.
+            transforms.append(_make_transform(_first(rescale, shared_rescale, top_rescale),
+                                              _first(voi, shared_voi, top_voi), where))
+    if ignored_luts:
+        _LOG.warning(
+            "VOI LUT Sequence (0028,3010) ignored (%s): medge does not apply VOI LUT tables yet; "
+            "preprocess this image with a fixed window or value range",
+            ", ".join(w.rstrip(": ") or "top level" for w in ignored_luts[:3])
+            + (f" and {len(ignored_luts) - 3} more" if len(ignored_luts) > 3 else ""),
+        )
+    if all(t == transforms[0] for t in transforms):
+        return (transforms[0],)
+    return tuple(transforms)
+
+
+def _make_transform(rescale, voi, where: str) -> FrameTransform:
+    slope, intercept = rescale if rescale is not None else (1.0, 0.0)
+    windows, function = voi if voi is not None else ((), "LINEAR")
+    transform = FrameTransform(rescale_slope=slope, rescale_intercept=intercept, windows=windows,
+                               voi_function=function)
+    try:
+        transform.validate()
+    except DicomError as exc:
+        raise DicomError(f"{where}{exc}") from exc
+    return transform
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decoder_for(transfer_syntax: str):
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError as exc:
+        if uid.is_transfer_syntax:
+            raise DicomError(
+                f"pixel data in {uid.name} ({uid}) cannot be decoded: pydicom has no decoder for this "
+                "transfer syntax; convert the file to an uncompressed, RLE or JPEG 2000 transfer syntax"
+            ) from exc
+        raise DicomError(
+            f"unknown Transfer Syntax UID {uid}: not a transfer syntax pydicom knows (private or "
+            "invalid), so the pixel data cannot be decoded"
+        ) from exc
+    if not decoder.is_available:
+        hint = _DECODER_INSTALL_HINTS.get(str(uid), "install a pydicom decoding plugin for it")
+        extra = ' (all of them: pip install "medge[codecs]")' if str(uid) in _DECODER_INSTALL_HINTS else ""
+        raise DicomError(f"no decoder for {uid.name} ({uid}) pixel data is installed: {hint}{extra}")
+    return decoder
+
+
+def _image_from_dataset(ds: "Dataset", max_pixels: int) -> Image:
+    pixel_keyword = _pixel_keyword(ds)
+    transfer_syntax = _transfer_syntax(ds, pixel_keyword)
+
+    samples = _int(ds, "SamplesPerPixel", "", default=None)
+    photometric_raw = _code_string(ds, "PhotometricInterpretation", "")
+    if photometric_raw is None:
+        raise DicomError("Photometric Interpretation (0028,0004) is missing")
+    if photometric_raw not in GREYSCALE_PHOTOMETRICS or samples != 1:
+        shown = photometric_raw if photometric_raw in _KNOWN_PHOTOMETRICS else "an unknown value"
+        raise DicomError(
+            f"Photometric Interpretation {shown} with {samples} sample(s) per pixel is not supported: "
+            "medge preprocesses single-sample greyscale images (MONOCHROME1, MONOCHROME2)"
+        )
+    rows = _int(ds, "Rows", "")
+    columns = _int(ds, "Columns", "")
+    frames = _int(ds, "NumberOfFrames", "", default=1)
+    if rows < 1 or columns < 1 or frames < 1:
+        raise DicomError(f"the image has no pixels: {rows} rows x {columns} columns x {frames} frame(s)")
+    bits_allocated = _int(ds, "BitsAllocated", "")
+    if pixel_keyword == "PixelData":
+        bits_stored = _int(ds, "BitsStored", "")
+        pixel_representation = _int(ds, "PixelRepresentation", "")
+        if bits_allocated == 1:
+            raise DicomError("Bits Allocated 1 (bit-packed pixels, e.g. a segmentation) is not supported")
+        if bits_allocated not in (8, 16, 32):
+            raise DicomError(f"Bits Allocated {bits_allocated} is not supported (supported: 8, 16, 32)")
+        if not 1 <= bits_stored <= bits_allocated:
+            raise DicomError(f"Bits Stored ({bits_stored}) must be between 1 and Bits Allocated ({bits_allocated})")
+        if pixel_representation not in (0, 1):
+            raise DicomError(f"Pixel Representation must be 0 or 1, got {pixel_representation}")
+        expected_dtype = np.dtype(f"{'i' if pixel_representation else 'u'}{bits_allocated // 8}")
+    else:
+        expected_bits = 32 if pixel_keyword == "FloatPixelData" else 64
+        if bits_allocated != expected_bits:
+            raise DicomError(
+                f"Bits Allocated is {bits_allocated} but {_PIXEL_TAG_NAMES[pixel_keyword]} requires {expected_bits}"
+            )
+        bits_stored, pixel_representation = bits_allocated, 0
+        expected_dtype = np.dtype(f"f{bits_allocated // 8}")
+
+    # Decompression-bomb guard: refuse before any decoder allocates the output.
+    pixels_claimed = rows * columns * frames
+    if pixels_claimed > max_pixels:
+        raise DicomError(
+            f"the header claims {frames} frame(s) of {rows} x {columns} = {pixels_claimed} pixels, above "
+            f"the limit of {max_pixels} (max_pixels)"
+        )
+
+    transforms = _frame_transforms(ds, frames)
+    decoder = _decoder_for(transfer_syntax)
+    data = _value(ds, pixel_keyword, "")
+    if data is None:
+        raise DicomError(f"{_PIXEL_TAG_NAMES[pixel_keyword]} is empty")
+    if not decoder.is_encapsulated:
+        expected_bytes = pixels_claimed * bits_allocated // 8
+        try:
+            actual = len(data)
+        except TypeError as exc:  # a deferred or stream value
+            raise DicomError(f"{_PIXEL_TAG_NAMES[pixel_keyword]} cannot be read") from exc
+        if actual < expected_bytes:
+            raise DicomError(
+                f"{_PIXEL_TAG_NAMES[pixel_keyword]} is truncated: {actual} bytes, the header needs "
+                f"{expected_bytes} ({frames} frame(s) of {rows} x {columns} x {bits_allocated} bits)"
+            )
+
+    try:
+        array, _ = decoder.as_array(
+            ds,
+            raw=True,  # no colour conversion; greyscale anyway
+            # Override pydicom's own parsing of the header with the values
+            # validated above, and never return more frames than announced.
+            rows=rows, columns=columns, number_of_frames=frames, samples_per_pixel=1,
+            bits_allocated=bits_allocated, bits_stored=bits_stored,
+            pixel_representation=pixel_representation, photometric_interpretation=photometric_raw,
+            allow_excess_frames=False,
+        )
+    except Exception as exc:  # plugins raise RuntimeError, ValueError, their own types...
+        from pydicom.uid import UID
+
+        raise DicomError(
+            f"the {UID(transfer_syntax).name} pixel data could not be decoded ({type(exc).__name__}): "
+            "the compressed data is damaged or inconsistent with the header"
+        ) from exc
+
+    array = _normalise_array(array, expected_dtype, rows, columns, frames, bits_stored, pixel_representation)
+    semantics = PixelSemantics(
+        rows=rows,
+        columns=columns,
+        number_of_frames=frames,
+        bits_allocated=array.dtype.itemsize * 8,
+        bits_stored=min(bits_stored, array.dtype.itemsize * 8),
+        pixel_representation=pixel_representation,
+        photometric_interpretation=photometric_raw,
+        frames=transforms,
+    )
+    sop_instance_uid = _valid_uid(_value_or_none(ds, "SOPInstanceUID"))
+    if sop_instance_uid is None and getattr(ds, "file_meta", None) is not None:
+        sop_instance_uid = _valid_uid(_value_or_none(ds.file_meta, "MediaStorageSOPInstanceUID"))
+    image = Image(array, semantics, sop_instance_uid)
+    _LOG.debug(
+        "read %s: %d frame(s) of %d x %d %s (bits stored %d), transfer syntax %s, %d frame transform(s)",
+        sop_instance_uid or "(no SOP Instance UID)", frames, rows, columns, array.dtype, bits_stored,
+        transfer_syntax, len(transforms),
+    )
+    return image
+
+
+def _normalise_array(array: np.ndarray, expected: np.dtype, rows: int, columns: int, frames: int,
+                     bits_stored: int, pixel_representation: int) -> np.ndarray:
+    """Check the decoded array against the header; return it (frames, rows, columns), native, masked."""
+    if not isinstance(array, np.ndarray):
+        raise DicomError(f"the decoder returned a {type(array).__name__}, not an array")
+    if array.ndim == 2 and frames == 1:
+        array = array[np.newaxis]
+    if array.shape != (frames, rows, columns):
+        # Guards against silent corruption: a decoder that returns fewer or
+        # differently shaped pixels than the header announces.
+        raise DicomError(
+            f"the decoded pixel array has shape {array.shape} but the header says {frames} frame(s) of "
+            f"{rows} x {columns}"
+        )
+    if array.dtype.kind != expected.kind or array.dtype.itemsize != expected.itemsize:
+        raise DicomError(
+            f"the decoded pixel array has dtype {array.dtype.newbyteorder('=')} but the header says "
+            f"{expected} (Bits Allocated {expected.itemsize * 8}, Pixel Representation {pixel_representation})"
+        )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array).copy()
+
+    if array.dtype.kind in "iu":
+        container = array.dtype.itemsize * 8
+        if bits_stored < container:
+            # pydicom already masks / sign-extends unused high bits; doing it
+            # again is idempotent and keeps the guarantee whatever the decoder.
+            shift = container - bits_stored
+            np.left_shift(array, shift, out=array)
+            np.right_shift(array, shift, out=array)
+        if array.dtype == np.int8:
+            array = array.astype(np.int16)  # the kernels read no int8; widening is exact
+        elif array.dtype == np.uint32:
+            if bits_stored == 32 and array.size and int(array.max()) > np.iinfo(np.int32).max:
+                raise DicomError(
+                    "unsigned 32-bit pixel values above 2147483647 are not supported (the kernels read at "
+                    "most int32)"
+                )
+            array = array.view(np.int32)  # every value fits: same bits, same numbers
+    else:
+        if array.dtype == np.float64:
+            narrowed = array.astype(np.float32)
+            if not np.array_equal(narrowed.astype(np.float64), array, equal_nan=True):
+                raise DicomError(
+                    "Double Float Pixel Data (7FE0,0009) holds values that float32 cannot represent "
+                    "exactly; medge reads float pixel data as float32"
+                )
+            array = narrowed
+        if not np.isfinite(array).all():
+            raise DicomError("the float pixel data contains NaN or infinite values")
+    return array

@@ -1,0 +1,779 @@
+"""medge.dicom.read_dicom: raw stored values and semantics, checked against pydicom.
+
+Public files come from pydicom's wheel (``get_testdata_file(..., download=False)``:
+never the network); encodings the wheel lacks come from medge.synthetic with
+known values. Bad input must always end in DicomError with a message that
+names no patient attribute value.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pathlib
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pydicom = pytest.importorskip("pydicom")
+
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.pixels import apply_modality_lut, get_decoder  # noqa: E402
+from pydicom.pixels.decoders.base import Decoder  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless  # noqa: E402
+
+from medge import synthetic  # noqa: E402
+from medge.dicom import DEFAULT_MAX_PIXELS, read_dicom  # noqa: E402
+from medge.errors import DicomError, MedgeError  # noqa: E402
+from medge.image import FrameTransform, Window  # noqa: E402
+
+
+def public_file(name: str) -> str:
+    """Path of a file shipped in pydicom's wheel; skip (never download) when absent."""
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not in this pydicom installation (downloading is disabled in tests)")
+    return path
+
+
+def decoder_installed(ds: Dataset) -> bool:
+    return get_decoder(ds.file_meta.TransferSyntaxUID).is_available
+
+
+def make_dataset(pixels: np.ndarray, *, bits_stored=None, photometric="MONOCHROME2", **attrs) -> Dataset:
+    """A minimal single- or multi-frame greyscale dataset (Explicit VR Little Endian) around ``pixels``."""
+    pixels = np.asarray(pixels)
+    frames = pixels.shape[0] if pixels.ndim == 3 else 1
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    if pixels.dtype.kind == "f":
+        keyword = "FloatPixelData" if pixels.dtype.itemsize == 4 else "DoubleFloatPixelData"
+        setattr(ds, keyword, pixels.astype(pixels.dtype.newbyteorder("<")).tobytes())
+    else:
+        ds.BitsStored = bits_stored or ds.BitsAllocated
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def small_ct(**attrs) -> Dataset:
+    ds = synthetic.ct_slice(seed=1, size=16, lesion=False)
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def header_windows(ds: Dataset) -> list[tuple[float, float]]:
+    if "WindowCenter" not in ds:
+        return []
+    centers = ds.WindowCenter if isinstance(ds.WindowCenter, pydicom.multival.MultiValue) else [ds.WindowCenter]
+    widths = ds.WindowWidth if isinstance(ds.WindowWidth, pydicom.multival.MultiValue) else [ds.WindowWidth]
+    return [(float(c), float(w)) for c, w in zip(centers, widths)]
+
+
+# --------------------------------------------------------------------------- agreement with pydicom
+
+PUBLIC_FILES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_expb.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_padded.dcm",
+    "MR_small_jp2klossless.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "JPGExtended.dcm",
+    "JPEG2000.dcm",
+    "693_J2KI.dcm",
+    "J2K_pixelrep_mismatch.dcm",
+    "examples_overlay.dcm",
+    "image_dfl.dcm",
+    "rtdose.dcm",
+    "rtdose_expb.dcm",
+    "rtdose_rle.dcm",
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # MR_small_padded: pydicom warns about the padding
+@pytest.mark.parametrize("name", PUBLIC_FILES)
+def test_public_file_matches_pydicom(name):
+    path = public_file(name)
+    ds = pydicom.dcmread(path)
+    if not decoder_installed(ds):
+        pytest.skip(f"no decoder installed for {ds.file_meta.TransferSyntaxUID.name} "
+                    "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)")
+    image = read_dicom(path)
+    expected = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames") or 1)
+
+    assert image.pixels.shape == (frames, ds.Rows, ds.Columns)
+    assert image.pixels.dtype.isnative
+    assert image.pixels.dtype.kind == ("i" if ds.PixelRepresentation else "u") or (
+        expected.dtype.kind == "u" and expected.dtype.itemsize == 4 and image.pixels.dtype == np.int32
+    )
+    np.testing.assert_array_equal(image.pixels, expected.reshape(image.pixels.shape))
+
+    sem = image.semantics
+    assert (sem.rows, sem.columns, sem.number_of_frames) == (ds.Rows, ds.Columns, frames)
+    assert sem.bits_stored == ds.BitsStored
+    assert sem.pixel_representation == ds.PixelRepresentation
+    assert sem.photometric_interpretation == ds.PhotometricInterpretation
+    assert len(sem.frames) == 1
+    # The Modality LUT our semantics describe is pydicom's.
+    for index in range(frames):
+        modality = apply_modality_lut(image.pixels[index], ds)
+        np.testing.assert_allclose(sem.rescale_slope * image.pixels[index].astype(np.float64)
+                                   + sem.rescale_intercept, modality, rtol=0, atol=1e-9)
+    assert [(w.center, w.width) for w in sem.windows] == header_windows(ds)
+    assert sem.voi_function == ds.get("VOILUTFunction", "LINEAR")
+    assert image.sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_ct_small_rescale_and_signed_values():
+    image = read_dicom(public_file("CT_small.dcm"))
+    assert image.pixels.dtype == np.int16
+    assert image.semantics.rescale_slope == 1.0
+    assert image.semantics.rescale_intercept == -1024.0
+
+
+def test_examples_overlay_has_both_windows_with_explanations():
+    image = read_dicom(public_file("examples_overlay.dcm"))
+    assert image.pixels.dtype == np.uint16
+    assert image.semantics.bits_stored == 12
+    assert image.pixels.max() < 4096
+    assert image.semantics.windows == (Window(450.0, 790.0, "WINDOW1"), Window(200.0, 443.0, "WINDOW2"))
+
+
+def test_693_j2ki_signed_14_bits():
+    path = public_file("693_J2KI.dcm")
+    if not decoder_installed(pydicom.dcmread(path, stop_before_pixels=True)):
+        pytest.skip("no JPEG 2000 decoder installed (pip install pylibjpeg pylibjpeg-openjpeg)")
+    image = read_dicom(path)
+    assert image.semantics.bits_stored == 14 and image.semantics.pixel_representation == 1
+    assert -(1 << 13) <= image.pixels.min() and image.pixels.max() < (1 << 13)
+    assert image.semantics.windows[0] == Window(40.0, 100.0)
+
+
+def test_big_endian_public_file_is_native_and_equal_to_little_endian():
+    big = read_dicom(public_file("MR_small_bigendian.dcm"))
+    little = read_dicom(public_file("MR_small.dcm"))
+    assert pydicom.dcmread(public_file("MR_small_bigendian.dcm")).pixel_array.dtype == np.dtype(">i2")
+    assert big.pixels.dtype == np.dtype("int16") and big.pixels.dtype.isnative
+    np.testing.assert_array_equal(big.pixels, little.pixels)
+    assert big.semantics == little.semantics
+
+
+def test_unsigned_32_bit_becomes_int32():
+    image = read_dicom(public_file("rtdose.dcm"))
+    assert image.pixels.dtype == np.int32 and image.pixels.shape == (15, 10, 10)
+    assert image.semantics.bits_allocated == 32 and image.semantics.pixel_representation == 0
+
+
+def test_every_source_type_gives_the_same_image(tmp_path):
+    path = public_file("MR_small.dcm")
+    data = pathlib.Path(path).read_bytes()
+    ds = pydicom.dcmread(path)
+    before = ds.PixelData
+    reference = read_dicom(path)
+    with open(path, "rb") as f:
+        from_file = read_dicom(f)
+    sources = [pathlib.Path(path), data, bytearray(data), memoryview(data), io.BytesIO(data), ds]
+    for image in [from_file] + [read_dicom(s) for s in sources]:
+        np.testing.assert_array_equal(image.pixels, reference.pixels)
+        assert image.semantics == reference.semantics
+        assert image.sop_instance_uid == reference.sop_instance_uid
+    assert ds.PixelData is before  # the caller's Dataset is not modified
+    assert getattr(ds, "_pixel_array", None) is None  # nor given a decoded-array cache
+
+
+# --------------------------------------------------------------------------- synthetic encodings
+
+
+def test_monochrome1_junk_high_bits_are_masked():
+    clean = synthetic.cr_phantom(seed=3, size=32)
+    ds = synthetic.monochrome1_cr(seed=3, size=32)
+    words = np.frombuffer(ds.PixelData, "<u2").reshape(clean.shape)
+    assert (words >> 12).any(), "the generator must put junk in the unused bits"
+    image = read_dicom(ds)
+    np.testing.assert_array_equal(image.pixels[0], clean)
+    assert image.semantics.inverted and image.semantics.photometric_interpretation == "MONOCHROME1"
+    assert (image.semantics.bits_allocated, image.semantics.bits_stored) == (16, 12)
+    assert (image.semantics.rescale_slope, image.semantics.rescale_intercept) == (1.0, 0.0)  # absent -> 1/0
+    assert image.semantics.windows == (Window(2048.0, 4096.0, "FULL RANGE"),)
+    # pydicom 3 masks the unused bits too (documented in the report).
+    np.testing.assert_array_equal(ds.pixel_array, clean)
+
+
+def test_reader_masks_even_when_the_decoder_does_not(monkeypatch):
+    ds = synthetic.monochrome1_cr(seed=4, size=16)
+    words = np.frombuffer(ds.PixelData, "<u2").reshape(ds.Rows, ds.Columns).copy()
+
+    def unmasked(self, src, **kwargs):
+        return words.copy(), {}
+
+    monkeypatch.setattr(Decoder, "as_array", unmasked)
+    image = read_dicom(ds)
+    np.testing.assert_array_equal(image.pixels[0], words & 0x0FFF)
+
+
+def test_signed_bits_stored_are_sign_extended(monkeypatch):
+    values = np.array([[-2048, -1, 0, 2047]], dtype=np.int16)
+    junk = (values.view(np.uint16) & 0x0FFF) | 0x5000  # bit 11 is the sign; 12..15 junk
+    ds = make_dataset(junk.view(np.int16), bits_stored=12)
+    np.testing.assert_array_equal(read_dicom(ds).pixels[0], values)
+
+    monkeypatch.setattr(Decoder, "as_array", lambda self, src, **kw: (junk.view(np.int16).copy(), {}))
+    np.testing.assert_array_equal(read_dicom(ds).pixels[0], values)
+
+
+def test_enhanced_multiframe_per_frame_and_shared_groups():
+    ds = synthetic.enhanced_multiframe(seed=2, size=16, frames=4)
+    image = read_dicom(ds)
+    expected = synthetic.enhanced_frame_transforms(4)
+    assert image.semantics.frames == expected
+    assert image.semantics.frame_transform(2).windows == (Window(50.0, 350.0, "SHARED"),)  # shared fallback
+    assert image.semantics.frame_transform(2).voi_function == "SIGMOID"
+    for index, transform in enumerate(expected):
+        hu = transform.rescale_slope * image.pixels[index].astype(np.float64) + transform.rescale_intercept
+        phantom, _ = synthetic.ct_phantom(seed=2 + index, size=16, lesion=False)
+        assert np.abs(hu - phantom).max() <= transform.rescale_slope / 2 + 1e-9
+
+
+def test_enhanced_top_level_fallback_and_single_transform():
+    ds = synthetic.enhanced_multiframe(seed=0, size=8, frames=3)
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        del item.PixelValueTransformationSequence
+        if "FrameVOILUTSequence" in item:
+            del item.FrameVOILUTSequence
+    ds.RescaleSlope, ds.RescaleIntercept = 3.0, -7.0
+    image = read_dicom(ds)
+    assert image.semantics.frames == (
+        FrameTransform(3.0, -7.0, (Window(50.0, 350.0, "SHARED"),), "SIGMOID"),
+    )
+
+
+def test_enhanced_per_frame_count_must_match():
+    ds = synthetic.enhanced_multiframe(seed=0, size=8, frames=3)
+    ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:2]
+    with pytest.raises(DicomError, match=r"2 item\(s\) for 3 frame\(s\)"):
+        read_dicom(ds)
+
+
+def test_enhanced_bad_window_names_the_frame():
+    ds = synthetic.enhanced_multiframe(seed=0, size=8, frames=3)
+    ds.PerFrameFunctionalGroupsSequence[1].FrameVOILUTSequence[0].WindowWidth = 0
+    with pytest.raises(DicomError, match="frame 1"):
+        read_dicom(ds)
+
+
+def test_big_endian_synthetic_comes_out_native():
+    values = np.array([[-32768, -2, -1, 0], [1, 255, 256, 32767]], dtype=np.int16)
+    ds = synthetic.big_endian(values=values)
+    assert ds.pixel_array.dtype == np.dtype(">i2")
+    image = read_dicom(ds)
+    assert image.pixels.dtype == np.int16 and image.pixels.dtype.isnative
+    np.testing.assert_array_equal(image.pixels[0], values)
+
+
+def test_big_endian_file_round_trip(tmp_path):
+    path = tmp_path / "be.dcm"
+    synthetic.big_endian(seed=5, size=16).save_as(path, enforce_file_format=True)
+    expected = synthetic.ct_phantom(seed=5, size=16, lesion=False)[0].astype(np.int32) + 1024
+    np.testing.assert_array_equal(read_dicom(path).pixels[0], expected)
+
+
+def test_rle_round_trip():
+    ds = synthetic.rle(seed=6, size=16)
+    assert ds.file_meta.TransferSyntaxUID == RLELossless
+    image = read_dicom(ds)
+    expected = synthetic.ct_phantom(seed=6, size=16, lesion=False)[0].astype(np.int32) + 1024
+    np.testing.assert_array_equal(image.pixels[0], expected)
+    assert image.semantics.rescale_intercept == -1024.0
+
+
+def test_float_pixel_data():
+    values = np.linspace(-1.5, 2.5, 12, dtype=np.float32).reshape(3, 4)
+    image = read_dicom(make_dataset(values))
+    assert image.pixels.dtype == np.float32
+    np.testing.assert_array_equal(image.pixels[0], values)
+
+
+def test_double_float_pixel_data_exact_in_float32_is_accepted():
+    values = np.array([[0.5, -2.0], [1024.25, 3.0]], dtype=np.float64)
+    image = read_dicom(make_dataset(values))
+    assert image.pixels.dtype == np.float32 and image.semantics.bits_allocated == 32
+    np.testing.assert_array_equal(image.pixels[0], values)
+
+
+def test_double_float_pixel_data_not_exact_is_refused():
+    with pytest.raises(DicomError, match="float32 cannot represent"):
+        read_dicom(make_dataset(np.array([[0.1, 0.2]], dtype=np.float64)))
+
+
+def test_float_pixel_data_with_nan_is_refused():
+    with pytest.raises(DicomError, match="NaN"):
+        read_dicom(make_dataset(np.array([[0.0, np.nan]], dtype=np.float32)))
+
+
+def test_signed_8_bit_is_widened_to_int16():
+    values = np.array([[-128, -1, 0, 127]], dtype=np.int8)
+    image = read_dicom(make_dataset(values))
+    assert image.pixels.dtype == np.int16 and image.semantics.bits_allocated == 16
+    assert image.semantics.bits_stored == 8 and image.semantics.pixel_representation == 1
+    np.testing.assert_array_equal(image.pixels[0], values)
+
+
+def test_unsigned_32_bit_beyond_int32_is_refused():
+    with pytest.raises(DicomError, match="2147483647"):
+        read_dicom(make_dataset(np.array([[0, 2**31]], dtype=np.uint32)))
+
+
+def test_unsigned_32_bit_with_31_bits_stored_fits():
+    values = np.array([[0, 2**31 - 1]], dtype=np.uint32)
+    image = read_dicom(make_dataset(values | np.uint32(2**31), bits_stored=31))  # junk in bit 31
+    assert image.pixels.dtype == np.int32
+    np.testing.assert_array_equal(image.pixels[0], values)
+
+
+def test_dataset_without_transfer_syntax_native_little_endian():
+    values = np.arange(12, dtype=np.int16).reshape(3, 4) - 6
+    ds = make_dataset(values)
+    del ds.file_meta
+    np.testing.assert_array_equal(read_dicom(ds).pixels[0], values)
+
+
+def test_dataset_without_transfer_syntax_encapsulated_is_refused():
+    ds = synthetic.rle(seed=0, size=8)
+    del ds.file_meta.TransferSyntaxUID
+    with pytest.raises(DicomError, match="encapsulated"):
+        read_dicom(ds)
+
+
+@pytest.mark.parametrize("little_endian", [True, False])
+def test_force_reads_a_bare_dataset(little_endian):
+    values = np.array([[-300, 2], [515, 7]], dtype=np.int16)
+    ds = make_dataset(values)
+    del ds.file_meta
+    ds.PixelData = values.astype("<i2" if little_endian else ">i2").tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=little_endian, little_endian=little_endian)  # no preamble, no meta
+    data = buffer.getvalue()
+    with pytest.raises(DicomError, match="force=True"):
+        read_dicom(data)
+    image = read_dicom(data, force=True)
+    assert image.pixels.dtype.isnative
+    np.testing.assert_array_equal(image.pixels[0], values)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_sop_instance_uid():
+    ds = small_ct()
+    assert read_dicom(ds).sop_instance_uid == ds.SOPInstanceUID
+    del ds.SOPInstanceUID
+    assert read_dicom(ds).sop_instance_uid == ds.file_meta.MediaStorageSOPInstanceUID
+    ds.file_meta.MediaStorageSOPInstanceUID = "not a uid"
+    assert read_dicom(ds).sop_instance_uid is None
+
+
+# --------------------------------------------------------------------------- VOI LUT / Modality LUT sequences
+
+
+def _lut_item(**attrs) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 16]
+    item.LUTData = [0, 100, 200, 300]
+    for keyword, value in attrs.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def test_modality_lut_sequence_is_refused():
+    ds = small_ct()
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.ModalityLUTSequence = [_lut_item(ModalityLUTType="HU")]
+    with pytest.raises(DicomError, match="Modality LUT Sequence .* not supported yet"):
+        read_dicom(ds)
+
+
+def test_voi_lut_sequence_without_windows_gives_no_windows_and_a_warning(caplog):
+    ds = small_ct()
+    del ds.WindowCenter, ds.WindowWidth, ds.WindowCenterWidthExplanation
+    ds.VOILUTSequence = [_lut_item()]
+    with caplog.at_level(logging.WARNING, logger="medge.dicom"):
+        image = read_dicom(ds)
+    assert image.semantics.windows == ()
+    assert "VOI LUT Sequence (0028,3010) ignored" in caplog.text
+
+
+def test_per_frame_voi_lut_sequence_is_not_replaced_by_shared_windows(caplog):
+    ds = synthetic.enhanced_multiframe(seed=0, size=8, frames=3)
+    voi = ds.PerFrameFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    del voi.WindowCenter, voi.WindowWidth, voi.WindowCenterWidthExplanation, voi.VOILUTFunction
+    voi.VOILUTSequence = [_lut_item()]
+    with caplog.at_level(logging.WARNING, logger="medge.dicom"):
+        image = read_dicom(ds)
+    assert image.semantics.frame_transform(0).windows == ()
+    assert image.semantics.frame_transform(2).windows == (Window(50.0, 350.0, "SHARED"),)
+    assert caplog.text.count("VOI LUT Sequence") == 1 and "frame 0" in caplog.text
+
+
+def test_voi_lut_sequence_with_windows_uses_the_windows():
+    ds = small_ct()
+    ds.VOILUTSequence = [_lut_item()]
+    assert read_dicom(ds).semantics.windows == synthetic.CT_WINDOWS
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, not dicom", bytes(200), b"\0" * 128 + b"DICM" + bytes(range(256)) * 4])
+def test_not_dicom(data):
+    with pytest.raises(DicomError):
+        read_dicom(data)
+
+
+def test_paths_that_cannot_be_read(tmp_path):
+    with pytest.raises(DicomError, match="No such file"):
+        read_dicom(tmp_path / "missing.dcm")
+    with pytest.raises(DicomError, match="cannot read the file"):
+        read_dicom(tmp_path)
+
+
+def test_unsupported_source_type():
+    with pytest.raises(DicomError, match="cannot read DICOM from a int"):
+        read_dicom(42)
+
+
+@pytest.mark.parametrize("name", ["reportsi.dcm", "rtplan.dcm"])
+def test_no_pixel_data(name):
+    with pytest.raises(DicomError, match="no pixel data"):
+        read_dicom(public_file(name))
+
+
+def test_two_pixel_data_elements():
+    ds = small_ct()
+    ds.FloatPixelData = np.zeros(256, np.float32).tobytes()
+    with pytest.raises(DicomError, match="2 pixel data elements"):
+        read_dicom(ds)
+
+
+def test_truncated_public_file():
+    with pytest.raises(DicomError, match=r"truncated: 8130 bytes, the header needs 8192"):
+        read_dicom(public_file("MR_truncated.dcm"))
+
+
+def test_truncated_multiframe():
+    ds = synthetic.enhanced_multiframe(seed=0, size=8, frames=3)
+    ds.PixelData = ds.PixelData[: 8 * 8 * 2 * 2]
+    with pytest.raises(DicomError, match="truncated"):
+        read_dicom(ds)
+
+
+TS_PACKAGES = [
+    ("MR_small_jp2klossless.dcm", "pylibjpeg-openjpeg"),
+    ("693_J2KI.dcm", "pylibjpeg-openjpeg"),
+    ("MR_small_jpeg_ls_lossless.dcm", "pylibjpeg-libjpeg"),
+    ("JPGExtended.dcm", "pylibjpeg-libjpeg"),
+]
+
+
+@pytest.mark.parametrize("name, package", TS_PACKAGES)
+def test_missing_decoder_names_the_package(monkeypatch, name, package):
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: not self.is_encapsulated))
+    with pytest.raises(DicomError, match=f"no decoder .* is installed: pip install pylibjpeg {package}"):
+        read_dicom(public_file(name))
+
+
+def test_missing_decoder_for_real_where_one_is_missing():
+    ds = pydicom.dcmread(public_file("MR_small_jpeg_ls_lossless.dcm"))
+    if decoder_installed(ds):
+        pytest.skip("a JPEG-LS decoder is installed here; the monkeypatched test covers the message")
+    with pytest.raises(DicomError, match="pip install pylibjpeg pylibjpeg-libjpeg"):
+        read_dicom(ds)
+
+
+def test_damaged_compressed_stream():
+    ds = pydicom.dcmread(public_file("MR_small_RLE.dcm"))
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    with pytest.raises(DicomError, match="could not be decoded"):
+        read_dicom(ds)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("uid, message", [
+    ("1.2.3.4.5", "unknown Transfer Syntax UID 1.2.3.4.5"),
+    ("1.2.840.10008.1.2.4.100", r"MPEG2 .* cannot be decoded"),
+    ("not-a-uid", "not a valid UID"),
+])
+def test_transfer_syntax_without_decoder(uid, message):
+    ds = small_ct()
+    ds.file_meta.TransferSyntaxUID = uid
+    with pytest.raises(DicomError, match=message):
+        read_dicom(ds)
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("examples_rgb_color.dcm", "RGB"),
+    ("examples_palette.dcm", "PALETTE COLOR"),
+    ("SC_ybr_full_422_uncompressed.dcm", "YBR_FULL_422"),
+])
+def test_colour_images_are_refused(name, shown):
+    with pytest.raises(DicomError, match=f"Photometric Interpretation {shown} .* not supported"):
+        read_dicom(public_file(name))
+
+
+def test_multi_sample_monochrome_is_refused():
+    ds = small_ct(SamplesPerPixel=3)
+    with pytest.raises(DicomError, match="3 sample"):
+        read_dicom(ds)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"BitsAllocated": 1}, "Bits Allocated 1"),
+    ({"BitsAllocated": 12}, "Bits Allocated 12"),
+    ({"BitsStored": 17}, "Bits Stored"),
+    ({"PixelRepresentation": 2}, "Pixel Representation"),
+    ({"Rows": 0}, "no pixels"),
+    ({"NumberOfFrames": 0}, "no pixels"),
+    ({"NumberOfFrames": 3}, "truncated"),
+])
+def test_bad_pixel_module(attrs, message):
+    with pytest.raises(DicomError, match=message):
+        read_dicom(small_ct(**attrs))
+
+
+@pytest.mark.parametrize("keyword", ["Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
+                                     "SamplesPerPixel", "PhotometricInterpretation"])
+def test_missing_pixel_module_element(keyword):
+    ds = small_ct()
+    delattr(ds, keyword)
+    with pytest.raises(DicomError, match="is missing"):
+        read_dicom(ds)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"WindowCenter": 40, "WindowWidth": 0}, "Window Width must be > 0"),
+    ({"WindowCenter": [40, 10], "WindowWidth": [400, -10]}, "window 1: Window Width must be > 0"),
+    ({"WindowCenter": 40, "WindowWidth": 0.5}, ">= 1 for VOI LUT Function LINEAR"),
+    ({"WindowCenter": 40, "WindowWidth": float("nan")}, "finite"),
+    ({"WindowCenter": float("inf"), "WindowWidth": 400}, "finite"),
+    ({"WindowWidth": [400, 1500, 10]}, "has 2 value"),
+    ({"VOILUTFunction": "SQUARE"}, "unsupported value"),
+    ({"RescaleSlope": 0}, "Rescale Slope .* is 0"),
+    ({"RescaleSlope": float("nan")}, "finite"),
+    ({"RescaleIntercept": float("inf")}, "finite"),
+    ({"RescaleSlope": [1, 2]}, "must hold one value"),
+])
+def test_bad_rescale_or_window(attrs, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the nan/inf DS values as it stores them
+        ds = small_ct(**attrs)
+    with pytest.raises(DicomError, match=message):
+        read_dicom(ds)
+
+
+def test_window_center_without_width():
+    ds = small_ct()
+    del ds.WindowWidth
+    with pytest.raises(DicomError, match="Window Width .* is missing"):
+        read_dicom(ds)
+
+
+def test_linear_exact_allows_width_below_one():
+    ds = small_ct(WindowCenter=0, WindowWidth=0.5, VOILUTFunction="LINEAR_EXACT", WindowCenterWidthExplanation="")
+    assert read_dicom(ds).semantics.windows == (Window(0.0, 0.5),)
+
+
+def test_max_pixels_checked_from_the_header():
+    ds = small_ct()
+    assert read_dicom(ds, max_pixels=16 * 16).pixels.size == 256
+    with pytest.raises(DicomError, match="above the limit of 255"):
+        read_dicom(ds, max_pixels=255)
+    with pytest.raises(ValueError):
+        read_dicom(ds, max_pixels=0)
+
+
+def test_decompression_bomb_refused_before_decoding(monkeypatch):
+    ds = synthetic.rle(seed=0, size=8)
+    ds.Rows = ds.Columns = 65535
+    ds.NumberOfFrames = 1000
+
+    def must_not_decode(self, *args, **kwargs):
+        raise AssertionError("decoded a bomb")
+
+    monkeypatch.setattr(Decoder, "as_array", must_not_decode)
+    with pytest.raises(DicomError, match=f"limit of {DEFAULT_MAX_PIXELS}"):
+        read_dicom(ds)
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "itemsize"])
+def test_decoded_array_must_agree_with_the_header(monkeypatch, bad):
+    ds = small_ct()
+    good = ds.pixel_array
+    wrong = {"shape": good[:8], "dtype": good.view(np.uint16), "itemsize": good.astype(np.int32)}[bad]
+    monkeypatch.setattr(Decoder, "as_array", lambda self, src, **kw: (wrong, {}))
+    with pytest.raises(DicomError, match=bad if bad != "itemsize" else "dtype"):
+        read_dicom(ds)
+
+
+# --------------------------------------------------------------------------- robustness and privacy
+
+
+@pytest.mark.parametrize("make", [
+    lambda: synthetic.ct_slice(seed=0, size=8, lesion=False),
+    lambda: synthetic.rle(seed=0, size=8),
+    lambda: synthetic.enhanced_multiframe(seed=0, size=8, frames=3),
+], ids=["native", "rle", "enhanced"])
+def test_damaged_files_never_leak_other_exceptions(make):
+    """Truncations and random byte changes: an Image or a DicomError, never another exception."""
+    buffer = io.BytesIO()
+    make().save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    rng = np.random.default_rng(0)
+    candidates = [data[:cut] for cut in range(0, len(data), 11)]
+    for _ in range(300):
+        damaged = bytearray(data)
+        for position in rng.integers(128, len(data), size=int(rng.integers(1, 4))):
+            damaged[position] = int(rng.integers(0, 256))
+        candidates.append(bytes(damaged))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for candidate in candidates:
+            for force in (False, True):
+                try:
+                    read_dicom(candidate, force=force)
+                except DicomError:
+                    pass
+
+
+PHI = ("DOE^JOHN", "DOE", "JOHN", "PID-7734512", "19450317", "ACC-99812", "Dr^Who")
+
+
+def _with_phi(ds: Dataset) -> Dataset:
+    ds.PatientName = "DOE^JOHN"
+    ds.PatientID = "PID-7734512"
+    ds.PatientBirthDate = "19450317"
+    ds.AccessionNumber = "ACC-99812"
+    ds.ReferringPhysicianName = "Dr^Who"
+    return ds
+
+
+def _phi_failures():
+    def photometric(ds):
+        ds.PhotometricInterpretation = "DOE JOHN"
+
+    def voi_function(ds):
+        ds.VOILUTFunction = "DOE"
+
+    def explanation_and_zero_width(ds):
+        ds.WindowCenterWidthExplanation = ["DOE^JOHN", "PID-7734512"]
+        ds.WindowWidth = [0, 1500]
+
+    def transfer_syntax(ds):
+        ds.file_meta.TransferSyntaxUID = "DOE^JOHN"
+
+    def truncated(ds):
+        ds.PixelData = ds.PixelData[:10]
+
+    def frames_text(ds):
+        ds.add_new(0x00280008, "LO", "PID-7734512")  # Number of Frames holding text (wrong VR)
+
+    def sop_class(ds):
+        del ds.PixelData
+        ds.SOPClassUID = "19450317"
+
+    return [photometric, voi_function, explanation_and_zero_width, transfer_syntax, truncated, frames_text, sop_class]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("damage", _phi_failures(), ids=lambda f: f.__name__)
+def test_messages_and_logs_never_contain_patient_values(damage, caplog):
+    ds = _with_phi(small_ct())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        damage(ds)
+    sources = [ds]
+    buffer = io.BytesIO()
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+        sources.append(buffer.getvalue())
+    except ValueError:  # pydicom cannot write an invalid transfer syntax: test the Dataset only
+        pass
+    for source in sources:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="medge"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(MedgeError) as info:
+                read_dicom(source)
+        message = str(info.value)
+        for value in PHI:
+            assert value not in message, f"{value!r} leaked into: {message}"
+            assert value not in caplog.text, f"{value!r} leaked into the log: {caplog.text}"
+
+
+def test_successful_read_logs_no_patient_values(caplog):
+    with caplog.at_level(logging.DEBUG, logger="medge"):
+        read_dicom(_with_phi(small_ct()))
+    assert caplog.text and not any(value in caplog.text for value in PHI)
+
+
+_FINITE = st.floats(-1e6, 1e6, allow_nan=False).map(lambda v: float(f"{v:.6g}"))  # DS holds 16 characters
+_WIDTH = st.floats(1, 1e5).map(lambda v: float(f"{v:.6g}"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(slope=_FINITE.filter(lambda v: v != 0), intercept=_FINITE,
+       windows=st.lists(st.tuples(_FINITE, _WIDTH), min_size=0, max_size=3))
+def test_rescale_and_windows_round_trip(slope, intercept, windows):
+    ds = make_dataset(np.zeros((2, 2), np.int16), RescaleSlope=slope, RescaleIntercept=intercept)
+    if windows:
+        ds.WindowCenter = [c for c, _ in windows]
+        ds.WindowWidth = [w for _, w in windows]
+    sem = read_dicom(ds).semantics
+    assert (sem.rescale_slope, sem.rescale_intercept) == (slope, intercept)
+    assert [(w.center, w.width) for w in sem.windows] == windows
+
+
+def test_modules_import_without_pydicom():
+    """medge.dicom and medge.synthetic import pydicom lazily and name it when it is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pydicom'] = None\n"
+        "import medge.dicom, medge.synthetic\n"
+        "from medge.errors import MissingDependency\n"
+        "calls = (lambda: medge.dicom.read_dicom(b'x'),\n"
+        "         lambda: medge.synthetic.ct_slice(seed=0, size=8, lesion=False))\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except MissingDependency as exc:\n"
+        "        assert 'pydicom' in str(exc)\n"
+        "    else:\n"
+        "        raise AssertionError('no MissingDependency')\n"
+        "print(medge.synthetic.ct_phantom(seed=0, size=8, lesion=False)[0].shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "(8, 8)" in result.stdout

@@ -15,6 +15,16 @@
 #include "medge/pixel_math.h"
 #include "medge/preprocess.h"
 
+#include <cstdlib>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+// Wheels target baseline x86-64 (SSE2). The band worker is compiled a second
+// time for AVX2 + FMA + F16C and chosen once from CPUID (cpu_kernel_variant);
+// MEDGE_CPU_BASELINE=1 forces the portable build, so tests cover both.
+#define MEDGE_X86_DISPATCH 1
+#endif
+
 namespace medge {
 namespace {
 
@@ -49,29 +59,71 @@ inline uint16_t float_to_half(float value) {
   return static_cast<uint16_t>(h | (sign >> 16));
 }
 
-// Tap table of one axis for one image: offsets/counts per output coordinate
-// and the normalised weights, computed once per image.
+// Tap table of one axis for one image: every output coordinate gets the
+// same number of taps (`taps`, zero-padded, shifted to stay inside the
+// input), so the filter loops have a constant trip count and unroll.
 struct AxisTable {
-  std::vector<int32_t> first, count, weight_offset;
-  std::vector<float> weights;
+  int32_t taps = 0;
+  std::vector<int32_t> first;  // first input index of each output coordinate
+  std::vector<float> weights;  // taps per output coordinate, normalised
 };
 
 AxisTable build_axis(int32_t dst_size, float scale, int32_t in_size, bool antialias) {
+  std::vector<AxisTaps> all(static_cast<size_t>(dst_size));
   AxisTable t;
-  t.first.resize(dst_size);
-  t.count.resize(dst_size);
-  t.weight_offset.resize(dst_size);
   for (int32_t d = 0; d < dst_size; ++d) {
-    const AxisTaps taps = detail::axis_taps(d, scale, in_size, antialias);
-    t.first[d] = taps.first;
-    t.count[d] = taps.count;
-    t.weight_offset[d] = static_cast<int32_t>(t.weights.size());
+    all[d] = detail::axis_taps(d, scale, in_size, antialias);
+    t.taps = std::max(t.taps, all[d].count);
+  }
+  t.first.resize(static_cast<size_t>(dst_size));
+  t.weights.assign(static_cast<size_t>(dst_size) * t.taps, 0.0f);
+  for (int32_t d = 0; d < dst_size; ++d) {
+    const AxisTaps& taps = all[d];
+    const int32_t first = std::max(0, std::min(taps.first, in_size - t.taps));
+    t.first[d] = first;
     float total = 0.0f;
     for (int32_t k = 0; k < taps.count; ++k) total += detail::tap_weight(taps, k);
+    float* w = t.weights.data() + static_cast<size_t>(d) * t.taps;
     for (int32_t k = 0; k < taps.count; ++k)
-      t.weights.push_back(total > 0.0f ? detail::tap_weight(taps, k) / total : 0.0f);
+      w[taps.first - first + k] = total > 0.0f ? detail::tap_weight(taps, k) / total : 0.0f;
   }
   return t;
+}
+
+// out[x] = sum_k w[x * K + k] * src[first[x] + k], K known at compile time when small.
+template <int K>
+void filter_row_fixed(const AxisTable& t, const float* __restrict__ src, float* __restrict__ out, int32_t n) {
+  const float* __restrict__ w = t.weights.data();
+  const int32_t* __restrict__ first = t.first.data();
+  for (int32_t x = 0; x < n; ++x) {
+    const float* s = src + first[x];
+    const float* wx = w + static_cast<size_t>(x) * K;
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k) acc += wx[k] * s[k];
+    out[x] = acc;
+  }
+}
+
+void filter_row(const AxisTable& t, const float* src, float* out, int32_t n) {
+  switch (t.taps) {
+    case 1: return filter_row_fixed<1>(t, src, out, n);
+    case 2: return filter_row_fixed<2>(t, src, out, n);
+    case 3: return filter_row_fixed<3>(t, src, out, n);
+    case 4: return filter_row_fixed<4>(t, src, out, n);
+    case 5: return filter_row_fixed<5>(t, src, out, n);
+    case 6: return filter_row_fixed<6>(t, src, out, n);
+    case 7: return filter_row_fixed<7>(t, src, out, n);
+    case 8: return filter_row_fixed<8>(t, src, out, n);
+    default: break;
+  }
+  const int32_t taps = t.taps;
+  for (int32_t x = 0; x < n; ++x) {
+    const float* s = src + t.first[x];
+    const float* wx = t.weights.data() + static_cast<size_t>(x) * taps;
+    float acc = 0.0f;
+    for (int32_t k = 0; k < taps; ++k) acc += wx[k] * s[k];
+    out[x] = acc;
+  }
 }
 
 struct ImagePlan {
@@ -115,6 +167,40 @@ void display_row_any(const PreparedImage& im, int32_t y, float* dst) {
   }
 }
 
+// Normalises and stores n values as IEEE half, round to nearest even.
+void store_half_portable(const float* values, int64_t n, float mean, float inv_std, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half((values[i] - mean) * inv_std);
+}
+
+#ifdef MEDGE_X86_DISPATCH
+// Same result with the F16C instruction (vcvtps2ph, round to nearest even), 8 at a time.
+__attribute__((target("avx,f16c"))) void store_half_f16c(const float* values, int64_t n, float mean, float inv_std,
+                                                          uint16_t* dst) {
+  const __m256 m = _mm256_set1_ps(mean), s = _mm256_set1_ps(inv_std);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(values + i), m), s);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  store_half_portable(values + i, n - i, mean, inv_std, dst + i);
+}
+
+// MEDGE_CPU_BASELINE=1 (anything but empty or "0"): use only baseline x86-64 code.
+bool baseline_forced() {
+  const char* force = std::getenv("MEDGE_CPU_BASELINE");
+  return force != nullptr && force[0] != '\0' && force[0] != '0';
+}
+
+const bool kHaveF16c = !baseline_forced() && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+#endif
+
+void store_half(const float* values, int64_t n, float mean, float inv_std, uint16_t* dst) {
+#ifdef MEDGE_X86_DISPATCH
+  if (kHaveF16c) return store_half_f16c(values, n, mean, inv_std, dst);
+#endif
+  store_half_portable(values, n, mean, inv_std, dst);
+}
+
 // Writes one output row segment of display values, normalised per channel.
 struct RowWriter {
   const OutputParams& out;
@@ -129,8 +215,7 @@ struct RowWriter {
         float* dst = static_cast<float*>(output) + base;
         for (int64_t i = 0; i < len; ++i) dst[i] = (values[i] - mean) * inv_std;
       } else {
-        uint16_t* dst = static_cast<uint16_t*>(output) + base;
-        for (int64_t i = 0; i < len; ++i) dst[i] = float_to_half((values[i] - mean) * inv_std);
+        store_half(values, len, mean, inv_std, static_cast<uint16_t*>(output) + base);
       }
     }
   }
@@ -144,61 +229,105 @@ struct RowWriter {
 
 constexpr int32_t kBandRows = 32;
 
-// One work item: output rows [y0, y1) of image n.
-void run_band(const ImagePlan& plan, const OutputParams& out, const RowWriter& writer, int64_t n, int32_t y0,
-              int32_t y1, std::vector<float>& row_buffer, std::vector<float>& horizontal,
-              std::vector<float>& line, std::vector<float>& pad_scratch) {
+// Scratch memory of one worker thread, reused across work items.
+struct Scratch {
+  std::vector<float> decoded;   // the band's input rows, decoded and windowed
+  std::vector<float> vertical;  // one output row before the horizontal filter (input width)
+  std::vector<float> line;      // one output row of display values (region width)
+  std::vector<float> pad;
+};
+
+// One work item: output rows [y0, y1) of image n. The band's input rows are
+// decoded once; then, per output row, the vertical filter runs first over
+// whole input rows (contiguous, vectorised) and the horizontal gather only on
+// the output rows, which shrinking makes the cheaper order.
+inline __attribute__((always_inline)) void run_band_body(const ImagePlan& plan, const OutputParams& out,
+                                                          const RowWriter& writer, int64_t n, int32_t y0,
+                                                          int32_t y1, Scratch& scratch) {
   const PreparedImage& im = plan.image;
   const int32_t region_w = im.region_width;
-  line.resize(static_cast<size_t>(std::max<int64_t>(out.width, region_w)));
+  const int32_t in_w = im.in_width;
+  const int32_t taps_y = plan.rows.taps;
 
-  // Input rows this band's region rows need.
   int32_t in_lo = im.in_height, in_hi = 0;
   for (int32_t y = y0; y < y1; ++y) {
     const int32_t ry = y - im.region_top;
     if (ry < 0 || ry >= im.region_height) continue;
     in_lo = std::min(in_lo, plan.rows.first[ry]);
-    in_hi = std::max(in_hi, plan.rows.first[ry] + plan.rows.count[ry]);
+    in_hi = std::max(in_hi, plan.rows.first[ry] + taps_y);
   }
   if (in_hi > in_lo) {
-    row_buffer.resize(static_cast<size_t>(im.in_width));
-    horizontal.resize(static_cast<size_t>(in_hi - in_lo) * region_w);
-    for (int32_t iy = in_lo; iy < in_hi; ++iy) {
-      display_row_any(im, iy, row_buffer.data());
-      float* h = horizontal.data() + static_cast<size_t>(iy - in_lo) * region_w;
-      for (int32_t x = 0; x < region_w; ++x) {
-        const float* w = plan.cols.weights.data() + plan.cols.weight_offset[x];
-        const float* src = row_buffer.data() + plan.cols.first[x];
-        float acc = 0.0f;
-        for (int32_t k = 0; k < plan.cols.count[x]; ++k) acc += w[k] * src[k];
-        h[x] = acc;
-      }
-    }
+    scratch.decoded.resize(static_cast<size_t>(in_hi - in_lo) * in_w);
+    for (int32_t iy = in_lo; iy < in_hi; ++iy)
+      display_row_any(im, iy, scratch.decoded.data() + static_cast<size_t>(iy - in_lo) * in_w);
   }
+  scratch.vertical.resize(static_cast<size_t>(in_w));
+  scratch.line.resize(static_cast<size_t>(region_w));
 
   for (int32_t y = y0; y < y1; ++y) {
     const int32_t ry = y - im.region_top;
     if (ry < 0 || ry >= im.region_height) {
-      writer.fill(n, y, 0, out.width, out.pad_value, pad_scratch);
+      writer.fill(n, y, 0, out.width, out.pad_value, scratch.pad);
       continue;
     }
-    std::fill(line.begin(), line.begin() + region_w, 0.0f);
-    const float* w = plan.rows.weights.data() + plan.rows.weight_offset[ry];
-    for (int32_t k = 0; k < plan.rows.count[ry]; ++k) {
-      const float* h = horizontal.data() + static_cast<size_t>(plan.rows.first[ry] + k - in_lo) * region_w;
-      const float wk = w[k];
-      for (int32_t x = 0; x < region_w; ++x) line[x] += wk * h[x];
+    float* __restrict__ vertical = scratch.vertical.data();
+    const float* w = plan.rows.weights.data() + static_cast<size_t>(ry) * taps_y;
+    const float* rows = scratch.decoded.data() + static_cast<size_t>(plan.rows.first[ry] - in_lo) * in_w;
+    {
+      const float w0 = w[0];
+      for (int32_t x = 0; x < in_w; ++x) vertical[x] = w0 * rows[x];
     }
-    writer.write(n, y, im.region_left, line.data(), region_w);
+    for (int32_t k = 1; k < taps_y; ++k) {
+      const float wk = w[k];
+      if (wk == 0.0f) continue;
+      const float* __restrict__ row = rows + static_cast<size_t>(k) * in_w;
+      for (int32_t x = 0; x < in_w; ++x) vertical[x] += wk * row[x];
+    }
+    filter_row(plan.cols, vertical, scratch.line.data(), region_w);
+    writer.write(n, y, im.region_left, scratch.line.data(), region_w);
     if (im.region_left > 0 || im.region_left + region_w < out.width) {
-      writer.fill(n, y, 0, im.region_left, out.pad_value, pad_scratch);
+      writer.fill(n, y, 0, im.region_left, out.pad_value, scratch.pad);
       writer.fill(n, y, im.region_left + region_w, out.width - im.region_left - region_w, out.pad_value,
-                  pad_scratch);
+                  scratch.pad);
     }
   }
 }
 
+// `flatten` inlines the decode, filter and store loops into each variant.
+__attribute__((flatten)) void run_band_baseline(const ImagePlan& plan, const OutputParams& out,
+                                                const RowWriter& writer, int64_t n, int32_t y0, int32_t y1,
+                                                Scratch& scratch) {
+  run_band_body(plan, out, writer, n, y0, y1, scratch);
+}
+
+#ifdef MEDGE_X86_DISPATCH
+__attribute__((target("avx2,fma,f16c"), flatten)) void run_band_avx2(const ImagePlan& plan, const OutputParams& out,
+                                                                     const RowWriter& writer, int64_t n, int32_t y0,
+                                                                     int32_t y1, Scratch& scratch) {
+  run_band_body(plan, out, writer, n, y0, y1, scratch);
+}
+
+const bool kUseAvx2 = !baseline_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+#endif
+
+void run_band(const ImagePlan& plan, const OutputParams& out, const RowWriter& writer, int64_t n, int32_t y0,
+              int32_t y1, Scratch& scratch) {
+#ifdef MEDGE_X86_DISPATCH
+  if (kUseAvx2) return run_band_avx2(plan, out, writer, n, y0, y1, scratch);
+#endif
+  run_band_baseline(plan, out, writer, n, y0, y1, scratch);
+}
+
 }  // namespace
+
+std::string cpu_kernel_variant() {
+#ifdef MEDGE_X86_DISPATCH
+  return kUseAvx2 ? "x86-64 AVX2+FMA+F16C" : "x86-64 baseline";
+#else
+  return "portable";
+#endif
+}
 
 void preprocess_cpu(const ImageParams* images, int64_t count, const OutputParams& out, void* output,
                     int64_t output_bytes, int num_threads) {
@@ -234,15 +363,14 @@ void preprocess_cpu(const ImageParams* images, int64_t count, const OutputParams
   std::exception_ptr failure;
   std::mutex failure_mutex;
   auto worker = [&]() {
-    std::vector<float> row_buffer, horizontal, line, pad_scratch;
+    Scratch scratch;
     try {
       for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
         const int64_t n = item / bands;
         const int32_t band = static_cast<int32_t>(item % bands);
         const int32_t y0 = band * kBandRows;
         const int32_t y1 = static_cast<int32_t>(std::min<int64_t>(out.height, y0 + kBandRows));
-        run_band(plans[static_cast<size_t>(n)], out, writer, n, y0, y1, row_buffer, horizontal, line,
-                 pad_scratch);
+        run_band(plans[static_cast<size_t>(n)], out, writer, n, y0, y1, scratch);
       }
     } catch (...) {  // std::bad_alloc; keep the first and stop the others
       std::lock_guard<std::mutex> lock(failure_mutex);

@@ -377,6 +377,31 @@ def test_output_buffer_is_written_in_place_cpu():
     assert np.isfinite(out).all()
 
 
+def test_baseline_cpu_path_matches_reference_too():
+    """The portable x86-64 build of the CPU kernel (what machines without AVX2 run) passes the same
+    reference tests: re-run them in a subprocess with MEDGE_CPU_BASELINE=1."""
+    import os
+    import subprocess
+    import sys
+
+    from medge import _C
+
+    if os.environ.get("MEDGE_CPU_BASELINE"):
+        pytest.skip("already running on the forced baseline path")
+    if _C.cpu_kernel_variant() == "portable":
+        pytest.skip("not an x86-64 build: there is only one CPU code path")
+    env = dict(os.environ, MEDGE_CPU_BASELINE="1")
+    check = subprocess.run([sys.executable, "-c", "import medge._C as c; print(c.cpu_kernel_variant())"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == "x86-64 baseline"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu and not baseline", __file__],
+        env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
 def test_thread_count_does_not_change_results():
     rng = np.random.default_rng(5)
     images = [make_image(rng.integers(0, 4096, size=(97, 131), dtype=np.uint16), windows=[(2000, 2500)])

@@ -116,8 +116,8 @@ def cmd_demo(args) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     files = write_samples(directory)
     print(f"wrote {len(files)} synthetic sample DICOM files to {directory}")
-    spec = PreprocessSpec(224, 224, voi="window", window=(40.0, 400.0), resample="bilinear_antialias",
-                          dtype="float16")
+    # Each image's own first window: CT soft tissue for the CT slices, the CR's own for the radiograph.
+    spec = PreprocessSpec(224, 224, voi="dicom", resample="bilinear_antialias", dtype="float16")
     device = "cuda" if (args.device == "auto" and cuda_available()) else ("cpu" if args.device == "auto" else args.device)
     print(f"preprocessing on {device} with spec {spec.to_json()}")
     outputs, rows, failures = _preprocess_files(sorted(files), spec, device, show_progress=False)

@@ -85,10 +85,16 @@ MEDGE_HD float centred_value<float>(const PreparedImage& im, float raw) {
   return raw - im.pivot_float;
 }
 
+// a < b ? a : b and a > b ? a : b keep the first operand (u) when it is NaN,
+// exactly like the comparisons they replace, and vectorise on every target.
+MEDGE_HD float fminf_fast(float a, float b) { return b < a ? b : a; }
+MEDGE_HD float fmaxf_fast(float a, float b) { return b > a ? b : a; }
+
 // VOI shape applied to the affine value u.
 template <Shape S>
 MEDGE_HD float apply_shape(float u) {
-  if (S == Shape::kClamp) return u <= 0.0f ? 0.0f : (u >= 1.0f ? 1.0f : u);
+  // min/max rather than nested conditionals: they map to vector min/max instructions.
+  if (S == Shape::kClamp) return fminf_fast(fmaxf_fast(u, 0.0f), 1.0f);
   if (S == Shape::kStep) return u > 0.0f ? 1.0f : 0.0f;
 #if defined(__CUDA_ARCH__)
   return 1.0f / (1.0f + __expf(-4.0f * u));

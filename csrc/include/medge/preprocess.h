@@ -113,6 +113,10 @@ int64_t output_bytes_required(const OutputParams& out, int64_t count);
 void preprocess_cpu(const ImageParams* images, int64_t count, const OutputParams& out, void* output,
                     int64_t output_bytes, int num_threads);
 
+// Which CPU code path preprocess_cpu runs here (chosen once from CPUID;
+// MEDGE_CPU_BASELINE=1 in the environment forces the portable one).
+std::string cpu_kernel_variant();
+
 // True when this build contains the CUDA implementation.
 bool cuda_compiled();
 

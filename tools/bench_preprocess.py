@@ -242,6 +242,7 @@ def main(argv=None) -> int:
         "workload": f"batch {args.batch} of {args.size}x{args.size} int16 CT -> {args.batch}x1x{args.out_size}x"
                     f"{args.out_size} float16, window 40/400 LINEAR, antialiased bilinear",
         "machine": machine_name(),
+        "cpu_kernel_variant": _C.cpu_kernel_variant(),
         "versions": {"medge": medge.__version__, "numpy": np.__version__, "pydicom": pydicom.__version__,
                      "python": platform.python_version(), "cuda_architectures": _C.cuda_architectures()},
         "medge_threads": args.threads or os.cpu_count(),
@@ -251,7 +252,8 @@ def main(argv=None) -> int:
         "gpu_note": gpu_note,
     }
 
-    lines = [f"Workload: {result['workload']}", f"Machine: {result['machine']}", "",
+    lines = [f"Workload: {result['workload']}", f"Machine: {result['machine']}; medge CPU code path: {result['cpu_kernel_variant']}, "
+             f"{result['medge_threads']} threads", "",
              "| CPU path | median ms | medge speed-up | max abs diff vs medge |", "|---|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['median_ms']:.2f} | {row['speedup_of_medge']:.1f}x | "

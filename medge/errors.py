@@ -12,6 +12,9 @@ from __future__ import annotations
 __all__ = [
     "MedgeError",
     "DicomError",
+    "BundleError",
+    "SignatureError",
+    "ConversionError",
     "PreprocessError",
     "SpecError",
     "BackendUnavailable",
@@ -26,6 +29,18 @@ class MedgeError(Exception):
 
 class DicomError(MedgeError):
     """A DICOM object cannot be read or its pixels cannot be interpreted."""
+
+
+class BundleError(MedgeError):
+    """A bundle is missing, malformed, or fails verification (the message names the file)."""
+
+
+class SignatureError(BundleError):
+    """A bundle's signature is missing, invalid, or made with an untrusted key."""
+
+
+class ConversionError(MedgeError):
+    """Model import, export, quantisation, validation or an engine build failed."""
 
 
 class SpecError(MedgeError, ValueError):

@@ -1,0 +1,1 @@
+"""Build side: model import, precision graphs, validation, engines (medge-convert)."""

@@ -16,22 +16,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .._progress import Progress
 from ..errors import MedgeError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
-
-
-def _progress(iterable, total: int, label: str, enabled: bool):
-    """A dependency-free progress line on stderr (only when it is a terminal or forced)."""
-    for index, item in enumerate(iterable, 1):
-        yield item
-        if enabled:
-            width = 30
-            done = int(width * index / max(total, 1))
-            sys.stderr.write(f"\r{label} [{'#' * done}{'.' * (width - done)}] {index}/{total}")
-            sys.stderr.flush()
-    if enabled:
-        sys.stderr.write("\n")
 
 
 def _collect_files(inputs: Sequence[str]) -> list[Path]:
@@ -86,7 +74,9 @@ def _preprocess_files(files: list[Path], spec, device: str, show_progress: bool)
     from ..preprocess import preprocess
 
     outputs, rows, failures = [], [], 0
-    for path in _progress(files, len(files), "preprocessing", show_progress):
+    progress = Progress("preprocessing", len(files), enabled=show_progress)
+    for path in files:
+        progress.update()
         try:
             started = time.perf_counter()
             image = read_dicom(path)
@@ -104,6 +94,7 @@ def _preprocess_files(files: list[Path], spec, device: str, show_progress: bool)
         rows.append(f"  {path.name}: {uid}\n      {_describe_image(image, spec)}\n"
                     f"      -> {tuple(array.shape)} {array.dtype} in [{float(array.min()):.3f}, "
                     f"{float(array.max()):.3f}], read {read_ms:.1f} ms, preprocess {prep_ms:.2f} ms")
+    progress.close()
     return outputs, rows, failures
 
 
@@ -133,7 +124,7 @@ def cmd_preprocess(args) -> int:
     spec = _spec_from_args(args)
     files = _collect_files(args.inputs)
     show = args.progress or (args.progress is None and sys.stderr.isatty())
-    outputs, rows, failures = _preprocess_files(files, spec, args.device, show)
+    outputs, rows, failures = _preprocess_files(files, spec, args.device, show or False)
     if args.verbose or failures:
         print("\n".join(rows))
     if outputs:

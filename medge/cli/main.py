@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bar on stderr (default: when stderr is a terminal)")
     pre.add_argument("-v", "--verbose", action="store_true", help="one line per file")
     pre.set_defaults(func=cmd_preprocess)
+
+    from . import inspect_cmd
+
+    inspect_cmd.add_parser(sub)
     return parser
 
 

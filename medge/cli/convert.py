@@ -1,0 +1,179 @@
+"""``medge-convert``: a trained model + DICOMs -> a verified, signed deployment bundle.
+
+Exit status: 0 done; 2 user error (message, no traceback); 3 the bundle was
+written but an accuracy gate (--max-auc-drop, --min-top1-agreement,
+--max-abs-error) failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import MedgeError
+
+EXIT_GATE_FAILED = 3
+
+EPILOG = """\
+examples:
+  medge-convert --demo
+      convert the built-in demo model (synthetic CT lesion classifier) end to end
+  medge-convert model.onnx --calib calib_dicoms/ --val val_dicoms/ --labels labels.csv \\
+      --size 128 128 --window -600 1500 --labels-names no_lesion,lesion \\
+      --precision fp32,fp16,int8 --batch 1:4:8 --engine tensorrt_rtx -o lesion.medge
+  medge-convert model.pt2 --spec spec.json --calib calib/ --engine none -o model.medge --sign-key key.pem
+
+The preprocessing (--spec, or --size/--window/--range/...) must be what the model was
+trained with: it is stored in the bundle and used for calibration, validation and
+deployment alike. Loading a model never runs pickled code: use .onnx, .pt2
+(torch.export.save) or TorchScript (torch.jit.save).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medge-convert",
+        description="Convert a trained model into a medge bundle: FP32/FP16/INT8 graphs, an accuracy report "
+                    "against FP32, TensorRT or TensorRT-RTX engines, SHA-256 of every file, optional signature.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", help="model file: .onnx, .pt2 (torch.export) or TorchScript")
+    p.add_argument("--demo", action="store_true", help="convert the built-in demo model on generated sample DICOMs")
+    p.add_argument("-o", "--output", help="bundle to write (a NAME.medge directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--calib", help="calibration images: a folder of DICOM files (or .npy arrays)")
+    data.add_argument("--val", help="validation images: a folder of DICOM files (or .npy arrays)")
+    data.add_argument("--labels", help="CSV with 'filename' (or 'sop_instance_uid') and 'label' columns")
+    data.add_argument("--min-calibration-images", type=int, default=32, metavar="N")
+
+    pre = p.add_argument_group("preprocessing (what the model was trained with)")
+    pre.add_argument("--spec", help="PreprocessSpec JSON file (instead of the flags below)")
+    pre.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
+    pre.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    voi = pre.add_mutually_exclusive_group()
+    voi.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"), help="fixed window")
+    voi.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="fixed value range")
+    pre.add_argument("--voi-function", choices=["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+    pre.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"])
+    pre.add_argument("--resample", default="bilinear_antialias", choices=["bilinear", "bilinear_antialias"])
+    pre.add_argument("--mean", type=float, nargs="+", default=[0.0])
+    pre.add_argument("--std", type=float, nargs="+", default=[1.0])
+
+    model = p.add_argument_group("model")
+    model.add_argument("--name", help="model name (default: the file name)")
+    model.add_argument("--model-version", default="1")
+    model.add_argument("--labels-names", help="class names in output order, comma-separated")
+    model.add_argument("--activation", default="softmax", choices=["softmax", "sigmoid"])
+    model.add_argument("--positive-class", help="class scored for AUC / sensitivity (default: the last)")
+
+    conv = p.add_argument_group("conversion")
+    conv.add_argument("--precision", default="fp32,fp16,int8", help="comma-separated: fp32, fp16, int8")
+    conv.add_argument("--batch", default="1:4:8", help="optimisation profile MIN:OPT:MAX (default 1:4:8)")
+    conv.add_argument("--calib-method", default="entropy", choices=["minmax", "entropy", "percentile"])
+    conv.add_argument("--engine", default="tensorrt_rtx", choices=["tensorrt_rtx", "tensorrt", "none"])
+    conv.add_argument("--compute-capability", action="append", metavar="X.Y",
+                      help="TensorRT-RTX target (repeatable), e.g. 8.6")
+    conv.add_argument("--workspace-mb", type=int, help="builder workspace limit")
+    conv.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimisation level")
+    conv.add_argument("--timing-cache", help="TensorRT timing cache file (reused across builds)")
+    conv.add_argument("--sign-key", help="Ed25519 private key (PEM) to sign the bundle manifest")
+
+    gates = p.add_argument_group("accuracy gates (exit 3 when violated)")
+    gates.add_argument("--max-auc-drop", type=float)
+    gates.add_argument("--min-top1-agreement", type=float, help="fraction, e.g. 0.98")
+    gates.add_argument("--max-abs-error", type=float)
+
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: when stderr is a terminal)")
+    return p
+
+
+def _spec(args):
+    from ..preprocess import PreprocessSpec
+
+    if args.spec:
+        try:
+            return PreprocessSpec.from_json(Path(args.spec).read_text())
+        except OSError as exc:
+            raise MedgeError(f"cannot read the spec file {args.spec}: {exc.strerror}") from exc
+    if not args.size:
+        raise MedgeError("give the preprocessing: --spec FILE, or at least --size H W (with --window or --range)")
+    kwargs = dict(height=args.size[0], width=args.size[1], channels=args.channels, fit=args.fit,
+                  resample=args.resample, mean=tuple(args.mean), std=tuple(args.std), voi_function=args.voi_function)
+    if args.window:
+        kwargs.update(voi="window", window=tuple(args.window))
+    elif args.range:
+        kwargs.update(voi="range", value_range=tuple(args.range), voi_function=None)
+    return PreprocessSpec(**kwargs)
+
+
+def run(args) -> int:
+    from ..convert.pipeline import convert, parse_batch
+
+    common = dict(
+        precisions=[p.strip() for p in args.precision.split(",") if p.strip()],
+        batch=parse_batch(args.batch), engine=args.engine, calibration_method=args.calib_method,
+        compute_capabilities=args.compute_capability, optimization_level=args.opt_level,
+        workspace_bytes=args.workspace_mb * (1 << 20) if args.workspace_mb else None,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None, sign_key=args.sign_key,
+        overwrite=args.overwrite, max_auc_drop=args.max_auc_drop, min_top1_agreement=args.min_top1_agreement,
+        max_abs_error=args.max_abs_error, progress=args.progress,
+    )
+    if args.demo:
+        if args.model:
+            raise MedgeError("--demo converts the built-in model: do not give a model file with it")
+        from ..convert.demo import convert_demo
+
+        result = convert_demo(Path(args.output) if args.output else None, **common)
+    else:
+        if not args.model:
+            raise MedgeError("give a model file (or --demo); see medge-convert --help")
+        if not args.output:
+            raise MedgeError("give the bundle to write with -o NAME.medge")
+        names = [n.strip() for n in args.labels_names.split(",")] if args.labels_names else []
+        result = convert(
+            args.model, Path(args.output), spec=_spec(args), calibration=args.calib, validation=args.val,
+            labels=Path(args.labels) if args.labels else None, name=args.name, version=args.model_version,
+            class_labels=names, activation=args.activation, positive_class=args.positive_class,
+            min_calibration_images=args.min_calibration_images, **common)
+    print_summary(result)
+    if result.threshold_failures:
+        print("accuracy gates FAILED:\n  " + "\n  ".join(result.threshold_failures), file=sys.stderr)
+        return EXIT_GATE_FAILED
+    return 0
+
+
+def print_summary(result) -> None:
+    print()
+    if result.report is not None:
+        print(f"accuracy against fp32 at batch 1 ({result.report.images} validation images, "
+              f"executed by ONNX Runtime CPU):")
+        print(result.report.table())
+    if result.engines:
+        print("\nengines:")
+        for e in result.engines:
+            print(f"  {e['precision']:5s} {e['flavour']} {e.get('flavour_version', '')}: "
+                  f"{e['size_bytes'] / 1e6:.2f} MB, profile {e['profile']}, layers {e.get('layer_precisions')}")
+    signed = (Path(result.bundle_path) / "manifest.json.sig").exists()
+    print(f"\nbundle: {result.bundle_path} ({'signed' if signed else 'unsigned'}); inspect it with: "
+          f"medge inspect {result.bundle_path}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MedgeError as exc:
+        print(f"medge-convert: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medge-convert: interrupted; no bundle was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

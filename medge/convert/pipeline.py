@@ -1,0 +1,342 @@
+"""medge.convert.convert: trained model + DICOMs -> verified, signed deployment bundle.
+
+Steps, each failing with a ConversionError that says what to fix:
+1. import the model as a checked FP32 ONNX graph (PyTorch sources are
+   compared with ONNX Runtime first);
+2. preprocess the calibration (and validation) DICOMs with the bundle's
+   PreprocessSpec, through medge's own fused preprocessing;
+3. make the precision graphs (FP16, INT8 calibrated on those inputs);
+4. measure every precision against FP32 at batch 1, opt and max;
+5. build TensorRT / TensorRT-RTX engines (optional);
+6. write the bundle: manifest, artifacts, SHA-256 of each, optional signature.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .._progress import Progress
+from ..errors import ConversionError, MedgeError
+from ..preprocess import PreprocessSpec, preprocess
+from .export import ImportedModel, import_model
+from .precision import DEFAULT_MIN_CALIBRATION_IMAGES, CalibrationSummary, make_fp16, make_int8
+from .validate import AccuracyReport, check_thresholds, evaluate, read_labels
+
+_LOG = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_FLAVOURS = ("tensorrt", "tensorrt_rtx", "none")
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
+
+
+@dataclass
+class Inputs:
+    """Model inputs built from files, with the names each one can be looked up by."""
+
+    array: np.ndarray  # (N, C, H, W) float32
+    keys: list[list[str]]  # per input: file name (with #frame for multi-frame) and SOP Instance UID
+    source: str
+    skipped: list[str] = field(default_factory=list)  # "name: reason"
+
+
+def load_inputs(source: Any, spec: PreprocessSpec, *, what: str, progress: Optional[bool] = None) -> Inputs:
+    """Model inputs from a folder of DICOM files, a folder of .npy files, or one .npy file.
+
+    DICOM files go through ``read_dicom`` and ``preprocess`` with ``spec``
+    (float32 output); every frame is one input. ``.npy`` files must hold
+    already-preprocessed (N, C, H, W) or (C, H, W) arrays. Unreadable DICOM
+    files are skipped and listed in ``skipped``.
+
+    Raises:
+        ConversionError: the source does not exist or yields no input.
+    """
+    from ..dicom import read_dicom
+
+    path = Path(source)
+    spec32 = spec.replace(dtype="float32")
+    if not path.exists():
+        raise ConversionError(f"{what} source {path} does not exist")
+    if path.is_file() and path.suffix.lower() == ".npy":
+        array = _load_npy(path, spec32)
+        return Inputs(array, [[f"{path.name}[{i}]"] for i in range(len(array))], str(path))
+    if not path.is_dir():
+        raise ConversionError(f"{what} source {path} must be a folder of DICOM files or .npy arrays, or a .npy file")
+    npy_files = sorted(path.rglob("*.npy"))
+    if npy_files:
+        arrays = [_load_npy(f, spec32) for f in npy_files]
+        keys = [[f"{f.name}[{i}]"] for f, a in zip(npy_files, arrays) for i in range(len(a))]
+        return Inputs(np.concatenate(arrays), keys, str(path))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _DICOM_SUFFIXES)
+    if not files:
+        raise ConversionError(f"no DICOM files (.dcm or no suffix) or .npy files in {what} folder {path}")
+    outputs, keys, skipped = [], [], []
+    with Progress(f"preprocessing {what} images", len(files), enabled=progress) as bar:
+        for file in files:
+            bar.update()
+            try:
+                image = read_dicom(file)
+                batch = preprocess(image, spec32)
+            except MedgeError as exc:
+                skipped.append(f"{file.name}: {exc}")
+                _LOG.warning("skipping %s file %s: %s", what, file.name, exc)
+                continue
+            outputs.append(batch)
+            for frame in range(batch.shape[0]):
+                name = file.name if batch.shape[0] == 1 else f"{file.name}#{frame}"
+                keys.append([name] + ([image.sop_instance_uid] if image.sop_instance_uid else []))
+    if not outputs:
+        raise ConversionError(f"none of the {len(files)} {what} files could be read:\n  " + "\n  ".join(skipped[:10]))
+    return Inputs(np.concatenate(outputs), keys, str(path), skipped)
+
+
+def _load_npy(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)  # never unpickle: .npy object arrays could run code
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot load {path.name} as a numpy array: {exc}") from exc
+    if array.ndim == 3:
+        array = array[None]
+    expected = spec.output_shape_per_image
+    if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+        raise ConversionError(f"{path.name} holds shape {array.shape}; inputs of (N, {', '.join(map(str, expected))}) "
+                              "are expected (already preprocessed with the spec)")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+@dataclass
+class ConversionResult:
+    bundle_path: Path
+    imported: ImportedModel
+    report: Optional[AccuracyReport]
+    calibration: Optional[CalibrationSummary]
+    engines: list[dict]
+    threshold_failures: list[str]
+    manifest: dict
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """'1:4:8' -> (1, 4, 8); '8' -> (1, 8, 8)."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        raise ConversionError(f"--batch must be MIN:OPT:MAX (e.g. 1:4:8), got {text!r}") from None
+    if len(parts) == 1:
+        parts = [1, parts[0], parts[0]]
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2] <= 4096:
+        raise ConversionError(f"--batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX <= 4096, got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def convert(
+    model: Any,
+    output: Path,
+    *,
+    spec: PreprocessSpec,
+    calibration: Any = None,
+    validation: Any = None,
+    labels: Optional[Path] = None,
+    precisions: Sequence[str] = PRECISIONS,
+    batch: Sequence[int] = (1, 4, 8),
+    engine: str = "tensorrt_rtx",
+    name: Optional[str] = None,
+    version: str = "1",
+    class_labels: Sequence[str] = (),
+    activation: str = "softmax",
+    positive_class: Optional[str] = None,
+    calibration_method: str = "entropy",
+    min_calibration_images: int = DEFAULT_MIN_CALIBRATION_IMAGES,
+    example_input: Optional[np.ndarray] = None,
+    compute_capabilities: Optional[Sequence[str]] = None,
+    workspace_bytes: Optional[int] = None,
+    optimization_level: int = 3,
+    timing_cache: Optional[Path] = None,
+    sign_key: Any = None,
+    overwrite: bool = False,
+    max_auc_drop: Optional[float] = None,
+    min_top1_agreement: Optional[float] = None,
+    max_abs_error: Optional[float] = None,
+    progress: Optional[bool] = None,
+    log: Callable[[str], None] = print,
+) -> ConversionResult:
+    """Convert ``model`` into a deployment bundle at ``output`` (a ``NAME.medge`` directory).
+
+    Args:
+        model: .onnx / .pt2 / TorchScript path, or a torch.nn.Module (with ``example_input``).
+        output: bundle path to write (refused if it exists, unless ``overwrite``).
+        spec: the PreprocessSpec the model was trained with; stored in the bundle.
+        calibration: DICOM folder / .npy for INT8 calibration (required for int8).
+        validation: DICOM folder / .npy for the accuracy report (default: none).
+        labels: CSV of validation labels (``filename`` or ``sop_instance_uid``, ``label``).
+        precisions: subset of fp32, fp16, int8 (fp32 is always made: it is the reference).
+        batch: (min, opt, max) of the optimisation profile.
+        engine: "tensorrt_rtx", "tensorrt" or "none".
+        class_labels, activation, positive_class: how outputs become predictions.
+        calibration_method: minmax, entropy or percentile.
+        min_calibration_images: refuse fewer calibration images.
+        example_input: (N, C, H, W) for nn.Module / TorchScript sources.
+        compute_capabilities: TensorRT-RTX targets, e.g. ["8.6", "8.9"].
+        workspace_bytes, optimization_level, timing_cache: engine build options.
+        sign_key: Ed25519 private key (PEM path) to sign the manifest.
+        overwrite: replace an existing bundle.
+        max_auc_drop, min_top1_agreement, max_abs_error: regression gates;
+            violations are listed in ``threshold_failures`` (the CLI exits 3).
+        progress: progress lines (None: on a terminal).
+        log: where step messages go.
+
+    Returns:
+        ConversionResult.
+
+    Raises:
+        ConversionError, BundleError, MissingDependency, MedgeError.
+    """
+    from ..bundle import BundleWriter
+
+    started = time.monotonic()
+    precisions = list(dict.fromkeys(["fp32", *precisions]))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ConversionError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+    if engine not in ENGINE_FLAVOURS:
+        raise ConversionError(f"engine must be one of {', '.join(ENGINE_FLAVOURS)}, got {engine!r}")
+    batch = tuple(int(b) for b in batch)
+    if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
+        raise ConversionError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}")
+    if "int8" in precisions and calibration is None:
+        raise ConversionError("int8 needs calibration images (--calib DIR): DICOMs that look like deployment data")
+    if labels is not None and validation is None:
+        raise ConversionError("--labels needs --val (the validation images they label)")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ConversionError(f"{output} already exists; choose another name or pass --overwrite")
+    writer = BundleWriter(output, overwrite=overwrite)  # fail on an unwritable destination before the long work
+    try:
+        return _convert(writer, model, output, spec, calibration, validation, labels, precisions, batch, engine, name,
+                        version, class_labels, activation, positive_class, calibration_method,
+                        min_calibration_images, example_input, compute_capabilities, workspace_bytes,
+                        optimization_level, timing_cache, sign_key, max_auc_drop, min_top1_agreement,
+                        max_abs_error, progress, log, started)
+    except BaseException:
+        writer.abort()  # an interrupted or failed conversion leaves no bundle and no temporary files
+        raise
+
+
+def _convert(writer, model, output, spec, calibration, validation, labels, precisions, batch, engine, name, version,
+             class_labels, activation, positive_class, calibration_method, min_calibration_images, example_input,
+             compute_capabilities, workspace_bytes, optimization_level, timing_cache, sign_key, max_auc_drop,
+             min_top1_agreement, max_abs_error, progress, log, started) -> ConversionResult:
+    with tempfile.TemporaryDirectory(prefix="medge-convert-") as tmp:
+        work = Path(tmp)
+        calib = load_inputs(calibration, spec, what="calibration", progress=progress) if calibration is not None else None
+        val = load_inputs(validation, spec, what="validation", progress=progress) if validation is not None else None
+
+        log("1/5 importing the model")
+        samples = calib.array[:4] if calib is not None else (val.array[:4] if val is not None else None)
+        imported = import_model(model, work, example_input=example_input if example_input is not None else samples,
+                                sample_inputs=samples)
+        expected = tuple(imported.input.shape[1:])
+        if expected != spec.output_shape_per_image:
+            raise ConversionError(
+                f"the model takes {expected} per image but the preprocessing spec produces "
+                f"{spec.output_shape_per_image}; fix --size / --channels or the spec file"
+            )
+        if imported.torch_check:
+            log(f"    ONNX Runtime vs PyTorch on {imported.torch_check['samples']} inputs: max abs error "
+                f"{imported.torch_check['max_abs_error']:.3g}")
+
+        log("2/5 making precision graphs: " + ", ".join(precisions))
+        graphs = {"fp32": imported.onnx_path}
+        graph_meta = {"fp32": {"input_dtype": "float32", "output_dtype": "float32"}}
+        calibration_summary = None
+        if "fp16" in precisions:
+            info = make_fp16(imported.onnx_path, work / "model.fp16.onnx")
+            graphs["fp16"] = work / "model.fp16.onnx"
+            graph_meta["fp16"] = {"input_dtype": info["input_dtype"], "output_dtype": info["output_dtype"]}
+        if "int8" in precisions:
+            calibration_summary = make_int8(
+                imported.onnx_path, work / "model.int8.onnx", calib.array, method=calibration_method,
+                batch_size=batch[1], min_images=min_calibration_images, source=calib.source, progress=progress)
+            graphs["int8"] = work / "model.int8.onnx"
+            graph_meta["int8"] = {"input_dtype": "float32", "output_dtype": "float32"}
+            log(f"    INT8: {calibration_summary.method} calibration on {calibration_summary.images} images, "
+                f"{calibration_summary.quantized_tensors} tensors quantised")
+
+        report, failures = None, []
+        if val is not None:
+            log(f"3/5 measuring accuracy on {len(val.array)} validation images at batch {', '.join(map(str, sorted(set(batch))))}")
+            label_array = read_labels(labels, val.keys, class_labels) if labels is not None else None
+            report = evaluate(graphs, val.array, batch_sizes=sorted(set(batch)), labels=label_array,
+                              class_labels=list(class_labels), activation=activation, positive_class=positive_class,
+                              progress=progress)
+            failures = check_thresholds(report, max_auc_drop=max_auc_drop, min_top1_agreement=min_top1_agreement,
+                                        max_abs_error=max_abs_error)
+        else:
+            log("3/5 no validation set (--val): accuracy not measured")
+            if any(v is not None for v in (max_auc_drop, min_top1_agreement, max_abs_error)):
+                failures.append("accuracy thresholds were given but there is no validation set (--val)")
+
+        engines: list[dict] = []
+        if engine != "none":
+            from .engine import build_engine
+
+            log(f"4/5 building {engine} engines")
+            for precision in precisions:
+                target = work / f"model.{precision}.{engine}.engine"
+                info = build_engine(graphs[precision], target, flavour=engine, precision=precision, batch=batch,
+                                    workspace_bytes=workspace_bytes, optimization_level=optimization_level,
+                                    timing_cache_path=timing_cache, compute_capabilities=compute_capabilities)
+                engines.append(info)
+                log(f"    {precision}: {info.size_bytes / 1e6:.2f} MB, layers {info.layer_precisions}, "
+                    f"{info.build_seconds:.1f} s")
+        else:
+            log("4/5 no engines (--engine none)")
+
+        log(f"5/5 writing the bundle {output}")
+        for precision, path in graphs.items():
+            graph_meta[precision]["file"] = writer.add_file(path, f"models/{path.name}")
+        engine_entries = []
+        for info in engines:
+            entry = info.to_manifest()
+            entry["file"] = writer.add_file(Path(info.file), f"engines/{Path(info.file).name}")
+            if info.layers_file:
+                entry["layers_file"] = writer.add_file(Path(info.layers_file), f"engines/{Path(info.layers_file).name}")
+            engine_entries.append(entry)
+        manifest = {
+            "model": {"name": name or _default_name(model), "version": str(version), "source": imported.source,
+                      "opset": imported.opset, "export_check": imported.torch_check},
+            "inputs": [t.to_manifest() for t in imported.inputs],
+            "outputs": [t.to_manifest() for t in imported.outputs],
+            "preprocess": spec.to_dict(),
+            "labels": list(class_labels),
+            "postprocess": {"activation": activation,
+                            "positive_class": report.positive_class if report else positive_class},
+            "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+            "graphs": graph_meta,
+            "calibration": calibration_summary.to_manifest() if calibration_summary else None,
+            "accuracy": report.to_manifest() if report else None,
+            "gates": {"passed": not failures, "failures": failures,
+                      "limits": {"max_auc_drop": max_auc_drop, "min_top1_agreement": min_top1_agreement,
+                                 "max_abs_error": max_abs_error}},
+            "engines": engine_entries,
+            "inputs_skipped": {"calibration": calib.skipped if calib else [], "validation": val.skipped if val else []},
+            "conversion_seconds": round(time.monotonic() - started, 2),
+        }
+        if report is not None:
+            manifest["reports"] = {"accuracy_json": writer.add_json(report.to_manifest(), "reports/accuracy.json"),
+                                   "accuracy_table": writer.add_file(report.table().encode() + b"\n",
+                                                                     "reports/accuracy.txt")}
+        bundle = writer.commit(manifest, sign_key=sign_key)
+    return ConversionResult(Path(bundle.path), imported, report, calibration_summary,
+                            engine_entries, failures, bundle.manifest)
+
+
+def _default_name(model: Any) -> str:
+    if isinstance(model, (str, Path)):
+        return Path(model).stem
+    return type(model).__name__

@@ -286,8 +286,8 @@ def _runnable(module):
 def _export_torch(module, example, target: Path, opset: int) -> None:
     torch = _torch()
     runnable = _runnable(module)
-    if hasattr(runnable, "eval"):
-        runnable.eval()
+    if module.__class__.__name__ != "ExportedProgram":
+        runnable.eval()  # an ExportedProgram was captured as it is; its module() refuses eval()
     attempts = [
         # The dynamo exporter (torch.export based, the maintained path) first ...
         # external_data=False: one self-contained file (the bundle hashes files; models here are far below 2 GB).

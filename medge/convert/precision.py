@@ -37,6 +37,10 @@ from .export import _onnx
 _LOG = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: Q/DQ goes on the inputs of these ops only (TensorRT's recommended placement): weighted ops and
+#: residual adds. Quantising ReLU as well would put a Q/DQ pair between each Conv and its ReLU,
+#: which keeps TensorRT from fusing bias + ReLU + requantisation into the int8 convolution.
+QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 #: Fewer calibration images than this give activation ranges that generalise poorly.
 DEFAULT_MIN_CALIBRATION_IMAGES = 32
 DEFAULT_PERCENTILE = 99.999
@@ -207,6 +211,10 @@ def make_int8(
             "QuantizeBias": False,  # TensorRT's parser rejects int32 bias DequantizeLinear
             "AddQDQPairToWeight": True,  # weights as float + Q/DQ: TensorRT folds them into int8 kernels
             "DedicatedQDQPair": False,
+            # No Q/DQ on the outputs of weighted ops: the float output flows through bias/ReLU and is
+            # quantised at the next weighted op's input, so TensorRT fuses conv + bias + ReLU + requantise,
+            # and the logits leave the network in float.
+            "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose", "Gemm", "MatMul"],
         }
         if method == "percentile":
             extra["CalibPercentile"] = float(percentile)
@@ -214,6 +222,7 @@ def make_int8(
         with contextlib.redirect_stdout(chatter):
             quantize_static(
                 str(quant_input), str(out_path), _Reader(),
+                op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                 quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=methods[method], extra_options=extra,

@@ -1237,7 +1237,8 @@ def _section_graphs(m: dict) -> list[str]:
         name = graph.get("file", "?")
         entry = files.get(name) if isinstance(name, str) else None
         size = _size(entry.get("size")) if isinstance(entry, dict) else ""
-        rows.append([str(precision), str(name), size, f"io {graph.get('io_dtype', '?')}"])
+        rows.append([str(precision), str(name), size,
+                     f"in {graph.get('input_dtype', '?')} -> out {graph.get('output_dtype', '?')}"])
     return ["Graphs"] + _table(rows)
 
 

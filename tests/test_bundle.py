@@ -38,8 +38,8 @@ def full_manifest() -> dict:
                        "std": [0.25], "dtype": "float16"},
         "labels": ["normal", "nodule", "effusion"],
         "postprocess": {"activation": "softmax"},
-        "graphs": {"fp32": {"file": "models/model.fp32.onnx", "io_dtype": "float32"},
-                   "int8": {"file": "models/model.int8.onnx", "io_dtype": "float32"}},
+        "graphs": {"fp32": {"file": "models/model.fp32.onnx", "input_dtype": "float32", "output_dtype": "float32"},
+                   "int8": {"file": "models/model.int8.onnx", "input_dtype": "float32", "output_dtype": "float32"}},
         "calibration": {"method": "percentile", "images": 512, "batches": 16, "percentile": 99.99},
         "accuracy": {"reference": "fp32", "results": [
             {"precision": "int8", "batch_size": 1, "measured": True, "reason": None, "max_abs_error": 0.0123,

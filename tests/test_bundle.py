@@ -486,7 +486,7 @@ def test_describe_full(signed, keys):
         "image", "[N, 1, 224, 224]", "logits",
         "224x224, 1 channel(s), float16", "window -600/1500 LINEAR", "letterbox (pad 0)",
         "Labels    3, softmax", "0:normal, 1:nodule, 2:effusion",
-        "fp32", "models/model.int8.onnx", "io float32",
+        "fp32", "models/model.int8.onnx", "in float32 -> out float32",
         "method percentile, images 512, batches 16, percentile 99.99",
         "Accuracy (reference fp32)", "max|err|", "0.0123", "0.9960", "0.9412",
         "int8 batch 8 not measured: engine build skipped",

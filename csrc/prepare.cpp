@@ -59,8 +59,8 @@ PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, i
     msg << "size " << image.height << " x " << image.width << " must be within 1.." << kMaxImageSide;
     fail_image(index, msg.str());
   }
-  if (image.row_stride < image.width || image.row_stride > kMaxImageSide * 4)
-    fail_image(index, "row stride must be at least the width (in elements)");
+  if (image.row_stride < image.width || image.row_stride > kMaxImageSide * 16)
+    fail_image(index, "row stride must be at least the width and at most 2^20 elements");
   const int64_t elem = pixel_type_size(image.pixel_type);
   const int64_t needed = ((image.height - 1) * image.row_stride + image.width) * elem;
   if (image.buffer_bytes < needed) {
@@ -187,8 +187,6 @@ PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, i
     p.region_top = 0;
     p.region_left = 0;
   }
-  p.scale_y = static_cast<float>(static_cast<double>(image.height) / p.region_height);
-  p.scale_x = static_cast<float>(static_cast<double>(image.width) / p.region_width);
   return p;
 }
 

@@ -68,11 +68,11 @@ struct AxisTable {
   std::vector<float> weights;  // taps per output coordinate, normalised
 };
 
-AxisTable build_axis(int32_t dst_size, float scale, int32_t in_size, bool antialias) {
+AxisTable build_axis(int32_t dst_size, int32_t in_size, bool antialias) {
   std::vector<AxisTaps> all(static_cast<size_t>(dst_size));
   AxisTable t;
   for (int32_t d = 0; d < dst_size; ++d) {
-    all[d] = detail::axis_taps(d, scale, in_size, antialias);
+    all[d] = detail::axis_taps(d, dst_size, in_size, antialias);
     t.taps = std::max(t.taps, all[d].count);
   }
   t.first.resize(static_cast<size_t>(dst_size));
@@ -349,8 +349,8 @@ void preprocess_cpu(const ImageParams* images, int64_t count, const OutputParams
   for (int64_t i = 0; i < count; ++i) {
     ImagePlan& plan = plans[static_cast<size_t>(i)];
     plan.image = detail::prepare_image(images[i], out, i);
-    plan.rows = build_axis(plan.image.region_height, plan.image.scale_y, plan.image.in_height, antialias);
-    plan.cols = build_axis(plan.image.region_width, plan.image.scale_x, plan.image.in_width, antialias);
+    plan.rows = build_axis(plan.image.region_height, plan.image.in_height, antialias);
+    plan.cols = build_axis(plan.image.region_width, plan.image.in_width, antialias);
   }
 
   const int32_t bands = static_cast<int32_t>((out.height + kBandRows - 1) / kBandRows);

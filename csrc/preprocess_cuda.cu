@@ -50,8 +50,8 @@ static_assert(sizeof(LaunchParams) <= 4000, "kernel parameters exceed the 4 KB l
 
 template <typename T>
 __device__ float resample_display(const PreparedImage& im, int32_t ry, int32_t rx, bool antialias) {
-  const AxisTaps ty = detail::axis_taps(ry, im.scale_y, im.in_height, antialias);
-  const AxisTaps tx = detail::axis_taps(rx, im.scale_x, im.in_width, antialias);
+  const AxisTaps ty = detail::axis_taps(ry, im.region_height, im.in_height, antialias);
+  const AxisTaps tx = detail::axis_taps(rx, im.region_width, im.in_width, antialias);
   float wx_total = 0.0f;
   for (int32_t kx = 0; kx < tx.count; ++kx) wx_total += detail::tap_weight(tx, kx);
   float acc = 0.0f, wy_total = 0.0f;

@@ -316,6 +316,16 @@ def test_centre_far_outside_a_small_container(device):
     assert_matches(out, reference_for(image, spec), spec)
 
 
+@pytest.mark.parametrize("in_shape,out_shape", [((3, 65536), (2, 17)), ((2, 40000), (3, 300)), ((5, 3), (7, 16384))])
+@pytest.mark.parametrize("resample", ["bilinear", "bilinear_antialias"])
+def test_extreme_sizes_keep_coordinate_precision(device, in_shape, out_shape, resample):
+    """Resampling coordinates are exact integer ratios: float32 coordinates would be off by ~1e-3 here."""
+    raw = np.random.default_rng(7).integers(0, 4096, size=in_shape, dtype=np.uint16)
+    image = make_image(raw)
+    spec = PreprocessSpec(*out_shape, voi="range", value_range=(0, 4095), resample=resample)
+    assert_matches(to_numpy(preprocess(image, spec, device=device)), reference_for(image, spec), spec)
+
+
 def test_multiframe_and_mixed_batch_order(device):
     rng = np.random.default_rng(3)
     frames = rng.integers(0, 4000, size=(3, 20, 30), dtype=np.uint16)

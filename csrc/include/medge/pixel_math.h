@@ -51,7 +51,6 @@ struct PreparedImage {
   float offset;
   // Where the image lands in the output (letterbox region; whole output for stretch).
   int32_t region_top, region_left, region_height, region_width;
-  float scale_y, scale_x;  // input pixels per output pixel inside the region
 };
 
 // Turns validated public parameters into a PreparedImage. Host only.
@@ -124,54 +123,65 @@ MEDGE_HD float load_display(const PreparedImage& im, int64_t y, int64_t x) {
 }
 
 // Taps of one output coordinate along one axis. `antialias` applies only
-// when shrinking (scale > 1); otherwise plain half-pixel bilinear.
+// when shrinking (in_size > region); otherwise plain half-pixel bilinear.
+//
+// Coordinates are exact: output d of a region of `region` pixels maps to the
+// input coordinate (2d + 1) * in / (2 * region) (pixel centres), a ratio of
+// integers, so its integer part and remainder are computed in int64 and only
+// the final fraction is rounded, once, to float. Float32 coordinates would
+// lose ~1e-3 of a pixel at 65536-pixel sizes and differ between compilers
+// (FMA contraction); these are identical on CPU and GPU at every size.
 struct AxisTaps {
-  int32_t first;   // first input index
-  int32_t count;   // number of taps (bilinear: 2, last may repeat the edge)
-  float center;    // antialias: filter centre in input pixels; bilinear: fraction toward first + 1
-  float support;   // antialias: filter half-width; 0 for bilinear
-  float inv_support;
+  int32_t first;     // first input index
+  int32_t count;     // number of taps
+  int32_t center_i;  // antialias: filter centre = center_i + center_f (input pixels);
+  float center_f;    // bilinear: center_f is the weight of the second tap
+  float inv_support;  // antialias: 1 / support (support = in / region); 0 for bilinear
 };
 
-MEDGE_HD AxisTaps axis_taps(int32_t dst, float scale, int32_t in_size, bool antialias) {
+MEDGE_HD AxisTaps axis_taps(int32_t dst, int32_t region, int32_t in_size, bool antialias) {
   AxisTaps t;
-  if (antialias && scale > 1.0f) {
-    // As PyTorch's _upsample_bilinear2d_aa: centre = scale * (dst + 0.5),
+  const int64_t den = 2 * static_cast<int64_t>(region);
+  const int64_t num = (2 * static_cast<int64_t>(dst) + 1) * in_size;  // centre * den
+  if (antialias && in_size > region) {
+    // As PyTorch's _upsample_bilinear2d_aa: support = scale = in / region,
     // taps in [int(centre - support + 0.5), int(centre + support + 0.5)).
-    float center = scale * (dst + 0.5f);
-    int32_t lo = static_cast<int32_t>(center - scale + 0.5f);
-    if (lo < 0) lo = 0;
-    int32_t hi = static_cast<int32_t>(center + scale + 0.5f);
+    t.center_i = static_cast<int32_t>(num / den);
+    t.center_f = static_cast<float>(num % den) / static_cast<float>(den);
+    // lo = floor(centre - support + 0.5) = floor((num - 2 in + region) / den), clamped at 0.
+    const int64_t lo_num = num - 2 * static_cast<int64_t>(in_size) + region;
+    int64_t lo = lo_num <= 0 ? 0 : lo_num / den;
+    // hi = floor(centre + support + 0.5) = floor((num + 2 in + region) / den), clamped at in_size.
+    int64_t hi = (num + 2 * static_cast<int64_t>(in_size) + region) / den;
     if (hi > in_size) hi = in_size;
-    t.first = lo;
-    t.count = hi - lo;
-    t.center = center;
-    t.support = scale;
-    t.inv_support = 1.0f / scale;
+    t.first = static_cast<int32_t>(lo);
+    t.count = static_cast<int32_t>(hi - lo);
+    t.inv_support = static_cast<float>(region) / static_cast<float>(in_size);
   } else {
-    float src = scale * (dst + 0.5f) - 0.5f;
-    if (src < 0.0f) src = 0.0f;
-    int32_t i0 = static_cast<int32_t>(src);
+    // src = centre - 0.5 = (num - region) / den, clamped at 0 (PyTorch align_corners=False).
+    const int64_t src_num = num - region;
+    const int64_t i0 = src_num <= 0 ? 0 : src_num / den;
+    t.center_i = 0;
+    t.inv_support = 0.0f;
     if (i0 >= in_size - 1) {
       // At (or past) the last sample the edge value is taken whole, as PyTorch does.
       t.first = in_size - 1;
       t.count = 1;
-      t.center = 0.0f;
+      t.center_f = 0.0f;
     } else {
-      t.first = i0;
+      t.first = static_cast<int32_t>(i0);
       t.count = 2;
-      t.center = src - static_cast<float>(i0);  // weight of the second tap
+      t.center_f = src_num <= 0 ? 0.0f : static_cast<float>(src_num % den) / static_cast<float>(den);
     }
-    t.support = 0.0f;
-    t.inv_support = 0.0f;
   }
   return t;
 }
 
 // Unnormalised weight of tap k (input index t.first + k).
 MEDGE_HD float tap_weight(const AxisTaps& t, int32_t k) {
-  if (t.support == 0.0f) return k == 0 ? 1.0f - t.center : t.center;
-  float d = (static_cast<float>(t.first + k) + 0.5f - t.center) * t.inv_support;
+  if (t.inv_support == 0.0f) return k == 0 ? 1.0f - t.center_f : t.center_f;
+  // Distance from the centre in exact integer pixels plus a small float part.
+  float d = (static_cast<float>(t.first + k - t.center_i) + (0.5f - t.center_f)) * t.inv_support;
   d = d < 0.0f ? -d : d;
   return d < 1.0f ? 1.0f - d : 0.0f;
 }

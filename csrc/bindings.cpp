@@ -190,5 +190,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_kernel_variant", &cpu_kernel_variant, "The CPU code path in use (e.g. 'x86-64 AVX2+FMA+F16C').");
   m.def("cuda_compiled", &cuda_compiled, "True when this build contains the CUDA kernels.");
   m.def("cuda_device_count", &cuda_device_count, "Visible CUDA devices (0 without driver or GPU; never raises).");
+  m.def("cuda_status", &cuda_status, "Why CUDA is or is not usable here, e.g. the driver error.");
   m.def("cuda_architectures", &cuda_architectures, "CUDA architectures embedded in this build.");
 }

@@ -121,6 +121,9 @@ void check_device_pointer(const void* ptr, int device, const std::string& what) 
   }
   if (attr.type == cudaMemoryTypeUnregistered)
     throw InvalidArgument(what + " points to ordinary host memory; the CUDA path needs device memory");
+  if (attr.type == cudaMemoryTypeHost && attr.devicePointer != ptr)
+    throw InvalidArgument(what + " is registered host memory whose device address differs from its host address; "
+                                 "pass the device pointer (cudaHostGetDevicePointer) or device memory");
   if (attr.type == cudaMemoryTypeDevice && attr.device != device) {
     std::ostringstream msg;
     msg << what << " is on device " << attr.device << " but the current device is " << device;
@@ -139,6 +142,20 @@ int cuda_device_count() {
     return 0;
   }
   return count;
+}
+
+std::string cuda_status() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    std::string status = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    // The static runtime reports a missing driver the same way as an old one.
+    if (err == cudaErrorInsufficientDriver)
+      status += " (no NVIDIA driver is installed, or it is older than this build's CUDA runtime needs)";
+    return status;
+  }
+  return std::to_string(count) + " CUDA device(s)";
 }
 
 std::string cuda_architectures() { return MEDGE_CUDA_ARCHITECTURES; }
@@ -160,7 +177,7 @@ void preprocess_cuda(const ImageParams* images, int64_t count, const OutputParam
   std::vector<PreparedImage> prepared(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) prepared[static_cast<size_t>(i)] = detail::prepare_image(images[i], out, i);
 
-  if (cuda_device_count() == 0) throw CudaError("no CUDA device is available (no driver or no GPU)");
+  if (cuda_device_count() == 0) throw CudaError("no CUDA device is available: " + cuda_status());
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) throw_cuda(err, "cudaGetDevice");

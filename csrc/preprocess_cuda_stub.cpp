@@ -11,6 +11,8 @@ int cuda_device_count() { return 0; }
 
 std::string cuda_architectures() { return ""; }
 
+std::string cuda_status() { return "this build has no CUDA kernels (nvcc was not found when it was built)"; }
+
 void preprocess_cuda(const ImageParams*, int64_t, const OutputParams&, void*, int64_t, cudaStream_t) {
   throw CudaError(
       "this medge build has no CUDA support (nvcc was not found when it was built); reinstall with "

@@ -52,7 +52,7 @@ def run(native, images: Any, spec: PreprocessSpec, out: Any, stream: Any, device
             "or reinstall medge with the CUDA toolkit on PATH"
         )
     if native.cuda_device_count() == 0:
-        raise BackendUnavailable("no CUDA device is visible (no NVIDIA driver or no GPU); use device='cpu'")
+        raise BackendUnavailable(f"no usable CUDA device ({native.cuda_status()}); use device='cpu'")
     if device < 0 or device >= native.cuda_device_count():
         raise BackendUnavailable(f"CUDA device {device} does not exist ({native.cuda_device_count()} visible)")
     from .runtime import cuda as mc
@@ -62,17 +62,32 @@ def run(native, images: Any, spec: PreprocessSpec, out: Any, stream: Any, device
         handle = own_stream.handle if own_stream is not None else mc.stream_handle(stream)
         views: list = []
         try:
-            result = _run_on_stream(native, mc, images, spec, out, handle, device, views)
+            result = _run_on_stream(native, mc, images, spec, out, handle, device, views, stream)
+            if own_stream is not None:
+                own_stream.synchronize()  # the result is complete when we return
         finally:
+            if own_stream is not None:
+                _quietly(own_stream.synchronize)  # on errors too: nothing may still read what we release
+            # Views are released only after the stream reached them (own stream). With the caller's
+            # stream the call is asynchronous: the caller keeps its arrays alive until its stream has
+            # consumed them, as for any stream-ordered API.
             for view in views:
                 view.release()
             if own_stream is not None:
-                own_stream.synchronize()
-                own_stream.close()
+                _quietly(own_stream.close)
     return result
 
 
-def _run_on_stream(native, mc, images: Any, spec: PreprocessSpec, out: Any, handle: int, device: int, views: list):
+def _quietly(action) -> None:
+    """Cleanup that must not mask the exception being handled."""
+    try:
+        action()
+    except Exception:  # noqa: BLE001 - reported by the primary error, if any
+        pass
+
+
+def _run_on_stream(native, mc, images: Any, spec: PreprocessSpec, out: Any, handle: int, device: int, views: list,
+                   caller_stream: Any):
     items = images if isinstance(images, (list, tuple)) else [images]
     params: list = []
     host: list[tuple[int, np.ndarray]] = []  # (index into params, frame) to stage
@@ -83,7 +98,9 @@ def _run_on_stream(native, mc, images: Any, spec: PreprocessSpec, out: Any, hand
             if view.ndim not in (2, 3):
                 raise PreprocessError(f"image {index}: device arrays must be 2-D or 3-D, got shape {view.shape}")
             itemsize = view.dtype.itemsize
-            if view.strides[-1] != itemsize or view.strides[-2] % itemsize or view.strides[-2] < view.shape[-1] * itemsize:
+            rows = view.shape[-2]
+            if view.strides[-1] != itemsize or (rows > 1 and (view.strides[-2] % itemsize
+                                                              or view.strides[-2] < view.shape[-1] * itemsize)):
                 raise PreprocessError(f"image {index}: device array rows must be contiguous")
             semantics = _device_semantics(view.shape, view.dtype)
             frame_stride = view.strides[0] if view.ndim == 3 else 0
@@ -91,7 +108,7 @@ def _run_on_stream(native, mc, images: Any, spec: PreprocessSpec, out: Any, hand
                 p = _frame_params(native, semantics, frame, spec, f"image {index}")
                 p.pixels_address = view.ptr + frame * frame_stride
                 p.height, p.width = view.shape[-2], view.shape[-1]
-                p.row_stride = view.strides[-2] // itemsize
+                p.row_stride = view.strides[-2] // itemsize if rows > 1 else view.shape[-1]
                 p.pixel_type = getattr(native.PixelType, view.dtype.name)
                 p.buffer_bytes = ((p.height - 1) * p.row_stride + p.width) * itemsize
                 params.append(p)
@@ -103,38 +120,43 @@ def _run_on_stream(native, mc, images: Any, spec: PreprocessSpec, out: Any, hand
                     params.append(p)
 
     staging = None
-    if host:
-        offsets, total = [], 0
-        for _, array in host:
-            offsets.append(total)
-            total += -(-array.nbytes // _STAGING_ALIGNMENT) * _STAGING_ALIGNMENT
-        staging = mc.DeviceBuffer(total, device=device)
-        for (slot, array), offset in zip(host, offsets):
-            mc.host_to_device(staging.ptr + offset, array, stream=handle)
-            p = params[slot]
-            p.pixels_address = staging.ptr + offset
-            p.height, p.width = array.shape
-            p.row_stride = array.shape[1]
-            p.pixel_type = getattr(native.PixelType, array.dtype.name)
-            p.buffer_bytes = array.nbytes
+    try:
+        if host:
+            offsets, total = [], 0
+            for _, array in host:
+                offsets.append(total)
+                total += -(-array.nbytes // _STAGING_ALIGNMENT) * _STAGING_ALIGNMENT
+            staging = mc.DeviceBuffer(total, device=device)
+            for (slot, array), offset in zip(host, offsets):
+                mc.host_to_device(staging.ptr + offset, array, stream=handle)
+                p = params[slot]
+                p.pixels_address = staging.ptr + offset
+                p.height, p.width = array.shape
+                p.row_stride = array.shape[1]
+                p.pixel_type = getattr(native.PixelType, array.dtype.name)
+                p.buffer_bytes = array.nbytes
 
-    shape = (len(params), *spec.output_shape_per_image)
-    if out is None:
-        result = mc.DeviceArray(shape, spec.dtype, device=device)
-        out_ptr, out_bytes = result.ptr, result.nbytes
-    else:
-        view = mc.as_device_view(out, stream=handle, require_writable=True, require_contiguous=True,
-                                 dtypes=(spec.dtype,), name="out")
-        views.append(view)
-        if tuple(view.shape) != shape:
-            raise PreprocessError(f"out must have shape {shape}, got {tuple(view.shape)}")
-        result, out_ptr, out_bytes = out, view.ptr, view.nbytes
+        shape = (len(params), *spec.output_shape_per_image)
+        if out is None:
+            result = mc.DeviceArray(shape, spec.dtype, device=device)
+            out_ptr, out_bytes = result.ptr, result.nbytes
+        else:
+            view = mc.as_device_view(out, stream=handle, require_writable=True, require_contiguous=True,
+                                     dtypes=(spec.dtype,), name="out")
+            views.append(view)
+            if tuple(view.shape) != shape:
+                raise PreprocessError(f"out must have shape {shape}, got {tuple(view.shape)}")
+            result, out_ptr, out_bytes = out, view.ptr, view.nbytes
 
-    native.preprocess_cuda(params, out_ptr, out_bytes, _output_params(native, spec), handle)
-    if staging is not None:
-        # The staged frames must outlive the kernel that reads them.
-        mc._synchronize(handle)
-        staging.close()
-    elif isinstance(result, mc.DeviceArray):
-        result.mark_pending(handle)
+        native.preprocess_cuda(params, out_ptr, out_bytes, _output_params(native, spec), handle)
+    finally:
+        if staging is not None:
+            # The staged frames must outlive every kernel that reads them (also when a later launch failed).
+            _quietly(lambda: mc._synchronize(handle))
+            staging.close()
+    if caller_stream is not None and isinstance(result, mc.DeviceArray) and staging is None:
+        # Asynchronous on the caller's stream: consumers of the result must order after it. Recorded
+        # with the caller's stream object, which the array keeps alive. (Work on a stream medge owns is
+        # synchronised before return, so such results have nothing pending.)
+        result.mark_pending(caller_stream)
     return result

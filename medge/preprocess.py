@@ -385,8 +385,13 @@ def preprocess(
             (torch, CuPy, pycuda, ...) for CUDA, written in place.
         stream: CUDA only: the stream to enqueue on (int handle, torch/CuPy
             stream, cuda-python stream or any ``__cuda_stream__`` object).
-            With a stream and device inputs and ``out``, the call is
-            asynchronous; otherwise medge synchronises before returning.
+            With a stream and only device inputs, the call is asynchronous
+            on it: inputs must stay alive and unchanged until the stream gets
+            there, and a returned DeviceArray reports the stream as pending
+            (``__cuda_array_interface__`` / DLPack order consumers after it).
+            Host inputs are staged through a temporary device buffer, so the
+            call then waits for the stream. Without a stream, medge uses its
+            own and returns only when the result is complete.
         num_threads: CPU only: worker threads (0 = all cores).
 
     Returns:

@@ -606,9 +606,28 @@ def test_cai_sync_can_be_skipped(no_pointer_query, stream_calls):
     assert stream_calls == [] and view.stream_sync == 5
 
 
-def test_cai_version_2_has_no_stream(no_pointer_query, stream_calls):
+def test_cai_version_2_is_ordered_after_the_legacy_default_stream(no_pointer_query, stream_calls):
+    """CAI v2 (torch) carries no stream: order conservatively after the legacy default stream."""
     view = as_device_view(FakeCAI(version=2))
-    assert stream_calls == [] and view.stream_sync is None
+    assert stream_calls == [("sync", 1)] and view.stream_sync is None
+    stream_calls.clear()
+    view = as_device_view(FakeCAI(version=2), stream=0x55)
+    assert stream_calls == [("order", 0x55, 1)] and view.stream_sync == 0x55
+    stream_calls.clear()
+    as_device_view(FakeCAI(version=2), sync=False)
+    assert stream_calls == []
+
+
+def test_dlpack_is_preferred_over_cai_when_both_are_offered(no_pointer_query):
+    """torch and CuPy offer both; DLPack's __dlpack__(stream=...) carries the producer's ordering."""
+
+    class Both(FakeCudaDLPack):
+        __cuda_array_interface__ = {"shape": (2, 3), "typestr": "<u2", "data": (FAKE_PTR, False), "version": 2}
+
+    producer = Both(shape=(2, 3), dtype=np.uint16, device=(DLDeviceType.CUDA, 0))
+    view = as_device_view(producer, stream=0x77)
+    assert producer.calls == [dict(stream=0x77, max_version=(1, 0))]
+    view.release()
 
 
 # ---------------------------------------------------------------------------

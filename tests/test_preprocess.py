@@ -29,7 +29,7 @@ def _cuda_skip_reason() -> str:
 
     if not _C.cuda_compiled():
         return "this medge build has no CUDA kernels (nvcc was not found at build time)"
-    return "no CUDA device visible (medge._C.cuda_device_count() == 0: no driver or no GPU)"
+    return f"no CUDA device visible ({_C.cuda_status()})"
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -1537,6 +1537,20 @@ def _validate_view(view: DeviceView, name: str, require_writable: bool, require_
         )
 
 
+# cudaStreamLegacy: the legacy default stream, which synchronises with blocking streams.
+_LEGACY_DEFAULT_STREAM = 1
+
+
+def _dlpack_cuda_device(obj: Any) -> bool:
+    """True when ``obj`` exports DLPack on a CUDA device (kDLCUDA or kDLCUDAManaged)."""
+    if not (hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__")):
+        return False
+    try:
+        return int(obj.__dlpack_device__()[0]) in (int(DLDeviceType.CUDA), int(DLDeviceType.CUDA_MANAGED))
+    except Exception:  # noqa: BLE001 - a failing protocol method means "not usable through DLPack"
+        return False
+
+
 def _view_from_cai(obj: Any, cai: Any, name: str, consumer: Optional[int], sync: bool) -> DeviceView:
     if not isinstance(cai, dict):
         raise PreprocessError(f"{name}: __cuda_array_interface__ of {_describe(obj)} is not a dict")
@@ -1571,7 +1585,13 @@ def _view_from_cai(obj: Any, cai: Any, name: str, consumer: Optional[int], sync:
     # stream with pending producer work. None: nothing to do. Otherwise the consumer's
     # stream waits on an event recorded there, or, with no consumer stream, the host
     # waits. 0 is disallowed by the spec; it is read as the legacy default stream.
-    producer = cai.get("stream") if int(cai.get("version", 0)) >= 3 else None
+    version = int(cai.get("version", 0))
+    producer = cai.get("stream") if version >= 3 else None
+    if version < 3 and sync:
+        # No stream information (CAI v2, e.g. torch): order after the legacy default stream,
+        # where such producers' work goes unless they say otherwise. Work on other producer
+        # streams is not covered: as_device_view prefers DLPack for objects that offer it.
+        producer = _LEGACY_DEFAULT_STREAM
     stream_sync: Optional[int] = None
     if producer is not None and sync:
         producer = int(producer)
@@ -1690,7 +1710,14 @@ def as_device_view(
             cai = obj.__cuda_array_interface__  # torch raises AttributeError for CPU tensors
         except AttributeError:
             cai = None
-        if cai is not None:
+        # CAI v3 says where producer work is pending; DLPack's __dlpack__(stream=...) orders it
+        # before our stream; CAI v2 (torch) can express neither, so DLPack is preferred over it.
+        cai_has_streams = isinstance(cai, dict) and int(cai.get("version", 0) or 0) >= 3
+        if cai is not None and cai_has_streams:
+            view = _view_from_cai(obj, cai, name, consumer, sync)
+        elif _dlpack_cuda_device(obj):
+            view = _view_from_dlpack(obj, name, consumer, sync)
+        elif cai is not None:
             view = _view_from_cai(obj, cai, name, consumer, sync)
         elif hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
             view = _view_from_dlpack(obj, name, consumer, sync)

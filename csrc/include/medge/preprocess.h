@@ -124,6 +124,10 @@ bool cuda_compiled();
 // no driver or no device (never throws).
 int cuda_device_count();
 
+// Why CUDA is or is not usable: "N CUDA device(s)", or the CUDA error (e.g.
+// cudaErrorInsufficientDriver when the driver is older than the runtime needs).
+std::string cuda_status();
+
 // Architectures this build embeds (e.g. "75;80;86;87;89;90;90-virtual"), empty without CUDA.
 std::string cuda_architectures();
 

@@ -1,0 +1,378 @@
+#!/usr/bin/env python
+"""Train the medge demo model and write it into medge/demo/ (ONNX, JSON metadata, state_dict).
+
+The demo model classifies synthetic chest CT slices (:mod:`medge.synthetic`)
+as ``no_lesion`` / ``lesion`` (lung nodule). Its inputs come from medge's own
+pipeline, exactly as deployment sees them: 512 x 512 CT Image Storage objects
+are serialised to DICOM Part 10 bytes, read back with ``medge.read_dicom``
+and preprocessed by ``medge.preprocess`` with the demo PreprocessSpec (the
+spec that goes into demo_model.json and from there into every bundle).
+
+Deterministic: fixed seeds, ``torch.use_deterministic_algorithms(True)``,
+a fixed number of CPU threads (default 1), no data-order randomness outside
+a seeded ``torch.Generator``. Two runs with the same torch version and
+thread count give the same weights, metrics and ONNX bytes.
+
+Seed ranges (constants in ``medge.demo``): training slices 100000+, held-out
+test slices 200000+, series seeds 0..9999 reserved for the demo calibration /
+validation sets that ``medge.demo.write_demo_dicoms`` (and so
+``medge-convert --demo``) writes.
+
+Usage (about 3 minutes on 2 CPU cores; needs torch, onnx, onnxruntime):
+
+    PYTHONPATH=. python tools/train_demo_model.py            # writes medge/demo/
+    PYTHONPATH=. python tools/train_demo_model.py --output /tmp/demo   # elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from anywhere in a source checkout
+    sys.path.insert(0, str(REPO))
+
+import medge  # noqa: E402
+from medge import demo  # noqa: E402
+from medge.synthetic import ct_slice_with_truth  # noqa: E402
+
+#: Model input size. The nodules have a radius of 2.5..5 % of the field of
+#: view, i.e. 3.2..6.4 pixels at 128: clearly resolved, while the 0.3..0.8
+#: pixel vessels stay sub-pixel. 128 keeps training to about a minute.
+INPUT_SIZE = 128
+
+#: Lung window (center, width) in HU: -1350..150 HU. It is the second window
+#: written in every synthetic slice (medge.synthetic.CT_WINDOWS) and the one
+#: radiologists read nodules in: the lungs (-850 HU) sit at ~0.33, vessels
+#: (-150 HU) at ~0.8 and nodules (40..80 HU) at ~0.94, so the network sees the
+#: nodule *and* the lung parenchyma around it. The soft-tissue window 40/400
+#: also shows the nodule (~0.55 on lungs clipped to 0), but throws away
+#: everything else inside the lungs.
+LUNG_WINDOW = (-600.0, 1500.0)
+
+EPOCHS = 10
+BATCH_SIZE = 32
+MAX_LR = 3e-3
+WEIGHT_DECAY = 1e-4
+TORCH_SEED = 0
+VERSION = "1.0.0"
+OPSET = 18
+
+
+def base_spec(mean: float = 0.0, std: float = 1.0) -> medge.PreprocessSpec:
+    return medge.PreprocessSpec(
+        height=INPUT_SIZE, width=INPUT_SIZE, channels=1, voi="window", window=LUNG_WINDOW,
+        voi_function="LINEAR", fit="stretch", resample="bilinear_antialias",
+        mean=(mean,), std=(std,), dtype="float32",
+    )
+
+
+def dicom_bytes(ds) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def make_set(seeds: range, spec: medge.PreprocessSpec, threads: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic slices -> DICOM bytes -> read_dicom -> preprocess. Odd index = nodule (balanced)."""
+    count = len(seeds)
+    x = np.empty((count, *spec.output_shape_per_image), np.float32)
+    y = np.empty(count, np.int64)
+    start = time.perf_counter()
+    chunk = 64
+    for first in range(0, count, chunk):
+        images = []
+        for index in range(first, min(first + chunk, count)):
+            ds, truth = ct_slice_with_truth(seed=seeds[index], size=demo.DEMO_DICOM_SIZE, lesion=bool(index % 2))
+            images.append(medge.read_dicom(dicom_bytes(ds)))
+            y[index] = int(truth.present)
+        medge.preprocess(images, spec, out=x[first:first + len(images)], num_threads=threads)
+    print(f"  {what}: {count} slices (seeds {seeds.start}..{seeds.stop - 1}) in {time.perf_counter() - start:.1f} s")
+    return x, y
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic (average ranks for ties)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average rank over each run of tied scores
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+        i = j + 1
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both classes")
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
+    p_lesion = softmax(logits.astype(np.float64))[:, 1]
+    predicted = (p_lesion >= 0.5).astype(np.int64)
+    positives, negatives = labels == 1, labels == 0
+    return {
+        "count": int(len(labels)),
+        "positives": int(positives.sum()),
+        "auc": round(roc_auc(labels, p_lesion), 6),
+        "accuracy": round(float((predicted == labels).mean()), 6),
+        "sensitivity": round(float(predicted[positives].mean()), 6),
+        "specificity": round(float(1 - predicted[negatives].mean()), 6),
+        "threshold": 0.5,
+    }
+
+
+def describe(name: str, m: dict) -> str:
+    return (f"{name}: AUC {m['auc']:.4f}  accuracy {m['accuracy']:.4f}  sensitivity {m['sensitivity']:.4f}  "
+            f"specificity {m['specificity']:.4f}  ({m['count']} slices, {m['positives']} with a nodule)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=REPO / "medge" / "demo",
+                        help="folder for demo_model.onnx/.json/.pt (default: medge/demo)")
+    parser.add_argument("--train-count", type=int, default=4000)
+    parser.add_argument("--test-count", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--min-auc", type=float, default=0.95, help="refuse to write a model below this held-out AUC")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch and preprocessing (fixed for reproducibility; default 1)")
+    args = parser.parse_args(argv)
+    if not 0 < args.train_count <= len(demo.TRAIN_SEEDS) or not 0 < args.test_count <= len(demo.TEST_SEEDS):
+        parser.error("--train-count / --test-count outside the seed ranges")
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from medge.demo.model import CHANNELS, DemoLesionNet
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(TORCH_SEED)
+    wall_start = time.perf_counter()
+
+    train_seeds = demo.TRAIN_SEEDS[:args.train_count]
+    test_seeds = demo.TEST_SEEDS[:args.test_count]
+
+    # Normalisation constants from the training set itself (first 256 slices,
+    # windowed to [0, 1]), rounded so the spec in the JSON is readable; then all
+    # data goes through the final spec, the exact one deployment uses.
+    print("data (512 x 512 DICOM -> read_dicom -> preprocess):")
+    probe, _ = make_set(train_seeds[:256], base_spec(), args.threads, "normalisation probe")
+    spec = base_spec(mean=round(float(probe.mean()), 3), std=round(float(probe.std()), 3))
+    print(f"  spec: {spec.to_json()}")
+    data_start = time.perf_counter()
+    x_train, y_train = make_set(train_seeds, spec, args.threads, "training")
+    x_test, y_test = make_set(test_seeds, spec, args.threads, "held-out test")
+    data_seconds = time.perf_counter() - data_start
+
+    model = DemoLesionNet()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: DemoLesionNet channels {CHANNELS}, {n_params} parameters")
+    steps_per_epoch = len(x_train) // BATCH_SIZE  # drop the ragged last batch (BatchNorm statistics)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=MAX_LR, weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=MAX_LR, total_steps=args.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(TORCH_SEED)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+
+    train_start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(xt), generator=generator)
+        flips = torch.rand(len(xt), generator=generator) < 0.5  # left-right flip: nodules occur in either lung
+        total_loss, correct = 0.0, 0
+        for step in range(steps_per_epoch):
+            idx = order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE]
+            xb, yb = xt[idx], yt[idx]
+            flip = flips[idx]
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            logits = model(xb)
+            loss = torch.nn.functional.cross_entropy(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+        seen = steps_per_epoch * BATCH_SIZE
+        print(f"  epoch {epoch + 1:2d}/{args.epochs}: loss {total_loss / seen:.4f}  train accuracy {correct / seen:.4f}  "
+              f"({time.perf_counter() - train_start:.0f} s)")
+    train_seconds = time.perf_counter() - train_start
+
+    model.eval()
+    with torch.no_grad():
+        torch_logits = torch.cat([model(torch.from_numpy(x_test[i:i + 100])) for i in range(0, len(x_test), 100)]).numpy()
+    test_metrics = metrics(y_test, torch_logits)
+    print(describe("held-out test (PyTorch)", test_metrics))
+    if test_metrics["auc"] < args.min_auc:
+        print(f"error: held-out AUC {test_metrics['auc']:.4f} is below {args.min_auc}; not writing the model",
+              file=sys.stderr)
+        return 1
+
+    # ---------------------------------------------------------------- export
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path, json_path, pt_path = out / "demo_model.onnx", out / "demo_model.json", out / "demo_model.pt"
+    exporter = export_onnx(model, onnx_path)
+    proto = onnx.load(str(onnx_path))
+    onnx.checker.check_model(proto, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    check_io(inferred)
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    ort_logits = np.concatenate([session.run(["logits"], {"image": x_test[i:i + 100]})[0]
+                                 for i in range(0, len(x_test), 100)])
+    single = session.run(["logits"], {"image": x_test[:1]})[0]
+    max_err = float(max(np.abs(ort_logits - torch_logits).max(), np.abs(single - torch_logits[:1]).max()))
+    print(f"onnxruntime vs torch on {len(x_test)} test slices: max |logit difference| {max_err:.2e}")
+    if max_err >= 1e-4:
+        print("error: ONNX export does not match PyTorch (>= 1e-4)", file=sys.stderr)
+        return 1
+    ort_metrics = metrics(y_test, ort_logits)
+    print(describe("held-out test (onnxruntime)", ort_metrics))
+
+    # The demo validation set, exactly as medge-convert --demo will see it: files on disk.
+    with tempfile.TemporaryDirectory(prefix="medge-demo-val-") as tmp:
+        files, labels_csv = demo.write_demo_dicoms(tmp, "validation")
+        labels = demo.read_labels(labels_csv)
+        x_val = medge.preprocess([medge.read_dicom(f) for f in files], spec, num_threads=args.threads)
+        y_val = np.array([labels[f.name] for f in files])
+    val_metrics = metrics(y_val, session.run(["logits"], {"image": x_val})[0])
+    print(describe(f"demo validation set (series seed {demo.DEMO_SERIES_SEEDS['validation']}, onnxruntime)", val_metrics))
+
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, pt_path)
+
+    import onnxruntime
+    metadata = {
+        "name": demo.DEMO_MODEL_NAME,
+        "version": VERSION,
+        "description": "Lung nodule present / absent on synthetic axial chest CT slices (medge.synthetic). "
+                       "A demonstration model: not for clinical use.",
+        "labels": list(demo.LABELS),
+        "activation": "softmax",
+        "input": {"name": "image", "shape": ["batch", *spec.output_shape_per_image], "dtype": "float32"},
+        "output": {"name": "logits", "shape": ["batch", len(demo.LABELS)], "dtype": "float32"},
+        "spec": spec.to_dict(),
+        "architecture": {"class": "medge.demo.model.DemoLesionNet", "channels": list(CHANNELS),
+                         "parameters": n_params},
+        "seeds": {
+            "train_slice_seeds": [train_seeds.start, train_seeds.stop - 1],
+            "test_slice_seeds": [test_seeds.start, test_seeds.stop - 1],
+            "reserved_series_seeds": [demo.RESERVED_SERIES_SEEDS.start, demo.RESERVED_SERIES_SEEDS.stop - 1],
+            "demo_series_seeds": dict(demo.DEMO_SERIES_SEEDS),
+            "labelling": "slice i of a set carries a nodule when i is odd (balanced)",
+            "dicom_size": demo.DEMO_DICOM_SIZE,
+        },
+        "metrics": {"test": ort_metrics, "test_pytorch": test_metrics, "demo_validation": val_metrics,
+                    "onnxruntime_vs_torch_max_abs_logit_error": max_err},
+        "training": {
+            "train_count": len(train_seeds), "test_count": len(test_seeds), "epochs": args.epochs,
+            "batch_size": BATCH_SIZE, "optimizer": "AdamW", "max_lr": MAX_LR, "weight_decay": WEIGHT_DECAY,
+            "schedule": "OneCycleLR", "augmentation": "random left-right flip",
+            "torch_seed": TORCH_SEED, "deterministic_algorithms": True, "threads": args.threads,
+            "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
+            "total_seconds": round(time.perf_counter() - wall_start, 1),
+            "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+            "onnxruntime_version": onnxruntime.__version__, "numpy_version": np.__version__,
+            "python_version": platform.python_version(), "medge_version": medge.__version__,
+        },
+        "onnx": {"file": onnx_path.name, "sha256": demo.file_sha256(onnx_path), "bytes": onnx_path.stat().st_size,
+                 "opset": OPSET, "exporter": exporter},
+        "weights": {"file": pt_path.name, "sha256": demo.file_sha256(pt_path), "format": "torch state_dict"},
+    }
+    json_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes, sha256 {metadata['onnx']['sha256']}), "
+          f"{pt_path.name}, {json_path.name}; total {metadata['training']['total_seconds']:.0f} s")
+    return 0
+
+
+def export_onnx(model, path: Path) -> str:
+    """FP32 ONNX with a dynamic batch axis named "batch". Returns the exporter used."""
+    import torch
+
+    example = torch.zeros(2, 1, INPUT_SIZE, INPUT_SIZE)
+    try:
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=OPSET, input_names=["image"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), optimize=True,
+            external_data=False, verbose=False,
+        )
+        program.save(str(path), external_data=False)
+        exporter = f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
+    except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter, and say so
+        print(f"  dynamo exporter failed ({type(exc).__name__}: {exc}); using the TorchScript exporter")
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=["image"],
+            output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
+        )
+        exporter = f"torch.onnx.export(dynamo=False), torch {torch.__version__}"
+    _name_batch_axis(path)
+    return exporter
+
+
+def _name_batch_axis(path: Path) -> None:
+    """Make the batch dimension's name exactly "batch" on input and output (exporters differ)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    changed = False
+    for value in (*proto.graph.input, *proto.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if dim.dim_param != "batch":
+            dim.Clear()
+            dim.dim_param = "batch"
+            changed = True
+    if changed:
+        onnx.save(proto, str(path))
+
+
+def check_io(proto) -> None:
+    def shape(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    inputs = {v.name: shape(v) for v in proto.graph.input}
+    outputs = {v.name: shape(v) for v in proto.graph.output}
+    expected_in = {"image": ["batch", 1, INPUT_SIZE, INPUT_SIZE]}
+    expected_out = {"logits": ["batch", len(demo.LABELS)]}
+    if inputs != expected_in or outputs != expected_out:
+        raise SystemExit(f"error: exported I/O {inputs} -> {outputs}, expected {expected_in} -> {expected_out}")
+    opset = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    if opset.get("ai.onnx", 0) < OPSET:
+        raise SystemExit(f"error: exported opset {opset} is below {OPSET}")
+    if any(init.data_location == onnx_external() for init in proto.graph.initializer):
+        raise SystemExit("error: exported model uses external data; it must be one file")
+
+
+def onnx_external() -> int:
+    import onnx
+
+    return onnx.TensorProto.EXTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

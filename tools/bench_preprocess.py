@@ -36,19 +36,7 @@ import time
 from typing import Callable
 
 import numpy as np
-
-
-def machine_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
+from _machine import machine_name  # tools/_machine.py (a script's folder is on sys.path)
 
 
 def median_ms(fn: Callable[[], object], repeat: int, warmup: int) -> tuple[float, list[float]]:

@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-count", type=int, default=4000)
     parser.add_argument("--test-count", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--pytorch-weights", type=Path, default=None,
+                        help="also save the PyTorch state_dict here (not shipped in the package)")
     parser.add_argument("--min-auc", type=float, default=0.95, help="refuse to write a model below this held-out AUC")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch and preprocessing (fixed for reproducibility; default 1)")
@@ -232,7 +234,10 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- export
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
-    onnx_path, json_path, pt_path = out / "demo_model.onnx", out / "demo_model.json", out / "demo_model.pt"
+    onnx_path, json_path = out / "demo_model.onnx", out / "demo_model.json"
+    # The package ships the ONNX model only (the trained weights, ~3.9 MB); the PyTorch state_dict
+    # (the same size again) is written only on request, e.g. to test the PyTorch import path with it.
+    pt_path = args.pytorch_weights
     exporter = export_onnx(model, onnx_path)
     proto = onnx.load(str(onnx_path))
     onnx.checker.check_model(proto, full_check=True)
@@ -264,7 +269,8 @@ def main(argv=None) -> int:
     print(describe(f"demo validation set (series seed {demo.DEMO_SERIES_SEEDS['validation']}, onnxruntime)", val_metrics))
 
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, pt_path)
+    if pt_path is not None:
+        torch.save(state, pt_path)
 
     import onnxruntime
     metadata = {
@@ -302,11 +308,12 @@ def main(argv=None) -> int:
         },
         "onnx": {"file": onnx_path.name, "sha256": demo.file_sha256(onnx_path), "bytes": onnx_path.stat().st_size,
                  "opset": OPSET, "exporter": exporter},
-        "weights": {"file": pt_path.name, "sha256": demo.file_sha256(pt_path), "format": "torch state_dict"},
+        "weights": ({"file": pt_path.name, "sha256": demo.file_sha256(pt_path), "format": "torch state_dict"}
+                    if pt_path is not None else None),
     }
     json_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes, sha256 {metadata['onnx']['sha256']}), "
-          f"{pt_path.name}, {json_path.name}; total {metadata['training']['total_seconds']:.0f} s")
+          f"{pt_path.name if pt_path else '(no .pt)'}, {json_path.name}; total {metadata['training']['total_seconds']:.0f} s")
     return 0
 
 

@@ -7,8 +7,10 @@ Package data (written by ``tools/train_demo_model.py``, never edited by hand):
   (softmax for probabilities); dynamic batch axis named ``batch``.
 - ``demo_model.json``: metadata: the PreprocessSpec the model was trained
   with, labels, seed ranges, held-out metrics, SHA-256 of the ONNX file.
-- ``demo_model.pt``: the PyTorch state_dict of :class:`medge.demo.model.DemoLesionNet`
-  (``medge/demo/model.py``, which needs torch; this module does not).
+- the PyTorch state_dict of :class:`medge.demo.model.DemoLesionNet` is not
+  shipped (the ONNX file holds the trained weights); ``tools/train_demo_model.py
+  --pytorch-weights demo_model.pt`` writes it, and ``demo_weights_path()`` finds
+  it here when present.
 
 Seeds (all synthetic, see :mod:`medge.synthetic`):
 

@@ -180,6 +180,24 @@ def test_int8_refuses_bad_calibration(tmp_path):
         make_int8(fp32, tmp_path / "q.onnx", bad, min_images=1)
 
 
+def test_onnxruntime_target_uses_its_own_placement(tmp_path):
+    """The ONNX Runtime graph quantises conv outputs too (QLinearConv fusion), with uint8 activations."""
+    fp32 = tiny_cnn_onnx(tmp_path / "m.onnx")
+    trt = make_int8(fp32, tmp_path / "t.onnx", calibration_inputs(), min_images=16, target="tensorrt")
+    ort_ = make_int8(fp32, tmp_path / "o.onnx", calibration_inputs(), min_images=16, target="onnxruntime")
+    assert (trt.activation_dtype, ort_.activation_dtype) == ("int8", "uint8")
+
+    def consumers_of_conv_output(path):
+        model = onnx.load(str(path))
+        conv_out = next(n.output[0] for n in model.graph.node if n.op_type == "Conv")
+        return [n.op_type for n in model.graph.node if conv_out in n.input]
+
+    assert consumers_of_conv_output(tmp_path / "t.onnx") == ["Relu"]  # TensorRT fuses bias + ReLU + requantise
+    assert consumers_of_conv_output(tmp_path / "o.onnx") == ["QuantizeLinear"]
+    with pytest.raises(ConversionError, match="INT8 target"):
+        make_int8(fp32, tmp_path / "x.onnx", calibration_inputs(), min_images=16, target="tflite")
+
+
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_every_calibration_method_runs(tmp_path, method):
     summary = make_int8(tiny_cnn_onnx(tmp_path / "m.onnx"), tmp_path / "q.onnx", calibration_inputs(),
@@ -272,12 +290,14 @@ def test_convert_writes_a_verified_bundle(tmp_path, dicom_sets):
     bundle = Bundle.open(result.bundle_path)
     bundle.verify()
     manifest = bundle.manifest
-    assert set(manifest["graphs"]) == {"fp32", "fp16", "int8"}
+    assert set(manifest["graphs"]) == {"fp32", "fp16", "int8", "int8-ort"}
     assert manifest["graphs"]["fp16"]["input_dtype"] == "float16"
+    assert manifest["graphs"]["int8"]["target"] == "tensorrt"
+    assert manifest["graphs"]["int8-ort"]["quantization"]["activation_dtype"] == "uint8"
     assert PreprocessSpec.from_dict(manifest["preprocess"]) == SPEC
     assert manifest["calibration"]["images"] == 20
     assert any("broken.dcm" in s for s in manifest["inputs_skipped"]["calibration"])
-    assert len(manifest["accuracy"]["results"]) == 9
+    assert len(manifest["accuracy"]["results"]) == 12  # 4 graphs x batch 1, 4, 8
     assert manifest["profile"] == {"min": 1, "opt": 4, "max": 8}
     assert manifest["gates"]["passed"]
 

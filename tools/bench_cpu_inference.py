@@ -3,7 +3,8 @@
 
 Measured side by side in one run, at one batch size (default 8), on inputs
 made by medge's own preprocessing of the demo validation DICOMs. The graphs
-are those of a bundle made by ``medge-convert --demo`` (or built here when no
+are those of a bundle made by ``medge-convert --demo`` (both INT8 graphs: the
+TensorRT-placed one the engines are built from, and ONNX Runtime's own) (or built here when no
 bundle is given). PyTorch eager runs ``medge.demo.model.DemoLesionNet``: with
 ``medge/demo/demo_model.pt`` present (``tools/train_demo_model.py
 --pytorch-weights``) those trained weights, otherwise the same architecture
@@ -72,13 +73,15 @@ def main(argv=None) -> int:
         x = medge.preprocess([medge.read_dicom(f) for f in files], demo.demo_spec())
 
         rows = []
-        for precision in ("int8", "fp32"):
+        labels = {"int8-ort": "INT8 graph, ONNX Runtime's Q/DQ placement", "int8": "INT8 graph, TensorRT's Q/DQ placement",
+                  "fp32": "FP32 graph"}
+        for precision in ("int8-ort", "int8", "fp32"):
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             session = ort.InferenceSession(str(graphs[precision]), options, providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
             seconds = timed(lambda: session.run(None, {name: x}), args.repeat, args.warmup)
-            rows.append({"name": f"ONNX Runtime CPU, {precision.upper()} graph", "median_ms": seconds * 1e3})
+            rows.append({"name": f"ONNX Runtime CPU, {labels[precision]}", "median_ms": seconds * 1e3})
 
         from medge.demo.model import DemoLesionNet
 

@@ -251,21 +251,29 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
                 f"{imported.torch_check['max_abs_error']:.3g}")
 
         log("2/5 making precision graphs: " + ", ".join(precisions))
+        # Graph name -> file; "int8" (TensorRT's Q/DQ placement, the engines' source) and "int8-ort"
+        # (ONNX Runtime's placement, for its CPU backend) are both INT8, from the same calibration data.
         graphs = {"fp32": imported.onnx_path}
-        graph_meta = {"fp32": {"input_dtype": "float32", "output_dtype": "float32"}}
+        graph_meta = {"fp32": {"precision": "fp32", "target": "any", "input_dtype": "float32",
+                               "output_dtype": "float32"}}
         calibration_summary = None
         if "fp16" in precisions:
             info = make_fp16(imported.onnx_path, work / "model.fp16.onnx")
             graphs["fp16"] = work / "model.fp16.onnx"
-            graph_meta["fp16"] = {"input_dtype": info["input_dtype"], "output_dtype": info["output_dtype"]}
+            graph_meta["fp16"] = {"precision": "fp16", "target": "any", "input_dtype": info["input_dtype"],
+                                  "output_dtype": info["output_dtype"]}
         if "int8" in precisions:
-            calibration_summary = make_int8(
-                imported.onnx_path, work / "model.int8.onnx", calib.array, method=calibration_method,
-                batch_size=batch[1], min_images=min_calibration_images, source=calib.source, progress=progress)
-            graphs["int8"] = work / "model.int8.onnx"
-            graph_meta["int8"] = {"input_dtype": "float32", "output_dtype": "float32"}
-            log(f"    INT8: {calibration_summary.method} calibration on {calibration_summary.images} images, "
-                f"{calibration_summary.quantized_tensors} tensors quantised")
+            for graph, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):
+                summary = make_int8(
+                    imported.onnx_path, work / f"model.{graph}.onnx", calib.array, method=calibration_method,
+                    batch_size=batch[1], min_images=min_calibration_images, source=calib.source, target=target,
+                    progress=progress)
+                graphs[graph] = work / f"model.{graph}.onnx"
+                graph_meta[graph] = {"precision": "int8", "target": target, "input_dtype": "float32",
+                                     "output_dtype": "float32", "quantization": summary.to_manifest()}
+                calibration_summary = calibration_summary or summary
+                log(f"    INT8 for {target}: {summary.method} calibration on {summary.images} images, "
+                    f"{summary.quantized_tensors} tensors quantised")
 
         report, failures = None, []
         if val is not None:

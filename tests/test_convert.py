@@ -334,3 +334,22 @@ def test_cli_gate_failure_exits_3_and_user_error_exits_2(tmp_path, dicom_sets, c
     assert main([str(model), "-o", str(tmp_path / "x.medge"), "--engine", "none"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medge-convert: error:") and "Traceback" not in err
+
+
+def test_signed_bundle_through_the_command_lines(tmp_path, dicom_sets, capsys):
+    """keygen -> medge-convert --sign-key -> medge inspect --trusted-key; another key is refused."""
+    pytest.importorskip("cryptography", reason='cryptography is not installed: pip install "medge[convert]"')
+    from medge.cli.convert import main as convert_main
+    from medge.cli.main import main as medge_main
+
+    assert medge_main(["keygen", str(tmp_path / "k.pem"), str(tmp_path / "k.pub.pem")]) == 0
+    assert medge_main(["keygen", str(tmp_path / "other.pem"), str(tmp_path / "other.pub.pem")]) == 0
+    bundle = tmp_path / "signed.medge"
+    assert convert_main([str(tiny_cnn_onnx(tmp_path / "m.onnx")), "--precision", "fp32", "--size", "32", "32",
+                         "--window", "-600", "1500", "--engine", "none", "--sign-key", str(tmp_path / "k.pem"),
+                         "-o", str(bundle)]) == 0
+    capsys.readouterr()
+    assert medge_main(["inspect", str(bundle), "--trusted-key", str(tmp_path / "k.pub.pem")]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert medge_main(["inspect", str(bundle), "--trusted-key", str(tmp_path / "other.pub.pem")]) == 2
+    assert "medge: error:" in capsys.readouterr().err

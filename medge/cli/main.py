@@ -182,7 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     from . import inspect_cmd
 
     inspect_cmd.add_parser(sub)
+
+    keygen = sub.add_parser(
+        "keygen", help="create an Ed25519 key pair for signing bundles (medge-convert --sign-key)",
+        description="Create an Ed25519 key pair: the private key (PEM, mode 0600) signs bundles with "
+                    "medge-convert --sign-key; the public key is what deployments trust "
+                    "(medge inspect --trusted-key, medge.load(trusted_key=...)). Existing files are never overwritten.")
+    keygen.add_argument("private_key", help="where to write the private key (PEM)")
+    keygen.add_argument("public_key", help="where to write the public key (PEM)")
+    keygen.set_defaults(func=cmd_keygen)
     return parser
+
+
+def cmd_keygen(args) -> int:
+    from ..bundle import generate_signing_key
+
+    fingerprint = generate_signing_key(args.private_key, args.public_key)
+    print(f"wrote {args.private_key} (keep it secret) and {args.public_key}; public key SHA-256 {fingerprint}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,11 +20,11 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import BackendUnavailable, DicomError, MedgeError, PreprocessError, SpecError
+from .errors import DicomError, MedgeError, PreprocessError, SpecError
 from .image import VOI_FUNCTIONS, FrameTransform, Image, PixelSemantics
 
 __all__ = ["PreprocessSpec", "preprocess", "cuda_available", "SPEC_SCHEMA_VERSION"]

@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime", reason='onnxruntime is not installed: pip ins
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from medge import PreprocessSpec  # noqa: E402
-from medge.convert.export import check_onnx, import_model, ort_session  # noqa: E402
+from medge.convert.export import import_model, ort_session  # noqa: E402
 from medge.convert.precision import make_fp16, make_int8  # noqa: E402
 from medge.convert.validate import check_thresholds, evaluate, read_labels, roc_auc  # noqa: E402
 from medge.errors import ConversionError  # noqa: E402

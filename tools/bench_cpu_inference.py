@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from _machine import machine_name  # tools/_machine.py (a script's folder is on sys.path)
 
 

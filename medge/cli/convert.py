@@ -164,15 +164,10 @@ def print_summary(result) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._run import run_command
+
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except MedgeError as exc:
-        print(f"medge-convert: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("medge-convert: interrupted; no bundle was written", file=sys.stderr)
-        return 130
+    return run_command("medge-convert", lambda: run(args), interrupted="interrupted; no bundle was written")
 
 
 if __name__ == "__main__":

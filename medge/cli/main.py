@@ -203,15 +203,10 @@ def cmd_keygen(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._run import run_command
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MedgeError as exc:
-        print(f"medge: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("medge: interrupted", file=sys.stderr)
-        return 130
+    return run_command("medge", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def import_model(
     if opset < MIN_OPSET:
         raise ConversionError(f"opset {opset} is below the minimum {MIN_OPSET}")
 
-    module, source, torch_inputs = None, None, None
+    module, source = None, None
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.exists():

@@ -523,3 +523,40 @@ def test_full_tensorrt_timing_cache_is_saved_and_reused(onnx_models, tmp_path, c
     with caplog.at_level(logging.INFO, logger="medge.convert.engine"):
         _build_full(onnx_models["fp16"], tmp_path / "b.plan", precision="fp16", batch=(1, 2, 4), timing_cache_path=cache)
     assert "reusing timing cache" in caplog.text
+
+
+def test_rtx_callbacks_run_with_the_cyclic_gc_paused(onnx_models, tmp_path, monkeypatch):
+    """Regression (a silent deadlock seen in a full test run): a cyclic-GC pass inside TensorRT's logger
+    callback finalised another IBuilder, whose destructor took the lock createInferBuilder held. The
+    invariant that prevents it: TensorRT never calls back into Python with the GC enabled, and the GC's
+    previous state is restored afterwards, on failure too."""
+    import gc
+
+    pytest.importorskip("tensorrt_rtx", reason='tensorrt_rtx not installed: pip install "medge[rtx]"')
+    from medge.convert import engine
+
+    states = []
+    make_logger = engine._make_logger
+
+    def recording_logger(trt):
+        logger = make_logger(trt)
+        log = type(logger).log
+
+        def recording_log(self, severity, message):
+            states.append(gc.isenabled())
+            return log(self, severity, message)
+
+        type(logger).log = recording_log
+        return logger
+
+    monkeypatch.setattr(engine, "_make_logger", recording_logger)
+    assert gc.isenabled()
+    engine.build_engine(onnx_models["fp32"], tmp_path / "e.engine", flavour="tensorrt_rtx", precision="fp32",
+                        batch=(1, 1, 2))
+    assert states and not any(states), "TensorRT called back into Python with the GC enabled"
+    assert gc.isenabled()
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ConversionError):
+        engine.build_engine(broken, tmp_path / "b.engine", flavour="tensorrt_rtx", precision="fp32")
+    assert gc.isenabled()

@@ -35,6 +35,7 @@ source was used (``"source": "engine-inspector"`` or ``"builder-log"``).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -296,6 +297,14 @@ def build_engine(onnx_path: Union[str, os.PathLike], output_path: Union[str, os.
     trt = _import_flavour(flavour)
     label = f"{_LABELS[flavour]} {trt.__version__}"
     stage = _Stages(progress, f"building {_LABELS[flavour]} engine")
+    builder = network = parser = config = None
+    gc_was_enabled = gc.isenabled()
+    # TensorRT calls back into Python (our logger) while holding its own locks. A cyclic-GC pass
+    # started there can finalise another TensorRT object whose destructor takes the same lock: a
+    # self-deadlock (seen with tensorrt-rtx 1.7: createInferBuilder -> PyLogger::log -> gc ->
+    # ~IBuilder -> pthread_mutex_lock). So the cyclic GC is paused for the build, and the objects
+    # are released explicitly, in reverse order, before it resumes.
+    gc.disable()
     try:
         logger = _make_logger(trt)
 
@@ -377,6 +386,9 @@ def build_engine(onnx_path: Union[str, os.PathLike], output_path: Union[str, os.
         stage("done")
     finally:
         stage.close()
+        parser = network = config = builder = None  # release now, outside any TensorRT call
+        if gc_was_enabled:
+            gc.enable()
 
     if flavour == "tensorrt_rtx" and compute_capabilities is None:
         targets = list(RTX_DEFAULT_COMPUTE_CAPABILITIES)

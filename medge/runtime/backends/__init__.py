@@ -1,0 +1,1 @@
+"""Inference backends behind one contract (base.Backend): ONNX Runtime and TensorRT / TensorRT-RTX."""

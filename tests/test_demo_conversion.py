@@ -19,11 +19,8 @@ from medge.errors import BundleError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from medge.convert.demo import convert_demo
-
-    output = tmp_path_factory.mktemp("demo") / "demo.medge"
-    return convert_demo(output, engine="tensorrt_rtx", log=lambda _: None)
+def demo(demo_bundle):
+    return demo_bundle  # converted once per session (tests/conftest.py), with TensorRT-RTX engines here
 
 
 def test_demo_meets_the_accuracy_targets(demo):

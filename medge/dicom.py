@@ -84,6 +84,8 @@ _DECODER_INSTALL_HINTS = {
     "1.2.840.10008.1.2.5": "pip install pylibjpeg pylibjpeg-rle",
 }
 _EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+#: Uncompressed little-endian transfer syntaxes (Implicit VR, Explicit VR): pixels are read in place.
+_NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 _EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _ENCAPSULATION_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: first item of encapsulated data
 
@@ -595,24 +597,16 @@ def _image_from_dataset(ds: "Dataset", max_pixels: int) -> Image:
                 f"{expected_bytes} ({frames} frame(s) of {rows} x {columns} x {bits_allocated} bits)"
             )
 
-    try:
-        array, _ = decoder.as_array(
-            ds,
-            raw=True,  # no colour conversion; greyscale anyway
-            # Override pydicom's own parsing of the header with the values
-            # validated above, and never return more frames than announced.
-            rows=rows, columns=columns, number_of_frames=frames, samples_per_pixel=1,
-            bits_allocated=bits_allocated, bits_stored=bits_stored,
-            pixel_representation=pixel_representation, photometric_interpretation=photometric_raw,
-            allow_excess_frames=False,
-        )
-    except Exception as exc:  # plugins raise RuntimeError, ValueError, their own types...
-        from pydicom.uid import UID
-
-        raise DicomError(
-            f"the {UID(transfer_syntax).name} pixel data could not be decoded ({type(exc).__name__}): "
-            "the compressed data is damaged or inconsistent with the header"
-        ) from exc
+    if (not decoder.is_encapsulated and pixel_keyword == "PixelData"
+            and transfer_syntax in _NATIVE_LITTLE_ENDIAN and bits_allocated in (8, 16, 32)):
+        # Native little-endian data needs no decoder: view the element's bytes in place (zero copy;
+        # the length was checked above). pydicom's pixel_array would copy and re-shift them, the
+        # largest single cost of reading a CT slice.
+        array = np.frombuffer(data, dtype=expected_dtype.newbyteorder("<"), count=pixels_claimed)
+        array = array.reshape(frames, rows, columns)
+    else:
+        array = _decode(decoder, ds, transfer_syntax, rows, columns, frames, bits_allocated, bits_stored,
+                        pixel_representation, photometric_raw)
 
     array = _normalise_array(array, expected_dtype, rows, columns, frames, bits_stored, pixel_representation)
     semantics = PixelSemantics(
@@ -637,6 +631,31 @@ def _image_from_dataset(ds: "Dataset", max_pixels: int) -> Image:
     return image
 
 
+def _decode(decoder, ds, transfer_syntax, rows, columns, frames, bits_allocated, bits_stored, pixel_representation,
+            photometric_raw) -> np.ndarray:
+    """Decode through pydicom's decoder (compressed or big-endian data)."""
+    try:
+        array, _ = decoder.as_array(
+            ds,
+            raw=True,  # no colour conversion; greyscale anyway
+            # Override pydicom's own parsing of the header with the values
+            # validated above, and never return more frames than announced.
+            rows=rows, columns=columns, number_of_frames=frames, samples_per_pixel=1,
+            bits_allocated=bits_allocated, bits_stored=bits_stored,
+            pixel_representation=pixel_representation, photometric_interpretation=photometric_raw,
+            allow_excess_frames=False,
+        )
+    except Exception as exc:  # plugins raise RuntimeError, ValueError, their own types...
+        from pydicom.uid import UID
+
+        raise DicomError(
+            f"the {UID(transfer_syntax).name} pixel data could not be decoded ({type(exc).__name__}): "
+            "the compressed data is damaged or inconsistent with the header"
+        ) from exc
+
+    return array
+
+
 def _normalise_array(array: np.ndarray, expected: np.dtype, rows: int, columns: int, frames: int,
                      bits_stored: int, pixel_representation: int) -> np.ndarray:
     """Check the decoded array against the header; return it (frames, rows, columns), native, masked."""
@@ -658,12 +677,14 @@ def _normalise_array(array: np.ndarray, expected: np.dtype, rows: int, columns: 
         )
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    if not array.flags.writeable or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array).copy()
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
 
     if array.dtype.kind in "iu":
         container = array.dtype.itemsize * 8
         if bits_stored < container:
+            if not array.flags.writeable:  # a zero-copy view of the file's bytes: mask a copy
+                array = array.copy()
             # pydicom already masks / sign-extends unused high bits; doing it
             # again is idempotent and keeps the guarantee whatever the decoder.
             shift = container - bits_stored

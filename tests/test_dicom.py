@@ -627,7 +627,8 @@ def test_decompression_bomb_refused_before_decoding(monkeypatch):
 
 @pytest.mark.parametrize("bad", ["shape", "dtype", "itemsize"])
 def test_decoded_array_must_agree_with_the_header(monkeypatch, bad):
-    ds = small_ct()
+    # RLE goes through a decoder (native little-endian data is viewed in place, without one).
+    ds = synthetic.rle(seed=0, size=16)
     good = ds.pixel_array
     wrong = {"shape": good[:8], "dtype": good.view(np.uint16), "itemsize": good.astype(np.int32)}[bad]
     monkeypatch.setattr(Decoder, "as_array", lambda self, src, **kw: (wrong, {}))
@@ -777,3 +778,16 @@ def test_modules_import_without_pydicom():
                             cwd=pathlib.Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert "(8, 8)" in result.stdout
+
+
+def test_native_little_endian_pixels_are_read_in_place():
+    """Uncompressed little-endian data is viewed in place (zero copy, read-only) and equals pydicom's decode;
+    junk high bits still come out masked (on a copy)."""
+    ds = synthetic.ct_slice(seed=2, size=32, lesion=True)
+    image = read_dicom(ds)
+    np.testing.assert_array_equal(image.pixels[0], ds.pixel_array)
+    assert not image.pixels.flags.writeable
+    assert np.shares_memory(image.pixels, np.frombuffer(ds.PixelData, np.uint8))
+    cr = synthetic.monochrome1_cr(seed=0, size=32)  # 12 bits stored, junk in the top 4
+    masked = read_dicom(cr).pixels
+    assert int(masked.max()) < 4096 and not np.shares_memory(masked, np.frombuffer(cr.PixelData, np.uint8))

@@ -5,7 +5,7 @@ Public API (everything else is private):
 - ``read_dicom`` -> ``Image`` (stored values + ``PixelSemantics``)
 - ``PreprocessSpec`` and ``preprocess`` (fused C++ / CUDA preprocessing)
 - ``cuda_available``
-- ``load`` -> ``Model`` (``predict``, ``predict_batch`` -> ``Prediction``)
+- ``load`` -> ``Model`` (``predict``, ``predict_batch`` -> ``Prediction``), ``Batcher``
 - ``errors``: ``MedgeError`` and its subclasses
 
 ``import medge`` needs only numpy and pydicom; optional heavy dependencies
@@ -58,6 +58,7 @@ from .dicom import read_dicom  # noqa: E402
 from .errors import MedgeError  # noqa: E402
 from .image import FrameTransform, Image, PixelSemantics, Window  # noqa: E402
 from .preprocess import PreprocessSpec, cuda_available, preprocess  # noqa: E402
+from .runtime.batcher import Batcher  # noqa: E402
 from .runtime.model import Model, Prediction, load  # noqa: E402
 
 __all__ = [
@@ -75,4 +76,5 @@ __all__ = [
     "load",
     "Model",
     "Prediction",
+    "Batcher",
 ]

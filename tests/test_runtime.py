@@ -168,3 +168,24 @@ def test_medge_run_writes_one_line_per_image_and_reports_failures(demo_bundle, v
     csv_out = tmp_path / "r.csv"
     assert main(["run", str(demo_bundle.bundle_path), str(files[0]), "--out", str(csv_out)]) == 0
     assert csv_out.read_text().splitlines()[0] == "sop_instance_uid,file,frame,label,score_no_lesion,score_lesion"
+
+
+def test_batcher_over_a_real_model_keeps_multi_frame_images_together(demo_bundle, validation, tmp_path):
+    """Through medge.Batcher: single-frame items resolve to their Prediction, a 3-frame one to a list of 3,
+    a bad one fails alone; all equal serial predict."""
+    from medge.synthetic import enhanced_multiframe
+
+    files, _ = validation
+    multi = tmp_path / "mf.dcm"
+    enhanced_multiframe(size=64, frames=3).save_as(multi, enforce_file_format=True)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"junk")
+    with medge.load(demo_bundle.bundle_path) as model:
+        serial = [model.predict(f) for f in files[:6]]
+        with medge.Batcher(model, max_delay_ms=5) as batcher:
+            futures = [batcher.submit(item) for item in [*files[:3], multi, junk, *files[3:6]]]
+            results = [f.exception() or f.result() for f in futures]
+    assert isinstance(results[3], list) and [p.frame for p in results[3]] == [0, 1, 2]
+    assert isinstance(results[4], DicomError)
+    single = [r for i, r in enumerate(results) if i not in (3, 4)]
+    np.testing.assert_allclose(np.stack([p.scores for p in single]), np.stack([p.scores for p in serial]), atol=1e-6)

@@ -79,7 +79,12 @@ class BackendChoice:
 
 
 class Model:
-    """A loaded bundle ready to predict. Use ``medge.load``; close it (or use ``with``) when done."""
+    """A loaded bundle ready to predict. Use ``medge.load``; close it (or use ``with``) when done.
+
+    A Model is not safe to call from several threads at once: its backend's
+    buffers are allocated once and reused by every call. Serve concurrent
+    callers through one ``medge.Batcher``, which owns the Model's calls.
+    """
 
     def __init__(self, bundle, backend: Backend, choice: BackendChoice) -> None:
         manifest = bundle.manifest

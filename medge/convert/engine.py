@@ -35,7 +35,6 @@ source was used (``"source": "engine-inspector"`` or ``"builder-log"``).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -47,7 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from ..errors import BackendUnavailable, ConversionError, MissingDependency
+from .._tensorrt import FLAVOURS, gc_paused
+from .._tensorrt import LABELS as _LABELS
+from .._tensorrt import import_flavour as _import_flavour
+from .._tensorrt import make_logger as _make_logger
+from .._tensorrt import summarise as _summarise
+from ..errors import BackendUnavailable, ConversionError
 
 __all__ = [
     "FLAVOURS",
@@ -62,12 +66,6 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-FLAVOURS = ("tensorrt", "tensorrt_rtx")
-#: pip extra that installs each flavour's module.
-_EXTRAS = {"tensorrt": "tensorrt", "tensorrt_rtx": "rtx"}
-_LABELS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
-#: Strongly typed networks and the kept API surface start at 10.12.
-MIN_TENSORRT = (10, 12)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 #: What a TensorRT-RTX engine built with no compute capability set runs on,
 #: per the TensorRT-RTX docs ("CPU-Only AOT and TensorRT-RTX Engines": "By
@@ -81,40 +79,6 @@ _CACHE_KEY_SCHEMA = "medge-engine-cache/1"
 _DTYPE_ORDER = ("Float", "Half", "BFloat16", "Int8")
 
 Progress = Callable[[str], None]
-
-
-def _import_flavour(flavour: str) -> Any:
-    """Import and return the module of ``flavour`` ("tensorrt" or "tensorrt_rtx").
-
-    Raises:
-        ConversionError: ``flavour`` is not one of FLAVOURS.
-        MissingDependency: the module is not installed (names the pip extra).
-        BackendUnavailable: full TensorRT is older than 10.12.
-    """
-    if flavour not in FLAVOURS:
-        raise ConversionError(f"unknown engine flavour {flavour!r}: use one of {', '.join(FLAVOURS)}")
-    try:
-        if flavour == "tensorrt":
-            import tensorrt as trt
-        else:
-            import tensorrt_rtx as trt
-    except ImportError as exc:
-        raise MissingDependency(flavour, _EXTRAS[flavour], f"Building a {_LABELS[flavour]} engine") from exc
-    if flavour == "tensorrt":
-        version = _version_tuple(getattr(trt, "__version__", "0"))
-        if version < MIN_TENSORRT:
-            raise BackendUnavailable(
-                f"TensorRT {trt.__version__} is too old: medge builds strongly typed engines and needs "
-                f"TensorRT {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} or newer (pip install \"medge[tensorrt]\")")
-    return trt
-
-
-def _version_tuple(text: str) -> tuple:
-    parts = []
-    for piece in str(text).split(".")[:2]:
-        digits = re.match(r"\d+", piece)
-        parts.append(int(digits.group()) if digits else 0)
-    return tuple(parts)
 
 
 @dataclass
@@ -298,97 +262,93 @@ def build_engine(onnx_path: Union[str, os.PathLike], output_path: Union[str, os.
     label = f"{_LABELS[flavour]} {trt.__version__}"
     stage = _Stages(progress, f"building {_LABELS[flavour]} engine")
     builder = network = parser = config = None
-    gc_was_enabled = gc.isenabled()
-    # TensorRT calls back into Python (our logger) while holding its own locks. A cyclic-GC pass
-    # started there can finalise another TensorRT object whose destructor takes the same lock: a
-    # self-deadlock (seen with tensorrt-rtx 1.7: createInferBuilder -> PyLogger::log -> gc ->
-    # ~IBuilder -> pthread_mutex_lock). So the cyclic GC is paused for the build, and the objects
+    # TensorRT calls back into Python (our logger) while holding its own locks, so the cyclic GC is
+    # paused for the build (medge._tensorrt explains the deadlock this prevents), and the objects
     # are released explicitly, in reverse order, before it resumes.
-    gc.disable()
-    try:
-        logger = _make_logger(trt)
-
+    with gc_paused():
         try:
-            builder = trt.Builder(logger)
-        except Exception as exc:  # pybind raises when the factory returns nullptr (no GPU for full TensorRT)
-            raise BackendUnavailable(f"{label} could not create a builder: "
-                                     f"{_summarise(logger.errors) or exc}") from exc
-        if builder is None:
-            raise BackendUnavailable(f"{label} could not create a builder: {_summarise(logger.errors) or 'no reason given'}")
+            logger = _make_logger(trt)
 
-        # Strongly typed: the flag on TensorRT 10.12+ (always on, and ignored, in 11);
-        # TensorRT-RTX networks are strongly typed with flags 0.
-        flags = 0
-        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-        if flavour == "tensorrt" and strongly_typed is not None:
-            flags = 1 << int(strongly_typed)
-        network = builder.create_network(flags)
+            try:
+                builder = trt.Builder(logger)
+            except Exception as exc:  # pybind raises when the factory returns nullptr (no GPU for full TensorRT)
+                raise BackendUnavailable(f"{label} could not create a builder: "
+                                         f"{_summarise(logger.errors) or exc}") from exc
+            if builder is None:
+                raise BackendUnavailable(f"{label} could not create a builder: {_summarise(logger.errors) or 'no reason given'}")
 
-        stage("parsing")
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            raise ConversionError(_parser_message(parser, label, onnx_path, logger))
-        if network.num_outputs == 0 or network.num_inputs == 0:
-            # Protobuf accepts many byte strings as an (empty) ModelProto, and so does the parser.
-            raise ConversionError(f"{label} could not parse {onnx_path.name}: it holds no graph inputs or outputs "
-                                  f"(is it an ONNX model?)")
+            # Strongly typed: the flag on TensorRT 10.12+ (always on, and ignored, in 11);
+            # TensorRT-RTX networks are strongly typed with flags 0.
+            flags = 0
+            strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+            if flavour == "tensorrt" and strongly_typed is not None:
+                flags = 1 << int(strongly_typed)
+            network = builder.create_network(flags)
 
-        config = builder.create_builder_config()
-        profile = _add_profile(builder, network, config, wanted_batch, onnx_path)
-        if workspace_bytes is not None:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-        config.builder_optimization_level = int(optimization_level)
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+            stage("parsing")
+            parser = trt.OnnxParser(network, logger)
+            if not parser.parse_from_file(str(onnx_path)):
+                raise ConversionError(_parser_message(parser, label, onnx_path, logger))
+            if network.num_outputs == 0 or network.num_inputs == 0:
+                # Protobuf accepts many byte strings as an (empty) ModelProto, and so does the parser.
+                raise ConversionError(f"{label} could not parse {onnx_path.name}: it holds no graph inputs or outputs "
+                                      f"(is it an ONNX model?)")
 
-        timing_cache = None
-        gpu = None
-        if flavour == "tensorrt":
-            gpu = _describe_gpu()
-            if timing_cache_path is not None:
-                timing_cache = _load_timing_cache(config, Path(timing_cache_path))
-            targets = [gpu["compute_capability"]] if gpu else None
-        else:
-            if timing_cache_path is not None:
-                _LOG.info("timing_cache_path is ignored for TensorRT-RTX: a timing cache makes its builder "
-                          "query a GPU, and RTX builds ahead of time without one")
-            targets = _set_compute_capabilities(trt, config, compute_capabilities)
-            if targets == ["current"]:
+            config = builder.create_builder_config()
+            profile = _add_profile(builder, network, config, wanted_batch, onnx_path)
+            if workspace_bytes is not None:
+                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+            config.builder_optimization_level = int(optimization_level)
+            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+
+            timing_cache = None
+            gpu = None
+            if flavour == "tensorrt":
                 gpu = _describe_gpu()
+                if timing_cache_path is not None:
+                    timing_cache = _load_timing_cache(config, Path(timing_cache_path))
                 targets = [gpu["compute_capability"]] if gpu else None
+            else:
+                if timing_cache_path is not None:
+                    _LOG.info("timing_cache_path is ignored for TensorRT-RTX: a timing cache makes its builder "
+                              "query a GPU, and RTX builds ahead of time without one")
+                targets = _set_compute_capabilities(trt, config, compute_capabilities)
+                if targets == ["current"]:
+                    gpu = _describe_gpu()
+                    targets = [gpu["compute_capability"]] if gpu else None
 
-        stage("building")
-        try:
-            plan = builder.build_serialized_network(network, config)
-        except Exception as exc:
-            raise ConversionError(f"{label} failed to build an engine from {onnx_path.name}: "
-                                  f"{_summarise(logger.errors) or exc}") from exc
-        if plan is None:
-            raise ConversionError(f"{label} failed to build an engine from {onnx_path.name}: "
-                                  f"{_summarise(logger.errors) or _summarise(logger.warnings) or 'no error was logged'}")
+            stage("building")
+            try:
+                plan = builder.build_serialized_network(network, config)
+            except Exception as exc:
+                raise ConversionError(f"{label} failed to build an engine from {onnx_path.name}: "
+                                      f"{_summarise(logger.errors) or exc}") from exc
+            if plan is None:
+                raise ConversionError(f"{label} failed to build an engine from {onnx_path.name}: "
+                                      f"{_summarise(logger.errors) or _summarise(logger.warnings) or 'no error was logged'}")
 
-        stage("writing")
-        plan_bytes = memoryview(plan).cast("B")
-        _atomic_write(output_path, plan_bytes)
-        if timing_cache is not None:
-            _save_timing_cache(config, Path(timing_cache_path))
+            stage("writing")
+            plan_bytes = memoryview(plan).cast("B")
+            _atomic_write(output_path, plan_bytes)
+            if timing_cache is not None:
+                _save_timing_cache(config, Path(timing_cache_path))
 
-        stage("inspecting")
-        layers_doc = _layer_information(trt, bytes(plan_bytes), logger, profile, flavour)
-        counts = layer_precisions(layers_doc["layers"])
-        layers_doc["layer_precisions"] = counts
-        layers_doc.update(flavour=flavour, flavour_version=str(trt.__version__), precision=precision)
-        layers_path = output_path.with_name(output_path.name + ".layers.json")
-        _atomic_write(layers_path, json.dumps(layers_doc, indent=1).encode())
+            stage("inspecting")
+            layers_doc = _layer_information(trt, bytes(plan_bytes), logger, profile, flavour)
+            counts = layer_precisions(layers_doc["layers"])
+            layers_doc["layer_precisions"] = counts
+            layers_doc.update(flavour=flavour, flavour_version=str(trt.__version__), precision=precision)
+            layers_path = output_path.with_name(output_path.name + ".layers.json")
+            _atomic_write(layers_path, json.dumps(layers_doc, indent=1).encode())
 
-        warnings = _precision_warnings(precision, counts, layers_doc["source"])
-        for text in warnings:
-            _LOG.warning("%s: %s", output_path.name, text)
-        stage("done")
-    finally:
-        stage.close()
-        parser = network = config = builder = None  # release now, outside any TensorRT call
-        if gc_was_enabled:
-            gc.enable()
+            warnings = _precision_warnings(precision, counts, layers_doc["source"])
+            for text in warnings:
+                _LOG.warning("%s: %s", output_path.name, text)
+            stage("done")
+        finally:
+            stage.close()
+            # release now, while the GC is still paused
+            parser = network = config = builder = plan = plan_bytes = timing_cache = None
 
     if flavour == "tensorrt_rtx" and compute_capabilities is None:
         targets = list(RTX_DEFAULT_COMPUTE_CAPABILITIES)
@@ -450,48 +410,6 @@ class _Stages:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _make_logger(trt: Any) -> Any:
-    """An ILogger that keeps errors and warnings, the builder's layer table, and logs the rest at DEBUG."""
-
-    severity = trt.ILogger.Severity
-    errors_at = {severity.ERROR, severity.INTERNAL_ERROR}
-
-    class _BuildLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list = []
-            self.warnings: list = []
-            self.layer_tables: list = []
-            self.quiet = False  # while probing the inspector: keep failures out of errors
-
-        def log(self, sev: Any, msg: str) -> None:
-            try:
-                if sev in errors_at:
-                    if not self.quiet:
-                        self.errors.append(msg)
-                    _LOG.debug("[%s] %s", sev.name, msg)
-                elif sev == severity.WARNING:
-                    if not self.quiet:
-                        self.warnings.append(msg)
-                    _LOG.debug("[WARNING] %s", msg)
-                elif sev == severity.VERBOSE:
-                    if msg.startswith("Layers:"):
-                        self.layer_tables.append(msg)
-                else:
-                    _LOG.debug("[%s] %s", sev.name, msg)
-            except Exception:  # never let logging break a build running in native code
-                pass
-
-    return _BuildLogger()
-
-
-def _summarise(messages: Iterable[str], limit: int = 10) -> str:
-    items = [m.strip() for m in messages if m and m.strip()]
-    if len(items) > limit:
-        items = items[:limit] + [f"... and {len(items) - limit} more"]
-    return "; ".join(items)
 
 
 def _call(obj: Any, name: str, default: Any = "") -> Any:

@@ -357,7 +357,7 @@ def _load_tensorrt(bundle, flavour, device, precision, max_batch, engine_cache, 
         from .._tensorrt import import_flavour
     except ImportError as exc:
         raise BackendUnavailable(f"the TensorRT backend is not available: {exc}") from exc
-    trt = import_flavour(flavour)  # MissingDependency (a BackendUnavailable) names the extra
+    trt = import_flavour(flavour, "The TensorRT runtime backend")  # MissingDependency names the extra
     gpu = gpu_identity(device)
     version = str(trt.__version__)
     wanted = [precision] if precision else ["int8", "fp16", "fp32"]
@@ -367,7 +367,8 @@ def _load_tensorrt(bundle, flavour, device, precision, max_batch, engine_cache, 
             if (entry.get("flavour") == flavour and entry.get("precision") == p
                     and str(entry.get("flavour_version")) == version and _engine_fits(entry, gpu)):
                 impl = TensorRTBackend(bundle.read_verified(entry["file"]), flavour=flavour, device=device,
-                                       precision=p, max_batch=max_batch, use_cuda_graphs=use_cuda_graphs)
+                                       precision=p, max_batch=max_batch, use_cuda_graphs=use_cuda_graphs,
+                                       flavour_version=str(entry.get("flavour_version")))
                 return impl, BackendChoice(flavour, p, entry["file"], f"cuda:{device}",
                                            f"bundled engine built for {gpu['name']}", impl.describe())
     graphs = bundle.manifest.get("graphs") or {}

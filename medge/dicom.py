@@ -25,6 +25,7 @@ pydicom is imported lazily.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -200,12 +201,23 @@ def _load_dataset(source: Any, force: bool) -> "Dataset":
 # --------------------------------------------------------------------------- element access
 
 
+@functools.lru_cache(maxsize=None)
+def _tag_of(keyword: str):
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.tag import Tag
+
+    return Tag(tag_for_keyword(keyword))
+
+
 def _value(ds: "Dataset", keyword: str, where: str) -> Any:
     """Element value, or None when absent or empty. Parsing errors become DicomError."""
     try:
-        if keyword not in ds:
+        # One lookup by tag (keywords resolved once): `keyword in ds` then `ds[keyword]` looked it up
+        # twice and was the largest cost of reading a header.
+        element = ds.get(_tag_of(keyword))
+        if element is None:
             return None
-        value = ds[keyword].value
+        value = element.value
     except Exception as exc:  # lazy parsing of a damaged element
         raise DicomError(f"{where}{_tag_name(keyword)} cannot be parsed ({type(exc).__name__})") from exc
     return None if _is_empty(value) else value

@@ -189,3 +189,22 @@ def test_batcher_over_a_real_model_keeps_multi_frame_images_together(demo_bundle
     assert isinstance(results[4], DicomError)
     single = [r for i, r in enumerate(results) if i not in (3, 4)]
     np.testing.assert_allclose(np.stack([p.scores for p in single]), np.stack([p.scores for p in serial]), atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_tensorrt_rtx_engines_give_the_accuracy_reports_numbers(demo_bundle, validation):
+    """On a GPU where TensorRT-RTX runs: the bundled engines reproduce the report (INT8 and FP16 rows)."""
+    if not medge.cuda_available():
+        pytest.skip(f"no CUDA device ({medge._C.cuda_status()})")
+    pytest.importorskip("tensorrt_rtx", reason='tensorrt_rtx is not installed: pip install "medge[rtx]"')
+    from medge.convert.validate import classification_metrics
+
+    files, labels = validation
+    for precision in ("int8", "fp16", "fp32"):
+        with medge.load(demo_bundle.bundle_path, backend="tensorrt_rtx", precision=precision) as model:
+            scores = np.stack([p.scores for p in model.predict_batch(files)])
+        report = next(r for r in demo_bundle.manifest["accuracy"]["results"]
+                      if r["precision"] == precision and r["batch_size"] == 8)
+        metrics = classification_metrics(np.log(np.clip(scores, 1e-12, 1)), labels, "softmax", 1)
+        assert metrics["accuracy"] >= report["accuracy"] - 0.01
+        assert metrics["auc"] >= report["auc"] - 0.01

@@ -59,26 +59,44 @@ def dicom_bytes(count: int, kind: str = "validation") -> list[bytes]:
 # ---------------------------------------------------------------------------- medge
 
 
-def single_caller(model, data: list[bytes], batch: int, seconds: float, warmup: int) -> dict:
-    """Back-to-back predict_batch calls of ``batch`` images; latency per call."""
-    batches = [data[i : i + batch] for i in range(0, len(data) - batch + 1, batch)] or [data[:batch]]
-    for i in range(warmup):
-        model.predict_batch(batches[i % len(batches)])
-    latencies, stages = [], {"read": [], "preprocess": [], "infer": [], "postprocess": []}
-    started = time.perf_counter()
-    i = 0
-    while time.perf_counter() - started < seconds or len(latencies) < 20:
-        t0 = time.perf_counter()
-        predictions = model.predict_batch(batches[i % len(batches)])
-        latencies.append((time.perf_counter() - t0) * 1e3)
+class Pipeline:
+    """One measured pipeline at one batch size: predict(batch_of_bytes) -> per-stage timings or None."""
+
+    def __init__(self, name: str, batch: int, data: list[bytes], run) -> None:
+        self.name, self.batch, self.run = name, batch, run
+        self.batches = [data[i : i + batch] for i in range(0, len(data) - batch + 1, batch)] or [data[:batch]]
+        self.latencies: list[float] = []
+        self.stages: dict[str, list[float]] = {}
+        self.busy_s = 0.0
+        self._next = 0
+
+    def measure_for(self, seconds: float) -> None:
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            items = self.batches[self._next % len(self.batches)]
+            self._next += 1
+            t0 = time.perf_counter()
+            stages = self.run(items)
+            self.latencies.append((time.perf_counter() - t0) * 1e3)
+            for key, value in (stages or {}).items():
+                self.stages.setdefault(key, []).append(value)
+        self.busy_s += time.perf_counter() - started
+
+    def row(self) -> dict:
+        return {"name": self.name, "batch": self.batch, "latency_ms": percentiles(self.latencies),
+                "throughput_images_per_s": len(self.latencies) * self.batch / self.busy_s,
+                "stages_ms_median": {k: statistics.median(v) for k, v in self.stages.items()},
+                "samples": self.latencies}
+
+
+def medge_runner(model):
+    def run(items):
+        predictions = model.predict_batch(items)
         t = predictions[0].timings_ms
-        stages["read"].append(sum(p.timings_ms["read"] for p in predictions))
-        for stage in ("preprocess", "infer", "postprocess"):
-            stages[stage].append(t[stage])
-        i += 1
-    elapsed = time.perf_counter() - started
-    return {"latency_ms": percentiles(latencies), "throughput_images_per_s": len(latencies) * batch / elapsed,
-            "stages_ms_median": {k: statistics.median(v) for k, v in stages.items()}, "samples": latencies}
+        return {"read": sum(p.timings_ms["read"] for p in predictions), "preprocess": t["preprocess"],
+                "infer": t["infer"], "postprocess": t["postprocess"]}
+
+    return run
 
 
 def batcher_sweep(model, data: list[bytes], max_batch: int, capacity: float, seconds: float) -> list[dict]:
@@ -170,23 +188,6 @@ def make_baseline(bundle, threads: int):
     return predict, trained
 
 
-def baseline_single_caller(predict, data: list[bytes], batch: int, seconds: float, warmup: int) -> dict:
-    batches = [data[i : i + batch] for i in range(0, len(data) - batch + 1, batch)] or [data[:batch]]
-    for i in range(warmup):
-        predict(batches[i % len(batches)])
-    latencies = []
-    started = time.perf_counter()
-    i = 0
-    while time.perf_counter() - started < seconds or len(latencies) < 20:
-        t0 = time.perf_counter()
-        predict(batches[i % len(batches)])
-        latencies.append((time.perf_counter() - t0) * 1e3)
-        i += 1
-    elapsed = time.perf_counter() - started
-    return {"latency_ms": percentiles(latencies), "throughput_images_per_s": len(latencies) * batch / elapsed,
-            "samples": latencies}
-
-
 # ---------------------------------------------------------------------------- report
 
 
@@ -235,7 +236,7 @@ def plots(result: dict, out: Path) -> list[str]:
 
 def markdown(result: dict) -> str:
     lines = [f"Bundle: {result['bundle']}; machine: {result['machine']}; {result['threads']} threads; "
-             f"{result['seconds']} s per measurement after warm-up", "",
+             f"{result['seconds']} s per pipeline in {result['rounds']} interleaved rounds after warm-up", "",
              "| pipeline | batch | p50 ms | p90 ms | p99 ms | max ms | images/s | read ms | preprocess ms | infer ms | "
              "postprocess ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["single_caller"]:
@@ -260,7 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path, default=Path("bench/results/latency"))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per pipeline (all rounds)")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved measurement rounds")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--images", type=int, default=64, help="distinct DICOM slices cycled through")
@@ -276,38 +278,47 @@ def main(argv=None) -> int:
     if medge.cuda_available():
         configs = [("auto", None)] + configs
     result = {"bundle": str(args.bundle), "machine": machine_name(), "threads": threads, "seconds": args.seconds,
-              "single_caller": [], "batcher": [], "targets": []}
-    capacities = {}
+              "rounds": args.rounds, "single_caller": [], "batcher": [], "targets": []}
+    models, pipelines = [], []
     for backend, precision in configs:
         try:
             model = medge.load(args.bundle, backend=backend, precision=precision, threads=threads)
         except medge.MedgeError as exc:
             print(f"skipping {backend}/{precision}: {exc}", file=sys.stderr)
             continue
-        with model:
-            name = f"medge {model.backend.name} {model.backend.graph}"
-            for batch in args.batch:
-                if batch > model.max_batch:
-                    continue
-                row = single_caller(model, data, batch, args.seconds, args.warmup)
-                row.update(name=name, batch=batch)
-                result["single_caller"].append(row)
-                capacities[(name, batch)] = row["throughput_images_per_s"]
-                print(f"{name} batch {batch}: p50 {row['latency_ms']['p50']:.2f} ms, "
-                      f"{row['throughput_images_per_s']:.0f} images/s", file=sys.stderr)
-            if not args.no_batcher and hasattr(medge, "Batcher"):
-                capacity = max(v for (n, _), v in capacities.items() if n == name)
-                result["batcher"].append({"name": name, "max_batch": model.max_batch,
-                                          "points": batcher_sweep(model, data, model.max_batch, capacity,
-                                                                  args.seconds)})
-    bundle = medge.load(args.bundle, backend="onnxruntime").bundle
-    predict, trained = make_baseline(bundle, threads)
-    name = "baseline: pydicom + numpy + torch interpolate + PyTorch eager FP32" + ("" if trained else " (untrained weights)")
-    for batch in args.batch:
-        row = baseline_single_caller(predict, data, batch, args.seconds, args.warmup)
-        row.update(name=name, batch=batch)
+        models.append(model)
+        name = f"medge {model.backend.name} {model.backend.graph}"
+        pipelines += [Pipeline(name, b, data, medge_runner(model)) for b in args.batch if b <= model.max_batch]
+    predict, trained = make_baseline(models[0].bundle, threads)
+    baseline_name = ("baseline: pydicom + numpy + torch interpolate + PyTorch eager FP32"
+                     + ("" if trained else " (untrained weights)"))
+    def baseline_run(items):
+        predict(items)  # no per-stage timings: the baseline is one block of user code
+
+    pipelines += [Pipeline(baseline_name, b, data, baseline_run) for b in args.batch]
+
+    # Warm every pipeline (and the process: allocator, caches, thread pools) before measuring anything,
+    # then measure in interleaved rounds, so slow drift of a shared machine hits every pipeline alike.
+    for pipeline in pipelines:
+        for _ in range(args.warmup):
+            pipeline.run(pipeline.batches[0])
+    for _ in range(args.rounds):
+        for pipeline in pipelines:
+            pipeline.measure_for(args.seconds / args.rounds)
+    for pipeline in pipelines:
+        row = pipeline.row()
         result["single_caller"].append(row)
-        print(f"baseline batch {batch}: p50 {row['latency_ms']['p50']:.2f} ms", file=sys.stderr)
+        print(f"{row['name']} batch {row['batch']}: p50 {row['latency_ms']['p50']:.2f} ms, "
+              f"{row['throughput_images_per_s']:.0f} images/s", file=sys.stderr)
+    if not args.no_batcher:
+        for model in models:
+            name = f"medge {model.backend.name} {model.backend.graph}"
+            capacity = max(r["throughput_images_per_s"] for r in result["single_caller"] if r["name"] == name)
+            result["batcher"].append({"name": name, "max_batch": model.max_batch,
+                                      "points": batcher_sweep(model, data, model.max_batch, capacity,
+                                                              args.seconds / 2)})
+    for model in models:
+        model.close()
 
     def find(prefix, batch):
         return next((r for r in result["single_caller"] if r["name"].startswith(prefix) and r["batch"] == batch), None)

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from .._tensorrt import import_flavour as _import_flavour
 from .._tensorrt import make_logger as _make_logger
 from .._tensorrt import summarise as _summarise
 from ..errors import BackendUnavailable, ConversionError
+from .._fs import atomic_write
 
 __all__ = [
     "FLAVOURS",
@@ -329,7 +329,7 @@ def build_engine(onnx_path: Union[str, os.PathLike], output_path: Union[str, os.
 
             stage("writing")
             plan_bytes = memoryview(plan).cast("B")
-            _atomic_write(output_path, plan_bytes)
+            atomic_write(output_path, plan_bytes)
             if timing_cache is not None:
                 _save_timing_cache(config, Path(timing_cache_path))
 
@@ -339,7 +339,7 @@ def build_engine(onnx_path: Union[str, os.PathLike], output_path: Union[str, os.
             layers_doc["layer_precisions"] = counts
             layers_doc.update(flavour=flavour, flavour_version=str(trt.__version__), precision=precision)
             layers_path = output_path.with_name(output_path.name + ".layers.json")
-            _atomic_write(layers_path, json.dumps(layers_doc, indent=1).encode())
+            atomic_write(layers_path, json.dumps(layers_doc, indent=1).encode())
 
             warnings = _precision_warnings(precision, counts, layers_doc["source"])
             for text in warnings:
@@ -547,28 +547,7 @@ def _save_timing_cache(config: Any, path: Path) -> None:
     cache = config.get_timing_cache()
     if cache is None:
         return
-    _atomic_write(path, memoryview(cache.serialize()).cast("B"))
-
-
-def _atomic_write(path: Path, data: Union[bytes, memoryview]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-# --------------------------------------------------------------------------- layer information
+    atomic_write(path, memoryview(cache.serialize()).cast("B"))
 
 
 def _layer_information(trt: Any, plan: bytes, logger: Any, profile: dict, flavour: str) -> dict:

@@ -40,13 +40,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 from ..errors import MedgeError
+from .._fs import atomic_write
 
 __all__ = ["EngineCache", "EngineCacheNotWritable", "KEY_FIELDS", "default_directory"]
 
@@ -148,21 +148,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomically(path: Path, data: PlanBytes) -> None:
-    """Temporary file in the same folder, flushed to disk, renamed over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class EngineCache:
@@ -321,8 +306,8 @@ class EngineCache:
         with self._locked(key, exclusive=True, required=True):
             try:
                 self._remove_stale_temporaries(key)
-                _write_atomically(self.plan_path(key), data)
-                _write_atomically(self.sidecar_path(key), sidecar_bytes)
+                atomic_write(self.plan_path(key), data)
+                atomic_write(self.sidecar_path(key), sidecar_bytes)
                 _fsync_dir(self.directory)
             except OSError as exc:
                 raise self._not_writable(exc) from exc

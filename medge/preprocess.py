@@ -261,6 +261,9 @@ def _kernel_array(array: np.ndarray, where: str) -> np.ndarray:
                 f"{where}: pixel dtype {dtype} is not supported "
                 "(uint8, uint16, int16, int32, float32; int8, uint32, float16/64 are converted)"
             )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # NaN would flow through every stage into NaN scores; infinity is no stored value either.
+        raise PreprocessError(f"{where}: float pixel values contain NaN or infinity")
     if array.strides[-1] != array.itemsize or array.strides[0] < 0:
         array = np.ascontiguousarray(array)
     return array

@@ -492,6 +492,14 @@ def test_missing_window_is_a_clear_error():
         preprocess(np.zeros((4, 4), np.int16), PreprocessSpec(2, 2))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_float_pixels_are_refused(bad):
+    raw = np.zeros((8, 8), np.float32)
+    raw[3, 4] = bad
+    with pytest.raises(PreprocessError, match="NaN or infinity"):
+        preprocess(raw, PreprocessSpec(4, 4, voi="range", value_range=(0, 1)))
+
+
 def test_unsupported_dtypes_and_values():
     spec = PreprocessSpec(2, 2, voi="range", value_range=(0, 1))
     with pytest.raises(PreprocessError, match="2\\*\\*31"):

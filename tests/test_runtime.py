@@ -77,6 +77,9 @@ def test_a_bad_input_fails_only_itself(demo_bundle, validation, tmp_path):
                                       np.stack([p.scores for p in clean]))
         with pytest.raises(DicomError):
             model.predict(junk)
+        nan_image = np.zeros((64, 64), np.float32)
+        nan_image[0, 0] = np.nan
+        assert isinstance(model.predict_batch([nan_image, files[0]], return_exceptions=True)[0], MedgeError)
         with pytest.raises(DicomError):
             model.predict_batch([files[0], junk])
 

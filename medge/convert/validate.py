@@ -26,6 +26,7 @@ import numpy as np
 
 from .._progress import Progress
 from ..errors import ConversionError
+from ..postprocess import activate
 from .export import ort_session
 
 REFERENCE_PRECISION = "fp32"
@@ -117,18 +118,6 @@ def roc_auc(scores: np.ndarray, positives: np.ndarray) -> Optional[float]:
         ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def activate(outputs: np.ndarray, activation: str) -> np.ndarray:
-    """Scores from raw outputs: softmax over classes, or elementwise sigmoid."""
-    x = outputs.astype(np.float64)
-    if activation == "softmax":
-        x = x - x.max(axis=1, keepdims=True)
-        e = np.exp(x)
-        return e / e.sum(axis=1, keepdims=True)
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    raise ConversionError(f"activation must be softmax or sigmoid, got {activation!r}")
 
 
 def predicted_classes(outputs: np.ndarray, activation: str) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, MedgeError
 from ..image import Image
+from ..postprocess import ACTIVATIONS, activate
 from ..preprocess import PreprocessSpec, preprocess
 from .backends.base import Backend
 
@@ -97,6 +98,9 @@ class Model:
         self.spec = spec.replace(dtype="float16" if backend.input.dtype == np.float16 else "float32")
         self.labels: tuple = tuple(manifest.get("labels") or ())
         self.activation: str = (manifest.get("postprocess") or {}).get("activation", "softmax")
+        if self.activation not in ACTIVATIONS:
+            raise MedgeError(f"the bundle's postprocess activation {self.activation!r} is not one of "
+                             f"{', '.join(ACTIVATIONS)}")
         self.max_batch: int = backend.max_batch
         expected = self.spec.output_shape_per_image
         if tuple(backend.input.shape) != expected:
@@ -183,7 +187,7 @@ class Model:
         outputs = backend.execute(n)
         infer_ms = (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
-        scores = _activate(outputs.reshape(n, -1), self.activation)
+        scores = activate(outputs.reshape(n, -1), self.activation)
         results = []
         for k, (i, image, f) in enumerate(chunk):
             if k in failed:
@@ -237,15 +241,6 @@ def _single_frame(image: Image, frame: int) -> Image:
                             photometric_interpretation=sem.photometric_interpretation,
                             frames=(sem.frame_transform(frame),))
     return Image(image.pixels[frame : frame + 1], single, image.sop_instance_uid)
-
-
-def _activate(outputs: np.ndarray, activation: str) -> np.ndarray:
-    x = outputs.astype(np.float64)
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    x = x - x.max(axis=1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------------- loading

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Union
 import numpy as np
 
 from .errors import DicomError, MissingDependency
-from .image import GREYSCALE_PHOTOMETRICS, VOI_FUNCTIONS, FrameTransform, Image, PixelSemantics, Window
+from .image import GREYSCALE_PHOTOMETRICS, VOI_FUNCTIONS, Acquisition, FrameTransform, Image, PixelSemantics, Window
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from pydicom.dataset import Dataset
@@ -634,13 +634,69 @@ def _image_from_dataset(ds: "Dataset", max_pixels: int) -> Image:
     sop_instance_uid = _valid_uid(_value_or_none(ds, "SOPInstanceUID"))
     if sop_instance_uid is None and getattr(ds, "file_meta", None) is not None:
         sop_instance_uid = _valid_uid(_value_or_none(ds.file_meta, "MediaStorageSOPInstanceUID"))
-    image = Image(array, semantics, sop_instance_uid)
+    image = Image(array, semantics, sop_instance_uid, _acquisition(ds))
     _LOG.debug(
         "read %s: %d frame(s) of %d x %d %s (bits stored %d), transfer syntax %s, %d frame transform(s)",
         sop_instance_uid or "(no SOP Instance UID)", frames, rows, columns, array.dtype, bits_stored,
         transfer_syntax, len(transforms),
     )
     return image
+
+
+# Modality defined terms (PS3.3 C.7.3.1.1.1, including retired ones still met in archives) and Body Part
+# Examined defined terms (PS3.16 CID 4031, the common ones). Only these are recorded in a bundle's envelope
+# or named in a message: any other string read from a file could be free text, so it becomes "non-standard".
+_MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DMS DG DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL IVOCT "
+    "IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP "
+    "RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN "
+    "TEXTUREMAP TG US VA XA XAPROTOCOL XC CD CF CP CS DF DM DS EC FA FS LP MA MS OPR ST VF".split())
+_BODY_PARTS = frozenset(
+    "ABDOMEN ABDOMENPELVIS ADRENAL ANKLE AORTA ARM AXILLA BACK BLADDER BRAIN BREAST BRONCHUS BUTTOCK CALCANEUS "
+    "CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST CHESTABDOMEN CHESTABDPELVIS CIRCLEOFWILLIS CLAVICLE COCCYX COLON "
+    "CORNEA CORONARYARTERY CSPINE CTSPINE DUODENUM EAR ELBOW ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FINGER "
+    "FOOT GALLBLADDER HAND HEAD HEADNECK HEART HIP HUMERUS IAC ILEUM ILIUM JAW JEJUNUM KIDNEY KNEE LARYNX LEG "
+    "LIVER LSPINE LSSPINE LUNG MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE "
+    "ORBIT OVARY PANCREAS PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RECTUM RIB SACRUM SCAPULA SCLERA SCROTUM "
+    "SHOULDER SKULL SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR TESTIS THIGH THUMB THYMUS THYROID TOE "
+    "TONGUE TRACHEA TSPINE TLSPINE UPRGASTRO UTERUS VAGINA VULVA WHOLEBODY WRIST ZYGOMA".split())
+
+
+def _defined_term(ds: "Dataset", keyword: str, terms: frozenset) -> Optional[str]:
+    value = _value_or_none(ds, keyword)  # a damaged optional element is treated as absent
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip().upper()
+    return value if value in terms else "non-standard"
+
+
+def _spacing(ds: "Dataset") -> Optional[tuple[float, float]]:
+    """(row, column) spacing in mm: Pixel Spacing, the shared/first per-frame Pixel Measures, or Imager Pixel Spacing."""
+    candidates = [ds]
+    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            item = _sequence_item(ds, group, "")
+            measures = _sequence_item(item, "PixelMeasuresSequence", "") if item is not None else None
+        except DicomError:  # malformed optional groups: no spacing (the envelope treats it as absent)
+            measures = None
+        if measures is not None:
+            candidates.append(measures)
+    for source in candidates:
+        for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+            try:
+                values = _floats(source, keyword, "")
+            except DicomError:
+                values = None
+            if values and len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
+                return (float(values[0]), float(values[1]))
+    return None
+
+
+def _acquisition(ds: "Dataset") -> Acquisition:
+    """Modality, body part and spacing for the envelope check: defined terms only, never free text."""
+    return Acquisition(modality=_defined_term(ds, "Modality", _MODALITIES),
+                       body_part=_defined_term(ds, "BodyPartExamined", _BODY_PARTS),
+                       pixel_spacing_mm=_spacing(ds))
 
 
 def _decode(decoder, ds, transfer_syntax, rows, columns, frames, bits_allocated, bits_stored, pixel_representation,

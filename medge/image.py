@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import DicomError
 
-__all__ = ["Window", "FrameTransform", "PixelSemantics", "Image", "VOI_FUNCTIONS"]
+__all__ = ["Window", "FrameTransform", "PixelSemantics", "Acquisition", "Image", "VOI_FUNCTIONS"]
 
 #: VOI LUT Function values medge implements (DICOM PS3.3 C.11.2.1.2/3).
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
@@ -160,6 +160,24 @@ class PixelSemantics:
             transform.validate()
 
 
+@dataclass(frozen=True)
+class Acquisition:
+    """What was imaged, as far as a model's validated envelope needs it (never who).
+
+    Attributes:
+        modality: Modality (0008,0060) when it is one of the standard's defined
+            terms (e.g. "CT", "CR"), "non-standard" for any other value, None when absent.
+        body_part: Body Part Examined (0018,0015) when it is a defined term,
+            "non-standard" for any other value, None when absent.
+        pixel_spacing_mm: (row, column) spacing in mm from Pixel Spacing, the
+            Pixel Measures functional group, or Imager Pixel Spacing; None when absent.
+    """
+
+    modality: Optional[str] = None
+    body_part: Optional[str] = None
+    pixel_spacing_mm: Optional[tuple[float, float]] = None
+
+
 @dataclass(frozen=True, eq=False)
 class Image:
     """Stored pixel values of one DICOM object plus their semantics.
@@ -171,11 +189,15 @@ class Image:
         semantics: PixelSemantics that say how to interpret them.
         sop_instance_uid: the SOP Instance UID when known (not identifying a
             patient, used to key results).
+        acquisition: modality, body part and pixel spacing when read from
+            DICOM (checked against a bundle's validated envelope); None for
+            arrays, whose caller vouches for what they are.
     """
 
     pixels: np.ndarray
     semantics: PixelSemantics
     sop_instance_uid: Optional[str] = None
+    acquisition: Optional[Acquisition] = None
 
     def __post_init__(self) -> None:
         pixels = self.pixels
@@ -213,6 +235,7 @@ class Image:
         photometric_interpretation: str = "MONOCHROME2",
         bits_stored: Optional[int] = None,
         sop_instance_uid: Optional[str] = None,
+        acquisition: Optional[Acquisition] = None,
     ) -> "Image":
         """Wrap an array of stored values (2-D one frame, or 3-D frames) with semantics.
 
@@ -225,6 +248,8 @@ class Image:
             photometric_interpretation: MONOCHROME1 or MONOCHROME2.
             bits_stored: meaningful low bits (default: all bits of the dtype).
             sop_instance_uid: optional SOP Instance UID.
+            acquisition: optional modality / body part / pixel spacing, checked
+                against a bundle's validated envelope when given.
 
         Raises:
             DicomError: when the array or parameters are unusable.
@@ -255,4 +280,4 @@ class Image:
                 ),
             ),
         )
-        return cls(array, semantics, sop_instance_uid)
+        return cls(array, semantics, sop_instance_uid, acquisition)

@@ -1,4 +1,9 @@
-"""``medge`` command line: ``medge demo`` and ``medge preprocess``.
+"""``medge`` command line: ``demo``, ``preprocess``, ``inspect``, ``run``, ``keygen``.
+
+``run`` and ``inspect`` live in their own modules. Which files a command
+reads (folders searched by content, every skipped file listed) is decided in
+``_inputs``, shared by ``preprocess`` and ``run``, so no command module
+imports another.
 
 User errors (MedgeError) are printed as one line without a traceback and exit
 with status 2; anything else is a bug and keeps its traceback.
@@ -18,24 +23,7 @@ import numpy as np
 
 from .._progress import Progress
 from ..errors import MedgeError
-
-DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
-
-
-def _collect_files(inputs: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DICOM_SUFFIXES))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise MedgeError(f"{name}: no such file or directory")
-    if not files:
-        raise MedgeError("no DICOM files found in the given inputs")
-    return files
-
+from ._inputs import collect_inputs
 
 def _spec_from_args(args):
     from ..preprocess import PreprocessSpec
@@ -69,29 +57,31 @@ def _describe_image(image, spec) -> str:
             f"rescale {sem.rescale_slope:g}*x{sem.rescale_intercept:+g}, {voi}")
 
 
-def _preprocess_files(files: list[Path], spec, device: str, show_progress: bool):
+def _preprocess_files(files: list, spec, device: str, show_progress: bool):
+    """Preprocess ``files`` (``_inputs.InputFile``s, or paths named by their file name) one by one."""
     from ..dicom import read_dicom
     from ..preprocess import preprocess
 
     outputs, rows, failures = [], [], 0
     progress = Progress("preprocessing", len(files), enabled=show_progress)
-    for path in files:
+    for file in files:
+        path, name, bare = (file, file.name, False) if isinstance(file, Path) else (file.path, file.name, file.bare)
         progress.update()
         try:
             started = time.perf_counter()
-            image = read_dicom(path)
+            image = read_dicom(path, force=bare)
             read_ms = (time.perf_counter() - started) * 1e3
             started = time.perf_counter()
             result = preprocess(image, spec, device=device)
             prep_ms = (time.perf_counter() - started) * 1e3
         except MedgeError as exc:  # report, skip, go on: one bad file must not stop a folder
             failures += 1
-            rows.append(f"  {path.name}: FAILED: {exc}")
+            rows.append(f"  {name}: FAILED: {exc}")
             continue
         array = result if isinstance(result, np.ndarray) else result.to_host()
         outputs.append(array)
         uid = image.sop_instance_uid or "(no SOP Instance UID)"
-        rows.append(f"  {path.name}: {uid}\n      {_describe_image(image, spec)}\n"
+        rows.append(f"  {name}: {uid}\n      {_describe_image(image, spec)}\n"
                     f"      -> {tuple(array.shape)} {array.dtype} in [{float(array.min()):.3f}, "
                     f"{float(array.max()):.3f}], read {read_ms:.1f} ms, preprocess {prep_ms:.2f} ms")
     progress.close()
@@ -122,7 +112,13 @@ def cmd_demo(args) -> int:
 def cmd_preprocess(args) -> int:
     """Preprocess DICOM files/folders into one .npy batch."""
     spec = _spec_from_args(args)
-    files = _collect_files(args.inputs)
+    found = collect_inputs(args.inputs)
+    for skipped in found.skipped:
+        print(f"  {skipped.name}: skipped: {skipped.reason}")
+    if not found.files:
+        raise MedgeError("no DICOM files found in the given inputs"
+                         + (f" ({found.summary()}, listed above)" if found.skipped else ""))
+    files = found.files
     show = args.progress or (args.progress is None and sys.stderr.isatty())
     outputs, rows, failures = _preprocess_files(files, spec, args.device, show or False)
     if args.verbose or failures:
@@ -134,8 +130,9 @@ def cmd_preprocess(args) -> int:
         with open(tmp, "wb") as f:  # write then rename: an interrupted run never leaves a truncated .npy
             np.save(f, batch)
         os.replace(tmp, out)
-        print(f"wrote {tuple(batch.shape)} {batch.dtype} to {out} ({len(files) - failures} of {len(files)} files)")
-    return 1 if failures else 0
+        print(f"wrote {tuple(batch.shape)} {batch.dtype} to {out} ({len(files) - failures} of {len(files)} files"
+              + (f"; {found.summary()}" if found.skipped else "") + ")")
+    return 1 if failures or found.unreadable else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"medge {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; medge COMMAND --help says more")
 
     demo = sub.add_parser("demo", help="preprocess built-in synthetic sample DICOMs and report what was done")
     demo.add_argument("-o", "--output", help="folder for the sample DICOMs (default: a new temporary folder)")
-    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                      help="where to preprocess (default: auto, cuda when a CUDA device is usable)")
     demo.set_defaults(func=cmd_demo)
 
     pre = sub.add_parser(
@@ -160,19 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "model expects, and save the batch as .npy. The preprocessing is given by --spec "
                     "(a PreprocessSpec JSON file, as stored in bundles) or by the flags below.",
     )
-    pre.add_argument("inputs", nargs="+", help="DICOM files or folders (searched recursively)")
+    pre.add_argument("inputs", nargs="+",
+                     help="DICOM files or folders (searched recursively; files are taken by their content, "
+                          "and skipped ones are listed)")
     pre.add_argument("-o", "--output", required=True, help="output .npy file")
     pre.add_argument("--spec", help="PreprocessSpec JSON file (overrides the flags below)")
-    pre.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
-    pre.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    pre.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
+                     help="model input height and width (default: 224 224)")
+    pre.add_argument("--channels", type=int, default=1, choices=[1, 3],
+                     help="1, or 3 with the grey value replicated (default: 1)")
     group = pre.add_mutually_exclusive_group()
     group.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
                        help="fixed window for every image (default: each image's own first window)")
     group.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                        help="fixed modality-value range mapped to [0, 1] instead of a window")
-    pre.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"])
-    pre.add_argument("--resample", default="bilinear_antialias", choices=["bilinear", "bilinear_antialias"])
-    pre.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    pre.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"],
+                     help="stretch to the size, or letterbox (keep the aspect ratio, pad) (default: stretch)")
+    pre.add_argument("--resample", default="bilinear_antialias", choices=["bilinear", "bilinear_antialias"],
+                     help="bilinear, or bilinear_antialias as torchvision antialias=True (default)")
+    pre.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                     help="output dtype (default: float32)")
     pre.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     pre.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")

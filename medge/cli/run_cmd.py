@@ -1,8 +1,29 @@
 """``medge run BUNDLE INPUTS...``: predictions for DICOM files and folders, one line per image.
 
-Lines are keyed by SOP Instance UID (and the file name, which the caller
-chose); never by patient identifiers. Unreadable files are reported and
-skipped, the run goes on, and the exit status is 1 when anything failed.
+What is read (rules in :mod:`medge.cli._inputs`): files named on the command
+line are always tried; folders are searched recursively and every regular
+file that is DICOM by its content is read, whatever its name (UID-named
+exports included). Every file left out is listed on stderr with the reason
+and counted in the final summary line.
+
+Rows are keyed by SOP Instance UID and name the file by its path relative to
+the input folder it came from (a file named on the command line: as given);
+never by patient identifiers.
+
+Everything that can be refused without the model is refused before the
+bundle is loaded: ``--device``, ``--out`` (suffix, folder, permissions),
+``--batch``, missing inputs, and inputs without any DICOM file.
+
+Exit status:
+
+- 0: every DICOM file found was predicted. Files skipped as not DICOM (or a
+  DICOMDIR, a hidden or symlinked folder, not a regular file) do not change
+  it: export folders normally hold such files, and they are listed.
+- 1: a file failed to predict (damaged, unsupported), or a file or folder
+  could not be read (permission denied, broken symlink): images may have
+  been missed. The other files are still predicted.
+- 2: a user error (bad flag, unwritable ``--out``, a bundle that does not
+  verify, no DICOM file at all), printed in one line; nothing was predicted.
 """
 
 from __future__ import annotations
@@ -10,22 +31,56 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Optional, Union
+
+from ..errors import MedgeError
+from ._inputs import collect_inputs
+
+OUT_SUFFIXES = (".jsonl", ".csv")
+
+_DESCRIPTION = """\
+Load a bundle (verified first) and predict DICOM files and folders: one line
+per image (per frame) with SOP Instance UID, file, frame, label and scores.
+
+Inputs: files named here are always tried. Folders are searched recursively
+and every regular file that is DICOM by its content is read, whatever its
+name (UID-named files included): 'DICM' at byte 128, or a bare data set
+header. Files named *.dcm, *.dicom or *.ima are tried even when they are not
+DICOM by content (they are probably damaged). Skipped, and listed on stderr
+with the reason: files that are not DICOM, a DICOMDIR, hidden folders,
+symlinks to folders (not followed), anything that is not a regular file, and
+unreadable files or folders.
+
+Rows name each file by its path relative to the folder it was found in
+(files named here: as given).
+
+Exit status: 0 when every DICOM file found was predicted (skipped non-DICOM
+files do not count); 1 when a file failed, or a file or folder could not be
+read; 2 for user errors (printed in one line, nothing predicted)."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``run`` on the ``medge`` command's subparsers; returns the new parser."""
     parser = subparsers.add_parser(
         "run", help="predict DICOM files or folders with a bundle",
-        description="Load a bundle (verified first), predict every DICOM file given (folders are searched "
-                    "recursively), and write one line per image: SOP Instance UID, file, label, scores. "
-                    "Unreadable files are reported and skipped; the exit status is 1 if any failed.")
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="NAME.medge bundle")
-    parser.add_argument("inputs", nargs="+", help="DICOM files or folders")
-    parser.add_argument("--out", help="results file: .jsonl or .csv (default: JSON lines on stdout)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "tensorrt_rtx"])
-    parser.add_argument("--device", default="0", help="CUDA device index, or cpu")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("inputs", nargs="+", help="DICOM files or folders (folders are searched recursively)")
+    parser.add_argument("--out", metavar="FILE",
+                        help="results file, .jsonl or .csv; checked before the model loads, written as results "
+                             "arrive (default: JSON lines on stdout)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "tensorrt_rtx"],
+                        help="inference backend (default: auto, the fastest usable here; medge inspect lists "
+                             "what the bundle holds)")
+    parser.add_argument("--device", default="0",
+                        help="cpu, cuda, cuda:N or a CUDA device index N (default: 0; without a usable GPU, "
+                             "--backend auto runs on the CPU)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                        help="graph or engine precision to run (default: the fastest the bundle has for the "
+                             "backend; the first line on stderr says what runs)")
     parser.add_argument("--batch", type=int, default=0, help="images per batch (default: the bundle's max)")
     parser.add_argument("--trusted-key", metavar="PEM", help="Ed25519 public key the bundle must be signed with")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -34,62 +89,127 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args) -> int:
-    from .._progress import Progress
-    from ..errors import MedgeError
-    from ..runtime.model import load
-    from .main import _collect_files
+def parse_device(text: str) -> Union[int, str]:
+    """``"cpu"`` -> "cpu"; ``"cuda"`` -> 0; ``"cuda:N"`` or ``"N"`` -> N. Raises MedgeError otherwise."""
+    value = text.strip().lower()
+    if value == "cpu":
+        return "cpu"
+    if value == "cuda":
+        return 0
+    index = value[len("cuda:"):] if value.startswith("cuda:") else value
+    if index.isascii() and index.isdigit():
+        return int(index)
+    raise MedgeError(f"--device must be cpu, cuda, cuda:N or a CUDA device index N, got {text!r}")
 
-    files = _collect_files(args.inputs)
-    device = "cpu" if args.device == "cpu" else int(args.device)
+
+def check_out(out: Optional[str]) -> Optional[Path]:
+    """Refuse a results file that cannot be written, before anything slow happens. Returns its Path."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix.lower() not in OUT_SUFFIXES:
+        raise MedgeError(f"--out {out}: the results file must end in .jsonl or .csv")
+    if path.is_dir():
+        raise MedgeError(f"--out {out} is a folder; give a .jsonl or .csv file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise MedgeError(f"--out {out}: the folder {parent} does not exist")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise MedgeError(f"--out {out}: the file exists and is not writable (permission denied)")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise MedgeError(f"--out {out}: cannot create files in {parent} (permission denied)")
+    return path
+
+
+def run(args) -> int:
+    """Run ``medge run``; returns the exit status described in this module's docstring."""
+    from .._progress import Progress
+    from ..runtime.model import load
+
+    device = parse_device(args.device)
+    out = check_out(args.out)
+    if args.batch < 0:
+        raise MedgeError("--batch must be a positive number of images (0: the bundle's max)")
+    found = collect_inputs(args.inputs)
+    for skipped in found.skipped:
+        print(f"medge run: skipped {skipped.name}: {skipped.reason}", file=sys.stderr)
+    if not found.files:
+        listed = f" ({found.summary()}, listed above)" if found.skipped else ""
+        raise MedgeError(f"no DICOM files found in the given inputs{listed}")
+    files = found.files
+
     with load(args.bundle, backend=args.backend, device=device, precision=args.precision,
               trusted_key=args.trusted_key) as model:
         print(f"medge run: {model.backend}", file=sys.stderr)
         batch = args.batch or model.max_batch
         if not 1 <= batch <= model.max_batch:
             raise MedgeError(f"--batch must be within 1..{model.max_batch} for this bundle")
-        sink = _Sink(args.out, model.labels)
+        sink = _Sink(out, model.labels)
         failures = 0
         try:
             with Progress("predicting", len(files), enabled=args.progress) as bar:
                 for start in range(0, len(files), batch):
                     chunk = files[start : start + batch]
-                    for path, entry in zip(chunk, model.predict_each(chunk, return_exceptions=True)):
+                    for file, entry in zip(chunk, _predict_each(model, chunk)):
                         if isinstance(entry, MedgeError):
                             failures += 1
-                            print(f"medge run: skipped {path.name}: {entry}", file=sys.stderr)
+                            print(f"medge run: skipped {file.name} (failed): {entry}", file=sys.stderr)
                             continue
                         for prediction in entry:
-                            sink.write(path, prediction)
+                            sink.write(file.name, prediction)
                     bar.update(len(chunk))
         finally:
             sink.close()
-    print(f"medge run: {len(files) - failures} of {len(files)} files predicted"
-          + (f", {failures} failed" if failures else ""), file=sys.stderr)
-    return 1 if failures else 0
+    summary = f"medge run: {len(files) - failures} of {len(files)} files predicted"
+    summary += f", {failures} failed" if failures else ""
+    summary += f"; {found.summary()}" if found.skipped else ""
+    print(summary, file=sys.stderr)
+    return 1 if failures or found.unreadable else 0
+
+
+def _predict_each(model, chunk) -> list:
+    """Per file: its Predictions or its MedgeError. Bare data sets (no File Meta) are read with force=True here."""
+    from ..dicom import read_dicom
+
+    items: list = []
+    for file in chunk:
+        if not file.bare:
+            items.append(file.path)
+            continue
+        try:
+            items.append(read_dicom(file.path, force=True))
+        except MedgeError as exc:
+            items.append(exc)
+    ready = [item for item in items if not isinstance(item, MedgeError)]
+    results = iter(model.predict_each(ready, return_exceptions=True))
+    return [item if isinstance(item, MedgeError) else next(results) for item in items]
 
 
 class _Sink:
     """JSON lines (stdout or .jsonl) or CSV, written as results arrive (a crash keeps what was done)."""
 
-    def __init__(self, path, labels) -> None:
+    def __init__(self, path: Optional[Path], labels) -> None:
         self.labels = list(labels)
         self.csv = None
         if path is None:
             self.stream, self.owned = sys.stdout, False
         else:
-            self.stream, self.owned = open(path, "w", newline=""), True
-            if str(path).endswith(".csv"):
+            try:
+                self.stream, self.owned = open(path, "w", newline=""), True
+            except OSError as exc:
+                raise MedgeError(f"cannot write --out {path}: {exc.strerror}") from exc
+            if path.suffix.lower() == ".csv":
                 self.csv = csv.writer(self.stream)
                 self.csv.writerow(["sop_instance_uid", "file", "frame", "label"]
                                   + [f"score_{name}" for name in self.labels or ["0"]])
 
-    def write(self, path: Path, prediction) -> None:
+    def write(self, name: str, prediction) -> None:
         if self.csv is not None:
-            self.csv.writerow([prediction.sop_instance_uid or "", path.name, prediction.frame, prediction.label or ""]
+            self.csv.writerow([prediction.sop_instance_uid or "", name, prediction.frame, prediction.label or ""]
                               + [f"{float(s):.6g}" for s in prediction.scores])
         else:
-            record = {"sop_instance_uid": prediction.sop_instance_uid, "file": path.name, "frame": prediction.frame,
+            record = {"sop_instance_uid": prediction.sop_instance_uid, "file": name, "frame": prediction.frame,
                       "label": prediction.label, "scores": [round(float(s), 6) for s in prediction.scores]}
             self.stream.write(json.dumps(record) + "\n")
         self.stream.flush()

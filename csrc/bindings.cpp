@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,11 @@ void check_output_array(const py::array& output, const OutputParams& out, int64_
   if (!output.writeable()) throw InvalidArgument("output array is read-only");
   if (!(output.flags() & py::array::c_style)) throw InvalidArgument("output array must be C-contiguous");
   const bool fp16 = out.output_type == OutputType::kFloat16;
+  // Stores go through float / half pointers: a buffer at an odd address (e.g.
+  // np.frombuffer with an offset) would be written with misaligned stores.
+  if (reinterpret_cast<std::uintptr_t>(output.data()) % static_cast<std::uintptr_t>(fp16 ? 2 : 4) != 0)
+    throw InvalidArgument("output array is not aligned to its element size (np.frombuffer at an odd offset?); "
+                          "pass an array numpy allocated, e.g. np.empty");
   const py::dtype want = fp16 ? py::dtype("float16") : py::dtype::of<float>();
   if (!output.dtype().equal(want))
     throw InvalidArgument("output dtype must be " + std::string(py::str(want)) + ", got " +
@@ -82,7 +88,14 @@ void run_cpu(const py::list& arrays, std::vector<ImageParams> params, py::array 
   void* data = output.mutable_data();
   const int64_t bytes = output.nbytes();
   py::gil_scoped_release release;
-  preprocess_cpu(params.data(), count, out, data, bytes, num_threads);
+  try {
+    preprocess_cpu(params.data(), count, out, data, bytes, num_threads);
+  } catch (const std::bad_alloc&) {
+    // Plans and per-thread scratch rows are allocated natively: without this
+    // pybind11 would raise a bare MemoryError, which is not medge's error path.
+    throw ResourceError("not enough memory for the native preprocessing of " + std::to_string(count) +
+                        " image(s); preprocess fewer images at a time or use fewer threads");
+  }
 }
 
 void run_cuda(std::vector<ImageParams> params, std::uintptr_t output, int64_t output_bytes, const OutputParams& out,
@@ -115,6 +128,9 @@ PYBIND11_MODULE(_C, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const InvalidArgument& e) {
+      py::object cls = py::module_::import("medge.errors").attr("PreprocessError");
+      PyErr_SetString(cls.ptr(), e.what());
+    } catch (const ResourceError& e) {
       py::object cls = py::module_::import("medge.errors").attr("PreprocessError");
       PyErr_SetString(cls.ptr(), e.what());
     } catch (const CudaError& e) {
@@ -177,6 +193,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property(
           "std", [](const OutputParams& o) { return float3(o.std); },
           [](OutputParams& o, const std::vector<float>& v) { set_float3(o.std, v, "std"); });
+
+  // The native limits, so Python refuses an oversized batch before allocating its output.
+  m.attr("MAX_BATCH") = kMaxBatch;
+  m.attr("MAX_IMAGE_SIDE") = kMaxImageSide;
+  m.attr("MAX_OUTPUT_SIDE") = kMaxOutputSide;
 
   m.def("preprocess_cpu", &run_cpu, py::arg("arrays"), py::arg("params"), py::arg("output"), py::arg("out_params"),
         py::arg("num_threads") = 0,

@@ -3,6 +3,7 @@
 // done once per image happens here, in double precision.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <sstream>
 
@@ -44,9 +45,44 @@ void validate_output(const OutputParams& out) {
   if (out.output_type != OutputType::kFloat32 && out.output_type != OutputType::kFloat16)
     throw InvalidArgument("unknown output type");
   if (!std::isfinite(out.pad_value)) throw InvalidArgument("pad value must be finite");
+  // Display values lie in [0, 1] (every VOI shape is clamped or a sigmoid,
+  // resampling weights are convex) or are the pad value, so the output's
+  // extremes are at lo and hi below. The kernels multiply by 1/std computed in
+  // float, exactly as here. The float32 bound keeps a relative margin for the
+  // kernels' float rounding; float16 overflows only at 65520, 2.4e-4 above
+  // its largest finite value, far more than that rounding.
+  const double lo = std::min(0.0, static_cast<double>(out.pad_value));
+  const double hi = std::max(1.0, static_cast<double>(out.pad_value));
+  const bool half = out.output_type == OutputType::kFloat16;
+  const double limit = half ? kFloat16Max : kFloat32Max / (1.0 + 1e-5);
   for (int c = 0; c < out.channels; ++c) {
     if (!std::isfinite(out.mean[c]) || !std::isfinite(out.std[c]) || out.std[c] == 0.0f)
       throw InvalidArgument("normalisation mean must be finite and std finite and non-zero");
+    const float inv_std = 1.0f / out.std[c];
+    const double worst = std::max(std::fabs(lo - out.mean[c]), std::fabs(hi - out.mean[c])) * std::fabs(inv_std);
+    if (!std::isfinite(inv_std) || !(worst <= limit)) {
+      std::ostringstream msg;
+      msg << "normalisation (y - mean) / std of channel " << c << " reaches " << worst << " for display values in ["
+          << lo << ", " << hi << "] (pad value included), beyond the largest finite " << (half ? "float16" : "float32")
+          << " (" << (half ? kFloat16Max : kFloat32Max) << "); use a larger std, a mean nearer [0, 1], or float32";
+      throw InvalidArgument(msg.str());
+    }
+  }
+}
+
+void check_output_buffer(const void* output, int64_t output_bytes, const OutputParams& out, int64_t count) {
+  if (output == nullptr) throw InvalidArgument("output pointer is null");
+  const int64_t elem = output_type_size(out.output_type);
+  if (reinterpret_cast<std::uintptr_t>(output) % static_cast<std::uintptr_t>(elem) != 0) {
+    std::ostringstream msg;
+    msg << "output pointer is not aligned to its " << elem << "-byte element size";
+    throw InvalidArgument(msg.str());
+  }
+  const int64_t needed = output_bytes_required(out, count);
+  if (output_bytes < needed) {
+    std::ostringstream msg;
+    msg << "output buffer holds " << output_bytes << " bytes but " << count << " images need " << needed;
+    throw InvalidArgument(msg.str());
   }
 }
 
@@ -62,6 +98,15 @@ PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, i
   if (image.row_stride < image.width || image.row_stride > kMaxImageSide * 16)
     fail_image(index, "row stride must be at least the width and at most 2^20 elements");
   const int64_t elem = pixel_type_size(image.pixel_type);
+  // The kernels load whole elements through typed pointers: a misaligned one
+  // is undefined behaviour on the CPU (the vectoriser may assume alignment)
+  // and a sticky misaligned-address fault on the GPU. Python copies such
+  // arrays; callers of the C++ API get this error instead of a wrong load.
+  if (reinterpret_cast<std::uintptr_t>(image.pixels) % static_cast<std::uintptr_t>(elem) != 0) {
+    std::ostringstream msg;
+    msg << "pixel pointer is not aligned to its " << elem << "-byte element size";
+    fail_image(index, msg.str());
+  }
   const int64_t needed = ((image.height - 1) * image.row_stride + image.width) * elem;
   if (image.buffer_bytes < needed) {
     std::ostringstream msg;

@@ -9,6 +9,7 @@
 #include <exception>
 #include <mutex>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -335,13 +336,7 @@ void preprocess_cpu(const ImageParams* images, int64_t count, const OutputParams
   if (count < 0 || count > kMaxBatch) throw InvalidArgument("batch size out of range");
   if (count == 0) return;
   if (images == nullptr) throw InvalidArgument("image parameter array is null");
-  if (output == nullptr) throw InvalidArgument("output pointer is null");
-  const int64_t needed = output_bytes_required(out, count);
-  if (output_bytes < needed) {
-    std::ostringstream msg;
-    msg << "output buffer holds " << output_bytes << " bytes but " << count << " images need " << needed;
-    throw InvalidArgument(msg.str());
-  }
+  detail::check_output_buffer(output, output_bytes, out, count);
 
   // Validate everything before touching memory.
   std::vector<ImagePlan> plans(static_cast<size_t>(count));
@@ -380,7 +375,25 @@ void preprocess_cpu(const ImageParams* images, int64_t count, const OutputParams
   };
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(threads - 1));
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  for (int t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(worker);
+    } catch (const std::system_error& e) {
+      // The OS refused a thread (process/thread limit, cgroup pids.max, no
+      // memory for its stack). Letting this escape would destroy joinable
+      // std::threads, which calls std::terminate and takes the host process
+      // down: stop the workers already running (they finish their current
+      // band), join them, then report. The output is incomplete, so this is
+      // an error rather than a quiet fallback to fewer threads.
+      next.store(items);
+      for (auto& th : pool) th.join();
+      std::ostringstream msg;
+      msg << "could not start worker thread " << t + 1 << " of " << threads
+          << " (the operating system refused: " << e.what()
+          << "); pass a smaller num_threads, or raise the process/thread limit (ulimit -u, cgroup pids.max)";
+      throw ResourceError(msg.str());
+    }
+  }
   worker();
   for (auto& th : pool) th.join();
   if (failure) std::rethrow_exception(failure);

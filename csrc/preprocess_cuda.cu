@@ -166,13 +166,7 @@ void preprocess_cuda(const ImageParams* images, int64_t count, const OutputParam
   if (count < 0 || count > kMaxBatch) throw InvalidArgument("batch size out of range");
   if (count == 0) return;
   if (images == nullptr) throw InvalidArgument("image parameter array is null");
-  if (output == nullptr) throw InvalidArgument("output pointer is null");
-  const int64_t needed = output_bytes_required(out, count);
-  if (output_bytes < needed) {
-    std::ostringstream msg;
-    msg << "output buffer holds " << output_bytes << " bytes but " << count << " images need " << needed;
-    throw InvalidArgument(msg.str());
-  }
+  detail::check_output_buffer(output, output_bytes, out, count);
   // Parameters first, so bad ones are reported as such even without a device.
   std::vector<PreparedImage> prepared(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) prepared[static_cast<size_t>(i)] = detail::prepare_image(images[i], out, i);

@@ -36,6 +36,8 @@ VOI_MODES = ("dicom", "window", "range")
 FITS = ("stretch", "letterbox")
 RESAMPLES = ("bilinear", "bilinear_antialias")
 DTYPES = ("float32", "float16")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 @dataclass(frozen=True)
@@ -88,33 +90,55 @@ class PreprocessSpec:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        # Normalise sequences given as lists (e.g. from JSON) to tuples of floats.
+        # Normalise to plain Python values (JSON gives lists; numpy scalars and dtypes are
+        # accepted), so to_json() always works and the fields compare and hash as tuples.
+        for name in ("height", "width", "channels", "window_index"):
+            value = getattr(self, name)
+            if isinstance(value, np.integer):
+                object.__setattr__(self, name, int(value))
         for name in ("window", "value_range", "mean", "std"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, (int, float)):
-                try:
-                    object.__setattr__(self, name, tuple(float(v) for v in value))
-                except (TypeError, ValueError) as exc:
-                    raise SpecError(f"{name} must be a sequence of numbers, got {value!r}") from exc
-            elif isinstance(value, (int, float)) and name in ("mean", "std"):
-                object.__setattr__(self, name, (float(value),))
+            if value is None and name in ("window", "value_range"):
+                continue
+            if _is_number(value) and name in ("mean", "std"):
+                value = (value,)
+            elif isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                what = "one number or a sequence of numbers" if name in ("mean", "std") else "a pair of numbers"
+                raise SpecError(f"{name} must be {what}, got {value!r}")
+            values = tuple(value)
+            if not all(_is_number(v) for v in values):
+                raise SpecError(f"{name} must be a sequence of numbers, got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if not _is_number(self.pad_value):
+            raise SpecError(f"pad_value must be a number, got {self.pad_value!r}")
+        object.__setattr__(self, "pad_value", float(self.pad_value))
+        if not isinstance(self.dtype, str):
+            try:
+                object.__setattr__(self, "dtype", np.dtype(self.dtype).name)  # np.float16, np.dtype("float32")
+            except (TypeError, ValueError):
+                raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}") from None
         self._validate()
 
     def _validate(self) -> None:
         def positive_int(name: str, limit: int) -> None:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= limit:
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
                 raise SpecError(f"{name} must be an integer in 1..{limit}, got {v!r}")
+
+        def one_of(name: str, choices: tuple, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            # isinstance first: `in` would compare arrays elementwise and raise.
+            if not (v is None and allow_none) and not (isinstance(v, str) and v in choices):
+                extra = " or None" if allow_none else ""
+                raise SpecError(f"{name} must be one of {choices}{extra}, got {v!r}")
 
         positive_int("height", 16384)
         positive_int("width", 16384)
-        if self.channels not in (1, 3):
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels not in (1, 3):
             raise SpecError(f"channels must be 1 or 3, got {self.channels!r}")
-        if self.voi not in VOI_MODES:
-            raise SpecError(f"voi must be one of {VOI_MODES}, got {self.voi!r}")
-        if self.voi_function is not None and self.voi_function not in VOI_FUNCTIONS:
-            raise SpecError(f"voi_function must be one of {VOI_FUNCTIONS} or None, got {self.voi_function!r}")
-        if not isinstance(self.window_index, int) or self.window_index < 0:
+        one_of("voi", VOI_MODES)
+        one_of("voi_function", VOI_FUNCTIONS, allow_none=True)
+        if isinstance(self.window_index, bool) or not isinstance(self.window_index, int) or self.window_index < 0:
             raise SpecError(f"window_index must be a non-negative integer, got {self.window_index!r}")
         if self.voi == "window":
             if self.window is None or len(self.window) != 2:
@@ -133,26 +157,69 @@ class PreprocessSpec:
             low, high = self.value_range
             if not (math.isfinite(low) and math.isfinite(high)) or not high > low:
                 raise SpecError(f"value_range must be finite with high > low, got {self.value_range!r}")
+            if not math.isfinite(high - low):
+                # The kernels divide by high - low; its overflow would zero the transform.
+                raise SpecError(f"value_range is too wide: high - low overflows, got {self.value_range!r}")
             if self.voi_function is not None:
                 raise SpecError('voi_function does not apply to voi="range"')
         elif self.value_range is not None:
             raise SpecError(f'value_range is only used with voi="range" (voi is {self.voi!r})')
-        if self.fit not in FITS:
-            raise SpecError(f"fit must be one of {FITS}, got {self.fit!r}")
-        if self.resample not in RESAMPLES:
-            raise SpecError(f"resample must be one of {RESAMPLES}, got {self.resample!r}")
+        one_of("fit", FITS)
+        one_of("resample", RESAMPLES)
         if not math.isfinite(self.pad_value):
             raise SpecError(f"pad_value must be finite, got {self.pad_value!r}")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) not in (1, self.channels):
-                raise SpecError(f"{name} needs 1 or {self.channels} values, got {len(values)}")
+                allowed = f"1 or {self.channels} values" if self.channels > 1 else "1 value"
+                raise SpecError(f"{name} needs {allowed}, got {len(values)}")
             if not all(math.isfinite(v) for v in values):
                 raise SpecError(f"{name} values must be finite, got {values!r}")
         if any(v == 0 for v in self.std):
             raise SpecError(f"std values must be non-zero, got {self.std!r}")
-        if self.dtype not in DTYPES:
-            raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        one_of("dtype", DTYPES)
+        self._check_output_range()
+
+    def _check_output_range(self) -> None:
+        """Refuse a spec whose output can be inf (or NaN) for some input.
+
+        Display values lie in [0, 1] (every VOI shape is clamped or a sigmoid,
+        resampling weights are convex), plus ``pad_value`` where letterboxing
+        pads. The kernels compute ``(y - mean) * (1 / std)`` in float32 and
+        round to the output dtype; this is the same bound as the native check
+        (csrc/prepare.cpp validate_output), so a valid spec never reaches it.
+        """
+        half = self.dtype == "float16"
+        limit = _FLOAT16_MAX if half else _FLOAT32_MAX / (1.0 + 1e-5)
+        largest = f"the largest finite {self.dtype} ({_FLOAT16_MAX:g})" if half else "the float32 range"
+        for name in ("mean", "std"):
+            if any(abs(v) > _FLOAT32_MAX for v in getattr(self, name)):
+                raise SpecError(f"{name} values must be within the float32 range the kernels compute in, "
+                                f"got {getattr(self, name)!r}")
+        with np.errstate(over="ignore", divide="ignore"):
+            inv_stds = [float(np.float32(1.0) / np.float32(v)) for v in self.std]
+        if not all(math.isfinite(v) for v in inv_stds):
+            raise SpecError(f"std values are too small: 1 / std overflows float32, got {self.std!r}")
+
+        def worst(lo: float, hi: float) -> float:
+            channels = range(self.channels)
+            means = [float(np.float32(self.mean[min(c, len(self.mean) - 1)])) for c in channels]
+            invs = [abs(inv_stds[min(c, len(inv_stds) - 1)]) for c in channels]
+            return max(max(abs(lo - m), abs(hi - m)) * inv for m, inv in zip(means, invs))
+
+        image_worst = worst(0.0, 1.0)
+        if not image_worst <= limit:
+            raise SpecError(
+                f"std (with mean) maps display values in [0, 1] to magnitudes up to {image_worst:.4g}, beyond "
+                f"{largest}: the output would be inf. Use a larger std or a mean nearer [0, 1]"
+                + (', or dtype="float32"' if half else "")
+            )
+        pad_worst = worst(min(0.0, self.pad_value), max(1.0, self.pad_value))
+        if not pad_worst <= limit:
+            raise SpecError(
+                f"pad_value {self.pad_value!r} is normalised to magnitude {pad_worst:.4g}, beyond {largest}: "
+                "padded pixels would be inf. pad_value is a display value, normally within [0, 1]"
+            )
 
     @property
     def output_shape_per_image(self) -> tuple[int, int, int]:
@@ -205,8 +272,17 @@ class PreprocessSpec:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "PreprocessSpec":
-        """A copy with some fields changed (validated)."""
+        """A copy with some fields changed (validated). Raises SpecError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise SpecError(f"unknown preprocessing spec field(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python or numpy), not a bool or a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 # ---------------------------------------------------------------------------
@@ -240,7 +316,15 @@ _NATIVE_DTYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.int32,
 
 
 def _kernel_array(array: np.ndarray, where: str) -> np.ndarray:
-    """A 2-D frame in a dtype and layout the kernels read, converting only when lossless."""
+    """A 2-D frame in a dtype and layout the kernels read, converting only when lossless.
+
+    The result is aligned to its element size and has contiguous rows with a
+    positive row stride. Misaligned arrays (``np.frombuffer`` at an odd
+    offset, a float32 Pixel Data value at an offset of 2 mod 4 in a DICOM
+    byte string) are copied here: the native code loads whole elements and
+    refuses misaligned pointers, which keeps its vectorised loads (and the
+    CUDA kernel's) free of misaligned-access undefined behaviour.
+    """
     dtype = array.dtype
     if not dtype.isnative:
         array = array.astype(dtype.newbyteorder("="))
@@ -254,7 +338,12 @@ def _kernel_array(array: np.ndarray, where: str) -> np.ndarray:
             if array.size and int(array.max()) >= 2**31:
                 raise PreprocessError(f"{where}: uint32 values >= 2**31 cannot be preprocessed exactly")
             array = array.astype(np.int32)
-        elif dtype in (np.float16, np.float64):
+        elif dtype == np.float16:
+            array = array.astype(np.float32)
+        elif dtype == np.float64:
+            if array.size and np.isfinite(array).all() and max(-float(array.min()), float(array.max())) > _FLOAT32_MAX:
+                # Casting would turn these finite values into infinity.
+                raise PreprocessError(f"{where}: float64 pixel values beyond the float32 range cannot be preprocessed")
             array = array.astype(np.float32)
         else:
             raise PreprocessError(
@@ -264,8 +353,16 @@ def _kernel_array(array: np.ndarray, where: str) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         # NaN would flow through every stage into NaN scores; infinity is no stored value either.
         raise PreprocessError(f"{where}: float pixel values contain NaN or infinity")
-    if array.strides[-1] != array.itemsize or array.strides[0] < 0:
-        array = np.ascontiguousarray(array)
+    item = array.itemsize
+    rows_contiguous = (
+        array.strides[1] == item
+        and array.strides[0] > 0
+        and array.strides[0] % item == 0
+        and (array.shape[0] == 1 or array.strides[0] >= array.shape[1] * item)
+    )
+    if not rows_contiguous or not array.flags.aligned:
+        # A fresh C-ordered copy: aligned, rows contiguous (also for broadcast or reversed views).
+        array = array.copy(order="C")
     return array
 
 
@@ -273,8 +370,15 @@ def _as_images(images: Any) -> list[Image]:
     """Normalise the accepted inputs to a list of Image."""
     if isinstance(images, (Image, np.ndarray, bytes, bytearray, memoryview, str, os.PathLike)) or _is_dataset(images):
         images = [images]
+    try:
+        items = iter(images)
+    except TypeError:
+        raise PreprocessError(
+            f"cannot preprocess {type(images).__name__}: pass medge.Image, numpy arrays of stored values, "
+            "DICOM paths or bytes, pydicom Datasets, or a sequence of them"
+        ) from None
     result: list[Image] = []
-    for item in images:
+    for item in items:
         if isinstance(item, Image):
             result.append(item)
         elif isinstance(item, np.ndarray):
@@ -395,7 +499,7 @@ def preprocess(
             Host inputs are staged through a temporary device buffer, so the
             call then waits for the stream. Without a stream, medge uses its
             own and returns only when the result is complete.
-        num_threads: CPU only: worker threads (0 = all cores).
+        num_threads: CPU only: worker threads, 0..1024 (0 = all cores).
 
     Returns:
         ``out`` when given; else a new numpy array (CPU) or a
@@ -403,34 +507,74 @@ def preprocess(
         ``__cuda_array_interface__`` and DLPack).
 
     Raises:
-        SpecError, PreprocessError: bad arguments.
+        SpecError, PreprocessError: bad arguments; PreprocessError also when
+            the system refuses the memory or the worker threads the call needs.
         DicomError: an image's semantics cannot be applied under ``spec``.
         BackendUnavailable: CUDA requested where it is not available.
+
+    Every failure is a ``MedgeError``; anything else escaping is a bug.
     """
     if not isinstance(spec, PreprocessSpec):
         raise PreprocessError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
+    device_name, device_index = _parse_device(device)
+    threads = _check_num_threads(num_threads)
     native = _native()
-    device_name, _, device_index = str(device).partition(":")
     if device_name == "cpu":
         if stream is not None:
             raise PreprocessError("stream is only meaningful with device='cuda'")
-        return _preprocess_cpu(native, _as_images(images), spec, out, num_threads)
-    if device_name == "cuda":
-        from . import _preprocess_cuda
+        return _preprocess_cpu(native, _as_images(images), spec, out, threads)
+    from . import _preprocess_cuda
 
-        return _preprocess_cuda.run(native, images, spec, out, stream, int(device_index or 0))
-    raise PreprocessError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return _preprocess_cuda.run(native, images, spec, out, stream, device_index)
+
+
+#: More CPU threads than this never help (0 means all cores); it also keeps the value a C int.
+_MAX_THREADS = 1024
+
+
+def _parse_device(device: Any) -> tuple[str, int]:
+    """("cpu", 0) or ("cuda", N) from "cpu", "cuda" or "cuda:N" (or anything whose str() is one)."""
+    name, sep, index = str(device).partition(":")
+    if name == "cpu" and (not sep or index == "0"):
+        return "cpu", 0
+    if name == "cuda" and (not sep or (index.isascii() and index.isdigit())):
+        return "cuda", int(index or 0)
+    raise PreprocessError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _check_num_threads(num_threads: Any) -> int:
+    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, (int, np.integer)) \
+            or not 0 <= num_threads <= _MAX_THREADS:
+        raise PreprocessError(f"num_threads must be an integer in 0..{_MAX_THREADS} (0 = all cores), got {num_threads!r}")
+    return int(num_threads)
 
 
 def _preprocess_cpu(native, images: Sequence[Image], spec: PreprocessSpec, out: Any, num_threads: int):
-    arrays, params = _host_frames(native, images, spec)
-    shape = (len(arrays), *spec.output_shape_per_image)
-    if out is None:
-        out = np.empty(shape, dtype=spec.dtype)
-    elif not isinstance(out, np.ndarray):
+    if out is not None and not isinstance(out, np.ndarray):
         raise PreprocessError(
             f"out must be a numpy array for device='cpu', got {type(out).__name__} "
             "(device arrays need device='cuda')"
         )
-    native.preprocess_cpu(arrays, params, out, _output_params(native, spec), int(num_threads))
+    try:
+        arrays, params = _host_frames(native, images, spec)
+        if len(arrays) > native.MAX_BATCH:
+            raise PreprocessError(
+                f"{len(arrays)} frames in one call; at most {native.MAX_BATCH} are preprocessed at once: "
+                "split the batch"
+            )
+        shape = (len(arrays), *spec.output_shape_per_image)
+        if out is None:
+            try:
+                out = np.empty(shape, dtype=spec.dtype)
+            except ValueError as exc:  # numpy's "array is too big": a size it cannot even represent
+                raise MemoryError(str(exc)) from exc
+        elif any(np.may_share_memory(out, array) for array in arrays):
+            # The kernels read every input while writing the output: overlapping memory gives a wrong answer.
+            raise PreprocessError("out overlaps an input image's memory; pass a separate output array")
+    except MemoryError as exc:
+        raise PreprocessError(
+            f"not enough memory to preprocess {len(images)} image(s) into {spec.dtype} outputs of "
+            f"{spec.channels} x {spec.height} x {spec.width}: preprocess fewer images at a time"
+        ) from exc
+    native.preprocess_cpu(arrays, params, out, _output_params(native, spec), num_threads)
     return out

@@ -106,8 +106,8 @@ class BatcherStats:
             not in ``submitted``).
         batches: calls made to ``model.predict_batch``.
         batch_sizes: batch size -> number of batches of that size.
-        queue_depth: items waiting now (including caller-cancelled ones not
-            yet discarded by the worker).
+        queue_depth: items waiting now (a caller-cancelled item leaves the
+            queue, and is counted in ``cancelled``, as it is cancelled).
         in_flight: items in the batch the model is running now.
         queue_wait_ms_p50 / _p90 / _p99: queue wait (acceptance to the start
             of the item's batch) percentiles over the Batcher's lifetime,
@@ -248,6 +248,7 @@ class _State:
             futures = []
             for item in items:
                 future: concurrent.futures.Future = concurrent.futures.Future()
+                future.add_done_callback(self._on_future_done)
                 self.queue.append(_Request(item, future, now))
                 futures.append(future)
             self.submitted += n
@@ -257,6 +258,29 @@ class _State:
                 self.not_empty.notify()
             return futures
 
+    def _on_future_done(self, future: concurrent.futures.Future) -> None:
+        """Done-callback of every accepted future: takes a caller-cancelled item off the queue at once.
+
+        ``Future.cancel()`` only marks a future CANCELLED: ``concurrent.futures.wait`` and
+        ``as_completed`` learn of it when the executor (here, the batcher) calls
+        ``set_running_or_notify_cancel()``. Doing that here, in the cancelling thread, wakes them
+        now instead of when the worker next looks at the queue (after a long batch, or at the
+        oldest item's deadline). Whoever takes a request off the queue, under the lock, is the only
+        one to call ``set_running_or_notify_cancel()`` on it (a second call raises).
+        """
+        if not future.cancelled():
+            return  # resolved by the worker; nothing to do
+        with self.lock:
+            for index, request in enumerate(self.queue):
+                if request.future is future:
+                    del self.queue[index]
+                    break
+            else:
+                return  # already taken by the worker or by shutdown(), which notify it themselves
+            future.set_running_or_notify_cancel()  # CANCELLED -> notified: returns False
+            self.cancelled += 1
+            self.not_full.notify_all()
+
     # ------------------------------------------------------------------ the worker
 
     def next_batch(self) -> Optional[list]:
@@ -264,7 +288,9 @@ class _State:
         with self.lock:
             while True:
                 while self.queue and self.queue[0].future.cancelled():
-                    self.queue.popleft()  # cancelled while queued: never run, stops counting toward a batch
+                    # Cancelled while queued (its done-callback has not taken it yet): never run, stops
+                    # counting toward a batch, and its waiters are told.
+                    self.queue.popleft().future.set_running_or_notify_cancel()
                     self.cancelled += 1
                     self.not_full.notify_all()
                 if not self.queue:
@@ -417,6 +443,8 @@ class _State:
             self.not_full.notify_all()
         for request in dropped:
             request.future.cancel()  # PENDING futures: always succeeds; runs their callbacks here
+            # Off the queue, so only this loop notifies them: wakes concurrent.futures.wait / as_completed.
+            request.future.set_running_or_notify_cancel()
 
     def close(self, drain: bool, timeout: Optional[float]) -> bool:
         self.shutdown(drain)

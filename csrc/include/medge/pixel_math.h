@@ -57,6 +57,9 @@ struct PreparedImage {
 // Throws InvalidArgument with a message that names the image index.
 PreparedImage prepare_image(const ImageParams& image, const OutputParams& out, int64_t index);
 void validate_output(const OutputParams& out);
+// Output pointer non-null, aligned to the output element size, and at least
+// output_bytes_required(out, count) long. Host only; throws InvalidArgument.
+void check_output_buffer(const void* output, int64_t output_bytes, const OutputParams& out, int64_t count);
 
 template <typename T>
 struct Wide {

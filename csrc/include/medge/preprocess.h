@@ -42,7 +42,10 @@ enum class OutputType : int32_t { kFloat32 = 0, kFloat16 = 1 };
 // they mean. Everything that comes from the DICOM header is per image, so a
 // batch may mix series.
 struct ImageParams {
-  const void* pixels = nullptr;  // first stored value; host memory for CPU, device for CUDA
+  // First stored value; host memory for CPU, device for CUDA. Must be aligned
+  // to the element size (checked): the kernels load whole elements, which a
+  // misaligned pointer makes undefined behaviour (and a fault on the GPU).
+  const void* pixels = nullptr;
   int64_t buffer_bytes = 0;      // bytes readable from `pixels` (checked against the geometry)
   int64_t height = 0;
   int64_t width = 0;
@@ -80,6 +83,13 @@ class InvalidArgument : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// The system refused a resource the CPU path needs: a worker thread (process or
+// thread limit, memory for its stack) or memory.
+class ResourceError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 // A CUDA runtime call or kernel launch failed.
 class CudaError : public std::runtime_error {
  public:
@@ -108,8 +118,16 @@ inline int64_t output_type_size(OutputType type) { return type == OutputType::kF
 // Bytes of the NCHW output for `count` images.
 int64_t output_bytes_required(const OutputParams& out, int64_t count);
 
-// CPU: writes images[i] at batch index i of `output` (host, `output_bytes` long).
-// num_threads <= 0 uses every hardware thread. Throws InvalidArgument.
+// Largest finite value of each output type: OutputParams whose normalisation
+// can exceed it ((y - mean) / std over y in [min(0, pad), max(1, pad)]) are
+// refused, so a valid spec never writes inf.
+constexpr double kFloat32Max = 3.4028234663852886e38;
+constexpr double kFloat16Max = 65504.0;
+
+// CPU: writes images[i] at batch index i of `output` (host, `output_bytes` long,
+// aligned to the output element size). num_threads <= 0 uses every hardware
+// thread. Throws InvalidArgument, or ResourceError when the system refuses a
+// worker thread (the threads already started are joined first).
 void preprocess_cpu(const ImageParams* images, int64_t count, const OutputParams& out, void* output,
                     int64_t output_bytes, int num_threads);
 
@@ -131,7 +149,7 @@ std::string cuda_status();
 // Architectures this build embeds (e.g. "75;80;86;87;89;90;90-virtual"), empty without CUDA.
 std::string cuda_architectures();
 
-// CUDA: same contract with device pointers, enqueued on `stream`; returns
+// CUDA: same contract (alignment included) with device pointers, enqueued on `stream`; returns
 // without synchronising. Throws InvalidArgument, or CudaError (also when the
 // build has no CUDA).
 void preprocess_cuda(const ImageParams* images, int64_t count, const OutputParams& out, void* output,

@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="preprocess DICOM files or folders into one .npy batch (N, C, H, W)",
         description="Read DICOM files, apply rescale, VOI, polarity, resampling and normalisation as the "
                     "model expects, and save the batch as .npy. The preprocessing is given by --spec "
-                    "(a PreprocessSpec JSON file, as stored in bundles) or by the flags below.",
+                    "(a PreprocessSpec JSON file, as stored in bundles) or by the flags below. Folders are read as "
+                    "by medge run (files taken by their DICOM content; skipped ones listed). Exit status 1 when "
+                    "a file failed or could not be read.",
     )
     pre.add_argument("inputs", nargs="+",
                      help="DICOM files or folders (searched recursively; files are taken by their content, "

@@ -17,6 +17,7 @@ __all__ = [
     "ConversionError",
     "PreprocessError",
     "SpecError",
+    "OutsideEnvelope",
     "BackendUnavailable",
     "CudaError",
     "MissingDependency",
@@ -49,6 +50,10 @@ class SpecError(MedgeError, ValueError):
 
 class PreprocessError(MedgeError, ValueError):
     """Arguments to preprocessing are invalid (sizes, dtypes, buffers)."""
+
+
+class OutsideEnvelope(MedgeError):
+    """An input lies outside what the bundle's model was validated on (the message names the mismatch)."""
 
 
 class BackendUnavailable(MedgeError):

@@ -299,7 +299,21 @@ def test_convert_writes_a_verified_bundle(tmp_path, dicom_sets):
     assert any("broken.dcm" in s for s in manifest["inputs_skipped"]["calibration"])
     assert len(manifest["accuracy"]["results"]) == 12  # 4 graphs x batch 1, 4, 8
     assert manifest["profile"] == {"min": 1, "opt": 4, "max": 8}
-    assert manifest["gates"]["passed"]
+    gates = manifest["gates"]
+    assert gates["enabled"] and gates["limits"] == {"min_top1_agreement": 0.99, "max_auc_drop": 0.01,
+                                                     "max_abs_error": None}  # the defaults
+    assert gates["passed"] == (not result.threshold_failures)
+    assert gates["verdicts"]["fp32"]["verdict"] == "reference"
+    for graph in ("fp16", "int8", "int8-ort"):  # an untrained tiny CNN: each verdict follows its report rows
+        rows = [r for r in manifest["accuracy"]["results"] if r["precision"] == graph]
+        bad = any(r["top1_agreement"] < 0.99 or (r["auc_drop"] or 0) > 0.01 for r in rows)
+        assert gates["verdicts"][graph]["verdict"] == ("failed" if bad else "passed")
+        assert bool(gates["verdicts"][graph]["reasons"]) == bad
+    assert manifest["task"] == {"kind": "classification", "classes": 2, "labels": ["no_lesion", "lesion"],
+                                "activation": "softmax", "positive_class": None}
+    assert manifest["envelope"]["modalities"] == ["CT"]
+    assert manifest["envelope"]["rows"] == [64, 64] and manifest["envelope"]["images"] == 20 + 12
+    assert manifest["check_vectors"]["source"] == "validation set" and manifest["check_vectors"]["count"] == 8
 
 
 def test_convert_refuses_before_long_work(tmp_path, dicom_sets):
@@ -308,6 +322,8 @@ def test_convert_refuses_before_long_work(tmp_path, dicom_sets):
     model = tiny_cnn_onnx(tmp_path / "m.onnx")
     with pytest.raises(ConversionError, match="int8 needs calibration"):
         convert(model, tmp_path / "a.medge", spec=SPEC, engine="none")
+    with pytest.raises(ConversionError, match="validated on nothing"):
+        convert(model, tmp_path / "a.medge", spec=SPEC, precisions=["fp32"], engine="none")
     with pytest.raises(ConversionError, match="takes \\(1, 32, 32\\)"):
         convert(model, tmp_path / "a.medge", spec=PreprocessSpec(16, 16, voi="range", value_range=(0, 1)),
                 calibration=dicom_sets / "calib", engine="none", log=lambda _: None)
@@ -347,7 +363,7 @@ def test_signed_bundle_through_the_command_lines(tmp_path, dicom_sets, capsys):
     bundle = tmp_path / "signed.medge"
     assert convert_main([str(tiny_cnn_onnx(tmp_path / "m.onnx")), "--precision", "fp32", "--size", "32", "32",
                          "--window", "-600", "1500", "--engine", "none", "--sign-key", str(tmp_path / "k.pem"),
-                         "-o", str(bundle)]) == 0
+                         "--val", str(dicom_sets / "val"), "-o", str(bundle)]) == 0
     capsys.readouterr()
     assert medge_main(["inspect", str(bundle), "--trusted-key", str(tmp_path / "k.pub.pem")]) == 0
     assert "OK" in capsys.readouterr().out

@@ -89,9 +89,11 @@ def test_multi_frame_images_give_one_prediction_per_frame(demo_bundle, tmp_path)
 
     path = tmp_path / "mf.dcm"
     enhanced_multiframe(size=64, frames=3).save_as(path, enforce_file_format=True)
-    with medge.load(demo_bundle.bundle_path) as model:
+    # 64x64 frames lie outside the demo's validated 512x512: flagged, not refused, with envelope="warn".
+    with medge.load(demo_bundle.bundle_path, envelope="warn") as model:
         (frames,) = model.predict_each([path])
         assert [p.frame for p in frames] == [0, 1, 2]
+        assert all("64 rows; this model was validated on 512 rows" in " ".join(p.warnings) for p in frames)
         with pytest.raises(MedgeError, match="predict_batch"):
             model.predict(path)
         assert len(model.predict_batch([path] * 4)) == 12  # 12 frames over batches of 8
@@ -183,7 +185,7 @@ def test_batcher_over_a_real_model_keeps_multi_frame_images_together(demo_bundle
     enhanced_multiframe(size=64, frames=3).save_as(multi, enforce_file_format=True)
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"junk")
-    with medge.load(demo_bundle.bundle_path) as model:
+    with medge.load(demo_bundle.bundle_path, envelope="warn") as model:  # 64x64 frames: flagged, not refused
         serial = [model.predict(f) for f in files[:6]]
         with medge.Batcher(model, max_delay_ms=5) as batcher:
             futures = [batcher.submit(item) for item in [*files[:3], multi, junk, *files[3:6]]]

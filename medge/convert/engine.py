@@ -479,10 +479,50 @@ def _add_profile(builder: Any, network: Any, config: Any, wanted: Optional[tuple
     return {"min": wanted[0], "opt": wanted[1], "max": wanted[2]}
 
 
-def _set_compute_capabilities(trt: Any, config: Any, wanted: Optional[Sequence[Any]]) -> Optional[list]:
-    """Set RTX targets; returns them as "major.minor" strings (None: library default)."""
+# GPU families per compute capability (NVIDIA's "CUDA GPUs - Compute Capability" table), so a refused
+# target names the hardware a user knows rather than a number alone.
+GPU_FAMILIES = {
+    "7.5": "Turing: RTX 20xx, Quadro RTX, T4",
+    "8.0": "Ampere: A100, A30",
+    "8.6": "Ampere: RTX 30xx, RTX A2000-A6000, A10, A40",
+    "8.7": "Jetson AGX Orin / IGX Orin",
+    "8.9": "Ada: RTX 40xx, RTX 2000-6000 Ada, L4, L40",
+    "9.0": "Hopper: H100, H200, GH200",
+    "10.0": "Blackwell: B200, GB200",
+    "12.0": "Blackwell: RTX 50xx, RTX PRO Blackwell",
+    "12.1": "Blackwell: DGX Spark (GB10)",
+}
+
+
+def rtx_supported_targets(trt: Any) -> list[str]:
+    """The "major.minor" compute capabilities this TensorRT-RTX can build for (its ComputeCapability enum)."""
+    members = trt.ComputeCapability.__members__
+    return [f"{int(m[2:-1])}.{m[-1]}" for m in members if re.fullmatch(r"SM\d+", m)]
+
+
+def describe_targets(targets: Sequence[str]) -> str:
+    """'8.6 (Ampere: RTX 30xx, ...), 8.9 (...)' for messages."""
+    return ", ".join(f"{cc} ({GPU_FAMILIES[cc]})" if cc in GPU_FAMILIES else cc for cc in targets)
+
+
+def check_rtx_targets(wanted: Optional[Sequence[Any]]) -> Optional[list[str]]:
+    """Refuse TensorRT-RTX targets it cannot build for, before any data is generated or validated.
+
+    Returns the normalised targets (None: the library's default set).
+
+    Raises:
+        ConversionError: an unknown or unsupported target (naming the GPUs RTX can target).
+        MissingDependency: tensorrt_rtx is not installed.
+    """
     if wanted is None:
         return None
+    from .._tensorrt import import_flavour
+
+    trt = import_flavour("tensorrt_rtx", "Building TensorRT-RTX engines")
+    return [name for name, _ in _rtx_target_enums(trt, wanted)]
+
+
+def _rtx_target_enums(trt: Any, wanted: Sequence[Any]) -> list[tuple[str, Any]]:
     if isinstance(wanted, (str, bytes)):
         wanted = [wanted]
     names = []
@@ -492,22 +532,32 @@ def _set_compute_capabilities(trt: Any, config: Any, wanted: Optional[Sequence[A
             names.append(cc)
     if not names:
         raise ConversionError("compute_capabilities is empty: give at least one, or None for the default")
-    members = trt.ComputeCapability.__members__
-    supported = [f"{int(m[2:-1])}.{m[-1]}" for m in members if re.fullmatch(r"SM\d+", m)]
     if "current" in names and len(names) > 1:
         raise ConversionError("compute capability 'current' must be the only target")
+    members = trt.ComputeCapability.__members__
     enums = []
     for cc in names:
         member = "CURRENT" if cc == "current" else "SM" + cc.replace(".", "")
         if member not in members:
-            raise ConversionError(f"TensorRT-RTX {trt.__version__} cannot target compute capability {cc}: "
-                                  f"it supports {', '.join(supported)} (or 'current')")
-        enums.append(members[member])
+            family = f" ({GPU_FAMILIES[cc]})" if cc in GPU_FAMILIES else ""
+            raise ConversionError(
+                f"TensorRT-RTX {trt.__version__} cannot build for compute capability {cc}{family}. It targets "
+                f"{describe_targets(rtx_supported_targets(trt))} (or 'current'); for other GPUs build with "
+                "full TensorRT (--engine tensorrt) on that GPU")
+        enums.append((cc, members[member]))
+    return enums
+
+
+def _set_compute_capabilities(trt: Any, config: Any, wanted: Optional[Sequence[Any]]) -> Optional[list]:
+    """Set RTX targets; returns them as "major.minor" strings (None: library default)."""
+    if wanted is None:
+        return None
+    enums = _rtx_target_enums(trt, wanted)
     config.num_compute_capabilities = len(enums)
-    for index, value in enumerate(enums):
+    for index, (name, value) in enumerate(enums):
         if not config.set_compute_capability(value, index):
-            raise ConversionError(f"TensorRT-RTX rejected compute capability {names[index]}")
-    return names
+            raise ConversionError(f"TensorRT-RTX rejected compute capability {name}")
+    return [name for name, _ in enums]
 
 
 def _describe_gpu() -> Optional[dict]:

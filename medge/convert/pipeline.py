@@ -27,7 +27,10 @@ from ..errors import ConversionError, MedgeError
 from ..preprocess import PreprocessSpec, preprocess
 from .export import ImportedModel, import_model
 from .precision import DEFAULT_MIN_CALIBRATION_IMAGES, CalibrationSummary, make_fp16, make_int8
-from .validate import AccuracyReport, check_thresholds, evaluate, read_labels
+from ..runtime.checks import DEFAULT_CHECK_VECTORS, CheckVectors
+from ..runtime.envelope import Envelope
+from ..tasks import ClassificationTask
+from .validate import AccuracyReport, evaluate, gate_verdicts, read_labels
 
 _LOG = logging.getLogger(__name__)
 
@@ -44,6 +47,15 @@ class Inputs:
     keys: list[list[str]]  # per input: file name (with #frame for multi-frame) and SOP Instance UID
     source: str
     skipped: list[str] = field(default_factory=list)  # "name: reason"
+    headers: list = field(default_factory=list)  # per DICOM file read: _Header (for the validated envelope)
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What the validated envelope needs of one image, without its pixels."""
+
+    semantics: Any
+    acquisition: Any
 
 
 def load_inputs(source: Any, spec: PreprocessSpec, *, what: str, progress: Optional[bool] = None) -> Inputs:
@@ -76,7 +88,7 @@ def load_inputs(source: Any, spec: PreprocessSpec, *, what: str, progress: Optio
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _DICOM_SUFFIXES)
     if not files:
         raise ConversionError(f"no DICOM files (.dcm or no suffix) or .npy files in {what} folder {path}")
-    outputs, keys, skipped = [], [], []
+    outputs, keys, skipped, headers = [], [], [], []
     with Progress(f"preprocessing {what} images", len(files), enabled=progress) as bar:
         for file in files:
             bar.update()
@@ -88,12 +100,13 @@ def load_inputs(source: Any, spec: PreprocessSpec, *, what: str, progress: Optio
                 _LOG.warning("skipping %s file %s: %s", what, file.name, exc)
                 continue
             outputs.append(batch)
+            headers.append(_Header(image.semantics, image.acquisition))
             for frame in range(batch.shape[0]):
                 name = file.name if batch.shape[0] == 1 else f"{file.name}#{frame}"
                 keys.append([name] + ([image.sop_instance_uid] if image.sop_instance_uid else []))
     if not outputs:
         raise ConversionError(f"none of the {len(files)} {what} files could be read:\n  " + "\n  ".join(skipped[:10]))
-    return Inputs(np.concatenate(outputs), keys, str(path), skipped)
+    return Inputs(np.concatenate(outputs), keys, str(path), skipped, headers)
 
 
 def _load_npy(path: Path, spec: PreprocessSpec) -> np.ndarray:
@@ -162,6 +175,9 @@ def convert(
     max_auc_drop: Optional[float] = None,
     min_top1_agreement: Optional[float] = None,
     max_abs_error: Optional[float] = None,
+    gates: bool = True,
+    check_inputs: Any = None,
+    check_vector_count: int = DEFAULT_CHECK_VECTORS,
     progress: Optional[bool] = None,
     log: Callable[[str], None] = print,
 ) -> ConversionResult:
@@ -185,8 +201,15 @@ def convert(
         workspace_bytes, optimization_level, timing_cache: engine build options.
         sign_key: Ed25519 private key (PEM path) to sign the manifest.
         overwrite: replace an existing bundle.
-        max_auc_drop, min_top1_agreement, max_abs_error: regression gates;
-            violations are listed in ``threshold_failures`` (the CLI exits 3).
+        max_auc_drop, min_top1_agreement, max_abs_error: regression gates
+            (None: the task's default, e.g. top-1 agreement >= 0.99 and, with
+            labels, AUC drop <= 0.01 for classification). Violations are listed
+            in ``threshold_failures`` (the CLI exits 3) and the graph's verdict
+            in the manifest is "failed": the runtime never picks it by default.
+        gates: False switches the gates off (recorded; graphs are "ungated").
+        check_inputs: .npy / DICOM folder of check vectors (default: chosen
+            from the validation set, else the calibration set).
+        check_vector_count: how many check vectors the bundle carries.
         progress: progress lines (None: on a terminal).
         log: where step messages go.
 
@@ -215,13 +238,28 @@ def convert(
     output = Path(output)
     if output.exists() and not overwrite:
         raise ConversionError(f"{output} already exists; choose another name or pass --overwrite")
+    if calibration is None and validation is None and check_inputs is None:
+        raise ConversionError(
+            "give validation images (--val) or at least calibration images (--calib): the bundle's check vectors "
+            "and validated input envelope are taken from them, and a model validated on nothing would be run "
+            "on anything")
+    if not 1 <= int(check_vector_count) <= 256:
+        raise ConversionError(f"check_vector_count must be within 1..256, got {check_vector_count}")
+    if engine == "tensorrt_rtx":
+        from .engine import check_rtx_targets
+
+        # Before any data is generated or validated: an impossible target must not cost the whole run.
+        compute_capabilities = check_rtx_targets(compute_capabilities)
+    if not gates and any(v is not None for v in (max_auc_drop, min_top1_agreement, max_abs_error)):
+        raise ConversionError("gate limits were given together with --no-gates; give one or the other")
+    options = _GateOptions(gates, {"max_auc_drop": max_auc_drop, "min_top1_agreement": min_top1_agreement,
+                                   "max_abs_error": max_abs_error}, check_inputs, int(check_vector_count))
     writer = BundleWriter(output, overwrite=overwrite)  # fail on an unwritable destination before the long work
     try:
         return _convert(writer, model, output, spec, calibration, validation, labels, precisions, batch, engine, name,
                         version, class_labels, activation, positive_class, calibration_method,
                         min_calibration_images, example_input, compute_capabilities, workspace_bytes,
-                        optimization_level, timing_cache, sign_key, max_auc_drop, min_top1_agreement,
-                        max_abs_error, progress, log, started)
+                        optimization_level, timing_cache, sign_key, options, progress, log, started)
     except BaseException:
         writer.abort()  # an interrupted or failed conversion leaves no bundle and no temporary files
         raise
@@ -229,8 +267,8 @@ def convert(
 
 def _convert(writer, model, output, spec, calibration, validation, labels, precisions, batch, engine, name, version,
              class_labels, activation, positive_class, calibration_method, min_calibration_images, example_input,
-             compute_capabilities, workspace_bytes, optimization_level, timing_cache, sign_key, max_auc_drop,
-             min_top1_agreement, max_abs_error, progress, log, started) -> ConversionResult:
+             compute_capabilities, workspace_bytes, optimization_level, timing_cache, sign_key, options, progress, log,
+             started) -> ConversionResult:
     with tempfile.TemporaryDirectory(prefix="medge-convert-") as tmp:
         work = Path(tmp)
         calib = load_inputs(calibration, spec, what="calibration", progress=progress) if calibration is not None else None
@@ -246,6 +284,10 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
                 f"the model takes {expected} per image but the preprocessing spec produces "
                 f"{spec.output_shape_per_image}; fix --size / --channels or the spec file"
             )
+        # The task decides whether the outputs can be interpreted at all: refused here, before any
+        # quantisation, rather than flattened into a meaningless score vector later.
+        task = ClassificationTask.for_outputs(imported.outputs[0].shape, labels=class_labels, activation=activation,
+                                              positive_class=positive_class)
         if imported.torch_check:
             log(f"    ONNX Runtime vs PyTorch on {imported.torch_check['samples']} inputs: max abs error "
                 f"{imported.torch_check['max_abs_error']:.3g}")
@@ -275,19 +317,29 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
                 log(f"    INT8 for {target}: {summary.method} calibration on {summary.images} images, "
                     f"{summary.quantized_tensors} tensors quantised")
 
-        report, failures = None, []
+        report = None
+        limits = {name: default if options.limits.get(name) is None else options.limits[name]
+                  for name, default in task.default_gates.items()}
         if val is not None:
             log(f"3/5 measuring accuracy on {len(val.array)} validation images at batch {', '.join(map(str, sorted(set(batch))))}")
             label_array = read_labels(labels, val.keys, class_labels) if labels is not None else None
-            report = evaluate(graphs, val.array, batch_sizes=sorted(set(batch)), labels=label_array,
-                              class_labels=list(class_labels), activation=activation, positive_class=positive_class,
+            report = evaluate(graphs, val.array, batch_sizes=sorted(set(batch)), labels=label_array, task=task,
                               progress=progress)
-            failures = check_thresholds(report, max_auc_drop=max_auc_drop, min_top1_agreement=min_top1_agreement,
-                                        max_abs_error=max_abs_error)
         else:
-            log("3/5 no validation set (--val): accuracy not measured")
-            if any(v is not None for v in (max_auc_drop, min_top1_agreement, max_abs_error)):
-                failures.append("accuracy thresholds were given but there is no validation set (--val)")
+            log("3/5 no validation set (--val): accuracy not measured; only fp32 will run by default")
+        verdicts, failures = gate_verdicts(report, graphs, task, limits, enabled=options.enabled)
+        explicit = [name for name, value in options.limits.items() if value is not None]
+        if options.enabled and report is None and explicit:
+            failures.append("accuracy gates were given but there is no validation set (--val)")
+        if options.enabled and report is not None and not report.labelled and options.limits.get("max_auc_drop") is not None:
+            failures.append("--max-auc-drop needs validation labels (--labels CSV)")
+        for graph, verdict in verdicts.items():
+            log(f"    {graph}: {verdict['verdict']}" + (f" ({'; '.join(verdict['reasons'])})" if verdict["reasons"]
+                                                         and verdict["verdict"] != "ungated" else ""))
+        checks = _check_vectors(options, spec, val, calib, graphs, task, report, progress)
+        envelope = Envelope.observe([*(calib.headers if calib else []), *(val.headers if val else [])],
+                                    [what for what, s in (("calibration", calib), ("validation", val))
+                                     if s is not None and s.headers])
 
         engines: list[dict] = []
         if engine != "none":
@@ -321,6 +373,7 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
             "inputs": [t.to_manifest() for t in imported.inputs],
             "outputs": [t.to_manifest() for t in imported.outputs],
             "preprocess": spec.to_dict(),
+            "task": task.to_manifest(),
             "labels": list(class_labels),
             "postprocess": {"activation": activation,
                             "positive_class": report.positive_class if report else positive_class},
@@ -328,9 +381,10 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
             "graphs": graph_meta,
             "calibration": calibration_summary.to_manifest() if calibration_summary else None,
             "accuracy": report.to_manifest() if report else None,
-            "gates": {"passed": not failures, "failures": failures,
-                      "limits": {"max_auc_drop": max_auc_drop, "min_top1_agreement": min_top1_agreement,
-                                 "max_abs_error": max_abs_error}},
+            "gates": {"enabled": options.enabled, "passed": not failures, "failures": failures, "limits": limits,
+                      "explicit": explicit, "verdicts": verdicts},
+            "envelope": envelope.to_manifest() if envelope else None,
+            "check_vectors": checks.write(writer),
             "engines": engine_entries,
             "inputs_skipped": {"calibration": calib.skipped if calib else [], "validation": val.skipped if val else []},
             "conversion_seconds": round(time.monotonic() - started, 2),
@@ -342,6 +396,36 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
         bundle = writer.commit(manifest, sign_key=sign_key)
     return ConversionResult(Path(bundle.path), imported, report, calibration_summary,
                             engine_entries, failures, bundle.manifest)
+
+
+@dataclass(frozen=True)
+class _GateOptions:
+    enabled: bool
+    limits: dict  # name -> value given by the caller (None: the task's default)
+    check_inputs: Any
+    check_vector_count: int
+
+
+def _check_vectors(options, spec, val, calib, graphs, task, report, progress) -> CheckVectors:
+    """The bundle's check vectors: given inputs, else chosen from the validation (else calibration) set."""
+    from .validate import run_graph
+
+    if options.check_inputs is not None:
+        given = load_inputs(options.check_inputs, spec, what="check vector", progress=progress)
+        candidates, source = given.array, f"given ({Path(given.source).name})"
+    elif val is not None:
+        candidates, source = val.array, "validation set"
+    elif calib is not None:
+        candidates, source = calib.array, "calibration set"
+    else:
+        raise ConversionError("the bundle needs check vectors: give --val, --calib or --check-inputs")
+    if len(candidates) > 4096:  # choosing needs FP32 outputs of each candidate; a few thousand is plenty
+        candidates = candidates[np.linspace(0, len(candidates) - 1, 4096).round().astype(np.int64)]
+    reference = run_graph(graphs["fp32"], candidates, 8)
+    errors = {graph: (max((r.max_abs_error for r in report.results if r.precision == graph and r.measured),
+                          default=None) if report is not None else None) for graph in graphs}
+    count = options.check_vector_count if options.check_inputs is None else min(len(candidates), 256)
+    return CheckVectors.choose(candidates, reference, task, errors, source, count=count)
 
 
 def _default_name(model: Any) -> str:

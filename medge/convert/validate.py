@@ -26,7 +26,8 @@ import numpy as np
 
 from .._progress import Progress
 from ..errors import ConversionError
-from ..postprocess import activate
+from ..tasks import Task
+from ..tasks.classification import ClassificationTask, roc_auc
 from .export import ort_session
 
 REFERENCE_PRECISION = "fp32"
@@ -97,58 +98,16 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Metrics (numpy only)
-
-
-def roc_auc(scores: np.ndarray, positives: np.ndarray) -> Optional[float]:
-    """Area under the ROC curve (Mann-Whitney U with tie-averaged ranks); None with one class only."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positives = np.asarray(positives, dtype=bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def predicted_classes(outputs: np.ndarray, activation: str) -> np.ndarray:
-    if outputs.ndim == 2 and outputs.shape[1] > 1:
-        return outputs.argmax(axis=1)
-    return (activate(outputs.reshape(len(outputs), -1), activation)[:, 0] >= 0.5).astype(np.int64)
-
-
-def positive_scores(outputs: np.ndarray, activation: str, positive_index: int) -> np.ndarray:
-    scores = activate(outputs.reshape(len(outputs), -1), activation)
-    return scores[:, positive_index] if scores.shape[1] > 1 else scores[:, 0]
+# Metrics: the task's (kept here under their old names for callers of the report)
 
 
 def classification_metrics(outputs: np.ndarray, labels: np.ndarray, activation: str, positive_index: int) -> dict:
-    predicted = predicted_classes(outputs, activation)
-    metrics = {"accuracy": float((predicted == labels).mean())}
-    binary = set(np.unique(labels)).issubset({0, 1}) and (outputs.ndim == 1 or outputs.shape[1] <= 2)
-    if binary:
-        positive = labels == positive_index if outputs.shape[1] > 1 else labels == 1
-        predicted_positive = predicted == (positive_index if outputs.shape[1] > 1 else 1)
-        tp = int((positive & predicted_positive).sum())
-        tn = int((~positive & ~predicted_positive).sum())
-        metrics["sensitivity"] = tp / int(positive.sum()) if positive.any() else None
-        metrics["specificity"] = tn / int((~positive).sum()) if (~positive).any() else None
-        metrics["auc"] = roc_auc(positive_scores(outputs, activation, positive_index), positive)
-    else:  # macro one-vs-rest AUC
-        scores = activate(outputs, activation)
-        aucs = [roc_auc(scores[:, c], labels == c) for c in range(scores.shape[1])]
-        aucs = [a for a in aucs if a is not None]
-        metrics["auc"] = float(np.mean(aucs)) if aucs else None
-    return metrics
+    """Accuracy, sensitivity, specificity and AUC of (N, classes) outputs: the classification task's metrics."""
+    classes = int(np.asarray(outputs).reshape(len(outputs), -1).shape[1])
+    names = tuple(f"class{i}" for i in range(max(classes, 2) if classes == 1 else classes))
+    task = ClassificationTask(classes=classes, labels=names, activation=activation,
+                              positive_class=names[positive_index] if classes > 1 else None)
+    return task.metrics(outputs, labels)
 
 
 # ---------------------------------------------------------------------------
@@ -229,6 +188,7 @@ def evaluate(
     *,
     batch_sizes: Iterable[int],
     labels: Optional[np.ndarray] = None,
+    task: Optional[Task] = None,
     class_labels: Sequence[str] = (),
     activation: str = "softmax",
     positive_class: Optional[str] = None,
@@ -241,10 +201,9 @@ def evaluate(
         inputs: (N, C, H, W) float32 validation inputs from medge's preprocessing.
         batch_sizes: e.g. (1, opt, max) of the optimisation profile.
         labels: optional (N,) class indices.
-        class_labels: class names (index order).
-        activation: "softmax" or "sigmoid" (how outputs become scores).
-        positive_class: class whose score gives ROC AUC, sensitivity and
-            specificity (default: the last class, e.g. "lesion").
+        task: what the outputs mean (compares and scores them). Default: a
+            classification task built from the FP32 outputs, ``class_labels``,
+            ``activation`` and ``positive_class``.
         progress: progress line (None: when stderr is a terminal).
 
     Returns:
@@ -255,15 +214,11 @@ def evaluate(
     if inputs.ndim != 4 or len(inputs) == 0:
         raise ConversionError(f"validation inputs must be a non-empty (N, C, H, W) array, got {inputs.shape}")
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
-    if positive_class is not None and positive_class not in class_labels:
-        raise ConversionError(f"positive class {positive_class!r} is not one of {list(class_labels)}")
-    positive_index = class_labels.index(positive_class) if positive_class else max(len(class_labels) - 1, 1)
-    report = AccuracyReport(REFERENCE_PRECISION, int(len(inputs)), labels is not None, activation,
-                            class_labels[positive_index] if class_labels else None)
     order = [REFERENCE_PRECISION] + [p for p in graphs if p != REFERENCE_PRECISION]
     bar = Progress("validating", len(order) * len(batch_sizes) * len(inputs), enabled=progress)
     reference = None
     reference_metrics: dict = {}
+    report = None
     try:
         for precision in order:
             for batch in batch_sizes:
@@ -280,17 +235,19 @@ def evaluate(
                     continue
                 if reference is None:
                     reference = outputs
+                    if task is None:
+                        task = ClassificationTask.for_outputs(outputs.shape, labels=class_labels,
+                                                              activation=activation, positive_class=positive_class)
+                    positive = getattr(task, "positive_class", None) or (
+                        task.labels[task.positive_index] if getattr(task, "labels", ()) else None)
+                    report = AccuracyReport(REFERENCE_PRECISION, int(len(inputs)), labels is not None,
+                                            getattr(task, "activation", ""), positive)
                     if labels is not None:
-                        reference_metrics = classification_metrics(outputs, labels, activation, positive_index)
-                diff = np.abs(outputs.astype(np.float64) - reference)
-                result = PrecisionResult(
-                    precision, batch, measured=True, executed_by="onnxruntime CPU", images=int(len(inputs)),
-                    max_abs_error=float(diff.max()), mean_abs_error=float(diff.mean()),
-                    top1_agreement=float((predicted_classes(outputs, activation)
-                                          == predicted_classes(reference, activation)).mean()),
-                )
+                        reference_metrics = task.metrics(outputs, labels)
+                result = PrecisionResult(precision, batch, measured=True, executed_by="onnxruntime CPU",
+                                         images=int(len(inputs)), **task.compare(outputs, reference))
                 if labels is not None:
-                    metrics = classification_metrics(outputs, labels, activation, positive_index)
+                    metrics = task.metrics(outputs, labels)
                     result.accuracy = metrics["accuracy"]
                     result.sensitivity = metrics.get("sensitivity")
                     result.specificity = metrics.get("specificity")
@@ -303,21 +260,58 @@ def evaluate(
     return report
 
 
+# ---------------------------------------------------------------------------
+# Gates
+
+def gate_verdicts(report: Optional[AccuracyReport], graphs: Iterable[str], task: Task,
+                  limits: dict, *, enabled: bool = True, no_report_reason: str = "no validation set (--val)"
+                  ) -> tuple[dict, list[str]]:
+    """Each graph's verdict against ``limits``, and every gate failure (one line each).
+
+    A graph is "failed" when any of its batch sizes violates a limit, "not
+    measured" when any could not be run (it is never assumed good), "ungated"
+    when gates were switched off, and FP32 is the "reference" (its other
+    batch sizes are still gated: a batch-dependent engine bug shows there).
+
+    Returns:
+        ({graph: {"verdict": str, "reasons": [str]}}, failures)
+    """
+    verdicts: dict = {}
+    failures: list[str] = []
+    for graph in graphs:
+        if report is None:
+            verdicts[graph] = ({"verdict": "reference", "reasons": []} if graph == REFERENCE_PRECISION
+                               else {"verdict": "not measured", "reasons": [no_report_reason]})
+            continue
+        rows = [r for r in report.results if r.precision == graph]
+        reasons, unmeasured = [], []
+        for r in rows:
+            if not r.measured:
+                unmeasured.append(f"batch {r.batch_size}: {r.reason}")
+                continue
+            if enabled and not (graph == REFERENCE_PRECISION and r.batch_size == 1):
+                reasons.extend(f"batch {r.batch_size}: {line}" for line in task.gate_failures(asdict(r), limits))
+        failures.extend(f"{graph} at {line}" for line in reasons)
+        if graph == REFERENCE_PRECISION:
+            verdicts[graph] = {"verdict": "reference", "reasons": reasons}
+        elif unmeasured or not rows:
+            verdicts[graph] = {"verdict": "not measured", "reasons": unmeasured or ["not in the accuracy report"]}
+        elif not enabled:
+            verdicts[graph] = {"verdict": "ungated", "reasons": ["gates were switched off at conversion (--no-gates)"]}
+        else:
+            verdicts[graph] = {"verdict": "failed" if reasons else "passed", "reasons": reasons}
+    return verdicts, failures
+
+
 def check_thresholds(report: AccuracyReport, *, max_auc_drop: Optional[float] = None,
                      min_top1_agreement: Optional[float] = None,
                      max_abs_error: Optional[float] = None) -> list[str]:
     """Regressions beyond the given limits, one line each (empty: all within limits)."""
-    failures = []
-    for r in report.results:
-        if not r.measured or r.precision == REFERENCE_PRECISION and r.batch_size == 1:
-            continue
-        where = f"{r.precision} at batch {r.batch_size}"
-        if max_auc_drop is not None and r.auc_drop is not None and r.auc_drop > max_auc_drop:
-            failures.append(f"{where}: AUC drop {r.auc_drop:.4f} > {max_auc_drop}")
-        if min_top1_agreement is not None and r.top1_agreement < min_top1_agreement:
-            failures.append(f"{where}: top-1 agreement {r.top1_agreement:.2%} < {min_top1_agreement:.2%}")
-        if max_abs_error is not None and r.max_abs_error > max_abs_error:
-            failures.append(f"{where}: max abs error {r.max_abs_error:.3g} > {max_abs_error:g}")
+    limits = {"max_auc_drop": max_auc_drop, "min_top1_agreement": min_top1_agreement,
+              "max_abs_error": max_abs_error}
+    graphs = list(dict.fromkeys(r.precision for r in report.results))
+    classes = 2  # the limits below read report fields only; the class count does not matter to them
+    _, failures = gate_verdicts(report, graphs, ClassificationTask(classes=classes), limits)
     if max_auc_drop is not None and not report.labelled:
         failures.append("--max-auc-drop needs validation labels (--labels CSV)")
     return failures

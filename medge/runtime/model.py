@@ -25,8 +25,8 @@ import numpy as np
 
 from ..errors import BackendUnavailable, MedgeError
 from ..image import Image
-from ..postprocess import ACTIVATIONS, activate
 from ..preprocess import PreprocessSpec, preprocess
+from ..tasks.base import DEFAULT_CHOICE_VERDICTS
 from .backends.base import Backend
 
 _LOG = logging.getLogger("medge.runtime")
@@ -34,8 +34,8 @@ _LOG = logging.getLogger("medge.runtime")
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt_rtx")
 #: Graphs ONNX Runtime runs, best first, per precision asked for (the ORT-placed INT8 graph is the
 #: fast one on CPU; the TensorRT-placed one runs at half FP32 speed there).
-_ORT_GRAPHS = {"int8": ("int8-ort", "int8"), "fp16": ("fp16",), "fp32": ("fp32",)}
 _ORT_DEFAULT_ORDER = ("int8-ort", "fp32", "fp16", "int8")
+_TENSORRT_ORDER = ("int8", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class Prediction:
         frame: frame number within a multi-frame image (0 otherwise).
         timings_ms: per stage: "read" (this image), and "preprocess", "infer", "postprocess"
             of the batch it ran in, with "batch_size".
+        warnings: why this answer must be read with care (e.g. the input lies
+            outside the validated envelope and the model was loaded with
+            ``envelope="warn"``); empty when there is nothing to flag.
     """
 
     scores: np.ndarray
@@ -58,10 +61,12 @@ class Prediction:
     sop_instance_uid: Optional[str] = None
     frame: int = 0
     timings_ms: dict = field(default_factory=dict)
+    warnings: tuple = ()
 
     def to_dict(self) -> dict:
         return {"sop_instance_uid": self.sop_instance_uid, "frame": self.frame, "label": self.label,
-                "index": self.index, "scores": [float(s) for s in self.scores], "timings_ms": dict(self.timings_ms)}
+                "index": self.index, "scores": [float(s) for s in self.scores], "timings_ms": dict(self.timings_ms),
+                "warnings": list(self.warnings)}
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class BackendChoice:
     device: str
     reason: str
     description: str
+    passed_over: tuple = ()  # "graph ...: why", for each precision not used
 
     def __str__(self) -> str:
         return f"{self.description} ({self.reason})"
@@ -87,25 +93,36 @@ class Model:
     callers through one ``medge.Batcher``, which owns the Model's calls.
     """
 
-    def __init__(self, bundle, backend: Backend, choice: BackendChoice) -> None:
+    def __init__(self, bundle, backend: Backend, choice: BackendChoice, task, envelope_check) -> None:
+        from ..errors import BundleError
+
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
         self.backend_impl = backend
         self.backend = choice
+        self.task = task
+        self.envelope_check = envelope_check
         spec = PreprocessSpec.from_dict(manifest["preprocess"])
         # The graph's input dtype decides what preprocessing writes (fp16 graphs take fp16).
         self.spec = spec.replace(dtype="float16" if backend.input.dtype == np.float16 else "float32")
-        self.labels: tuple = tuple(manifest.get("labels") or ())
-        self.activation: str = (manifest.get("postprocess") or {}).get("activation", "softmax")
-        if self.activation not in ACTIVATIONS:
-            raise MedgeError(f"the bundle's postprocess activation {self.activation!r} is not one of "
-                             f"{', '.join(ACTIVATIONS)}")
+        self.labels: tuple = tuple(getattr(task, "labels", ()))
         self.max_batch: int = backend.max_batch
         expected = self.spec.output_shape_per_image
         if tuple(backend.input.shape) != expected:
-            raise MedgeError(f"the bundle's graph takes {backend.input.shape} per image but its preprocessing spec "
-                             f"makes {expected}: the bundle is inconsistent")
+            backend.close()
+            raise BundleError(f"the bundle's graph takes {backend.input.shape} per image but its preprocessing "
+                              f"spec makes {expected}: the bundle is inconsistent")
+        try:
+            task.check_output_shape((backend.max_batch, *backend.outputs[0].shape), BundleError)
+        except BundleError:
+            backend.close()
+            raise
+
+    @property
+    def envelope(self):
+        """The validated input envelope (None: the bundle records none)."""
+        return self.envelope_check.envelope
 
     # ------------------------------------------------------------------ prediction
 
@@ -141,14 +158,18 @@ class Model:
         """
         images: list = []
         read_ms: list[float] = []
+        flags: list[tuple] = []
         for item in items:
             started = time.perf_counter()
             try:
-                images.append(_as_image(item))
+                image = _as_image(item)
+                flags.append(self.envelope_check(image))  # raises OutsideEnvelope when enforcing
+                images.append(image)
             except MedgeError as exc:
                 if not return_exceptions:
                     raise
                 images.append(exc)
+                flags.append(())
             read_ms.append((time.perf_counter() - started) * 1e3)
 
         # Frame-level work list: (item index, image, frame index).
@@ -157,47 +178,57 @@ class Model:
         results: list = [image if not isinstance(image, Image) else [] for image in images]
         for start in range(0, len(slots), self.max_batch):
             chunk = slots[start : start + self.max_batch]
-            for (i, _, _), outcome in zip(chunk, self._run_chunk(chunk, read_ms, return_exceptions)):
+            for (i, _, _), outcome in zip(chunk, self._run_chunk(chunk, read_ms, flags, return_exceptions)):
                 if isinstance(outcome, MedgeError):
                     results[i] = outcome  # a frame that failed fails its image
                 elif isinstance(results[i], list):
                     results[i].append(outcome)
         return results
 
-    def _run_chunk(self, chunk, read_ms, return_exceptions) -> list:
+    def _run_chunk(self, chunk, read_ms, flags, return_exceptions) -> list:
         backend = self.backend_impl
-        n = len(chunk)
-        buffer = backend.input_buffer(n)
         frames = [_single_frame(image, f) for _, image, f in chunk]
         started = time.perf_counter()
         failed: dict[int, MedgeError] = {}
         try:
-            preprocess(frames, self.spec, device=backend.device, out=buffer, stream=backend.stream)
+            preprocess(frames, self.spec, device=backend.device, out=backend.input_buffer(len(frames)),
+                       stream=backend.stream)
+            ran = list(range(len(frames)))
         except MedgeError:
-            # Find the culprit(s) without losing the others: preprocess frame by frame into its slot.
+            # Find the culprit(s) without losing the others: each frame alone (into the buffer's first
+            # slot, which every backend's input_buffer(1) is, host or device), then the good ones together.
+            # Slicing the buffer would not do: a device binding is not a numpy array.
             for k, frame in enumerate(frames):
                 try:
-                    preprocess([frame], self.spec, device=backend.device, out=buffer[k : k + 1], stream=backend.stream)
+                    preprocess([frame], self.spec, device=backend.device, out=backend.input_buffer(1),
+                               stream=backend.stream)
                 except MedgeError as exc:
                     if not return_exceptions:
                         raise
                     failed[k] = exc
+            ran = [k for k in range(len(frames)) if k not in failed]
+            if ran:
+                preprocess([frames[k] for k in ran], self.spec, device=backend.device,
+                           out=backend.input_buffer(len(ran)), stream=backend.stream)
         prep_ms = (time.perf_counter() - started) * 1e3
+        n = len(ran)
+        outputs, infer_ms = None, 0.0
+        if n:
+            started = time.perf_counter()
+            outputs = backend.execute(n)
+            infer_ms = (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
-        outputs = backend.execute(n)
-        infer_ms = (time.perf_counter() - started) * 1e3
-        started = time.perf_counter()
-        scores = activate(outputs.reshape(n, -1), self.activation)
+        interpreted = dict(zip(ran, self.task.interpret(outputs))) if n else {}
         results = []
         for k, (i, image, f) in enumerate(chunk):
             if k in failed:
                 results.append(failed[k])
                 continue
-            index = int(np.argmax(scores[k])) if scores.shape[1] > 1 else int(scores[k, 0] >= 0.5)
+            scores, index, label = interpreted[k]
             results.append(Prediction(
-                scores=scores[k].astype(np.float32), label=self.labels[index] if index < len(self.labels) else None,
-                index=index, sop_instance_uid=image.sop_instance_uid, frame=f,
-                timings_ms={"read": read_ms[i], "preprocess": prep_ms, "infer": infer_ms, "batch_size": n}))
+                scores=scores, label=label, index=index, sop_instance_uid=image.sop_instance_uid, frame=f,
+                timings_ms={"read": read_ms[i], "preprocess": prep_ms, "infer": infer_ms, "batch_size": n},
+                warnings=flags[i]))
         post_ms = (time.perf_counter() - started) * 1e3
         for r in results:
             if isinstance(r, Prediction):
@@ -248,7 +279,8 @@ def _single_frame(image: Image, frame: int) -> Image:
 
 def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[int, str] = 0, *,
          trusted_key: Any = None, precision: Optional[str] = None, engine_cache: Any = None, threads: int = 0,
-         use_cuda_graphs: bool = True) -> Model:
+         use_cuda_graphs: bool = True, allow_failed_gates: bool = False, envelope: str = "enforce",
+         self_test: bool = True) -> Model:
     """Load a bundle for prediction.
 
     The bundle is verified first (every file's SHA-256; with ``trusted_key``
@@ -263,32 +295,57 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
        compute capability, SM count, model hash, precision, profile);
     3. else ONNX Runtime (CUDA provider when present, else CPU), on the INT8
        graph placed for ONNX Runtime when the bundle has one.
-    ``model.backend`` says what was chosen and why; it is logged once.
+
+    Within each, precisions are tried fastest first, and a precision is used
+    only when (a) its accuracy gates passed at conversion (a "failed" or "not
+    measured" precision is passed over unless asked for by name with
+    ``allow_failed_gates=True``) and (b) it reproduces the bundle's check
+    vectors here (the self-test). ``model.backend`` says what was chosen, what
+    was passed over and why; it is logged once.
 
     Args:
         bundle: path of a NAME.medge bundle.
         backend: "auto", "onnxruntime", "tensorrt" or "tensorrt_rtx".
-        device: CUDA device index for GPU backends, or "cpu" to stay on the CPU.
+        device: CUDA device index (or "cuda", "cuda:N") for GPU backends, or "cpu" to stay on the CPU.
         trusted_key: Ed25519 public key (PEM path / bytes / key) the bundle must be signed with.
-        precision: "fp32", "fp16" or "int8" (default: the fastest the backend has).
+        precision: "fp32", "fp16" or "int8" (default: the fastest that passed its gates and self-test).
         engine_cache: folder of the engine cache (default: $MEDGE_ENGINE_CACHE or ~/.cache/medge/engines).
         threads: CPU threads for ONNX Runtime (0: all cores).
         use_cuda_graphs: replay CUDA graphs per batch size on TensorRT (falls back when capture fails).
+        allow_failed_gates: with ``precision``, run it even though it failed
+            (or never ran) its accuracy gates at conversion; logs a warning.
+        envelope: "enforce" (default) refuses items outside the validated
+            input envelope, "warn" predicts them flagged (``Prediction.warnings``),
+            "off" does not check.
+        self_test: run the check vectors on the chosen backend and precision
+            (default); False skips it (tests of the runtime itself).
 
     Raises:
         BundleError / SignatureError: the bundle does not verify.
-        BackendUnavailable: the requested backend cannot run here.
+        BackendUnavailable: the requested backend or precision cannot run here (with every reason).
     """
     from ..bundle import Bundle
+    from ..tasks import task_from_manifest
+    from .checks import CheckVectors
+    from .envelope import ENVELOPE_MODES, Envelope, EnvelopeCheck
 
     if backend not in BACKENDS:
         raise MedgeError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if precision is not None and precision not in ("fp32", "fp16", "int8"):
         raise MedgeError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if envelope not in ENVELOPE_MODES:
+        raise MedgeError(f"envelope must be one of {', '.join(ENVELOPE_MODES)}, got {envelope!r}")
+    if allow_failed_gates and precision is None:
+        raise MedgeError("allow_failed_gates needs an explicit precision: name the one you accept")
+    device = parse_device(device)
     opened = Bundle.open(bundle)
     opened.verify(trusted_key=trusted_key, require_signature=trusted_key is not None)
     manifest = opened.manifest
-    max_batch = int((manifest.get("profile") or {}).get("max", 8))
+    task = task_from_manifest(manifest)
+    checks = CheckVectors.from_bundle(opened) if self_test else None
+    selection = _Selection(manifest, precision, allow_failed_gates, checks, task)
+    envelope_check = EnvelopeCheck(Envelope.from_manifest(manifest.get("envelope")), envelope)
+    max_batch = int(manifest["profile"]["max"])
 
     from .. import _C
 
@@ -300,22 +357,109 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
             flavours = ()
         for flavour in flavours:
             try:
-                impl, choice = _load_tensorrt(opened, flavour, int(device), precision, max_batch, engine_cache,
+                impl, choice = _load_tensorrt(opened, flavour, int(device), selection, max_batch, engine_cache,
                                               use_cuda_graphs)
             except BackendUnavailable as exc:
                 reasons.append(f"{flavour}: {exc}")
                 continue
-            return _announce(Model(opened, impl, choice))
+            return _announce(Model(opened, impl, choice, task, envelope_check))
         if backend != "auto":
-            raise BackendUnavailable("; ".join(reasons))
+            raise BackendUnavailable("; ".join(reasons + selection.passed_over))
     if reasons:
         why = "TensorRT not usable here: " + "; ".join(reasons)
     elif backend == "onnxruntime":
         why = "ONNX Runtime requested"
     else:
         why = "device='cpu' requested"
-    impl, choice = _load_onnxruntime(opened, precision, max_batch, threads, device, why)
-    return _announce(Model(opened, impl, choice))
+    impl, choice = _load_onnxruntime(opened, selection, max_batch, threads, device, why)
+    return _announce(Model(opened, impl, choice, task, envelope_check))
+
+
+def parse_device(device: Union[int, str]) -> Union[int, str]:
+    """0, 1, "cuda", "cuda:1", "1" -> a CUDA device index; "cpu" stays "cpu".
+
+    Raises:
+        MedgeError: anything else.
+    """
+    if isinstance(device, bool):
+        raise MedgeError(f"device must be a CUDA device index, 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    if isinstance(device, int):
+        index = device
+    elif isinstance(device, str):
+        text = device.strip().lower()
+        if text == "cpu":
+            return "cpu"
+        if text == "cuda":
+            return 0
+        text = text[len("cuda:"):] if text.startswith("cuda:") else text
+        if not text.isdigit():
+            raise MedgeError(f"device must be a CUDA device index, 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+        index = int(text)
+    else:
+        raise MedgeError(f"device must be a CUDA device index, 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    if index < 0:
+        raise MedgeError(f"device index must be >= 0, got {index}")
+    return index
+
+
+class _Selection:
+    """Which graphs a load may use, in what order, and the record of what it passed over and why."""
+
+    def __init__(self, manifest: dict, precision: Optional[str], allow_failed_gates: bool, checks, task) -> None:
+        self.graphs: dict = manifest["graphs"]
+        self.verdicts: dict = manifest["gates"]["verdicts"]
+        self.precision = precision
+        self.allow_failed_gates = allow_failed_gates
+        self.checks = checks
+        self.task = task
+        self.passed_over: list[str] = []
+        self._noted: set = set()
+
+    def precisions(self, order: Sequence[str]) -> list[str]:
+        """``order`` narrowed to the asked-for precision (its graphs all belong to it)."""
+        if self.precision is None:
+            return list(order)
+        return [g for g in order if self.graphs.get(g, {}).get("precision", g) == self.precision]
+
+    def allowed(self, graph: str, where: str) -> bool:
+        """May ``graph`` run? Records why not (once per graph) and warns for explicitly allowed failures."""
+        verdict = self.verdicts.get(graph, {"verdict": "not measured", "reasons": ["no verdict in the manifest"]})
+        if verdict["verdict"] in DEFAULT_CHOICE_VERDICTS:
+            return True
+        why = f"{graph} {verdict['verdict']} its accuracy gates at conversion" if verdict["verdict"] == "failed" \
+            else f"{graph} was not measured at conversion"
+        details = "; ".join(verdict.get("reasons") or [])
+        if self.allow_failed_gates:
+            if graph not in self._noted:
+                _LOG.warning("medge: running %s although %s (%s): allow_failed_gates=True", graph,
+                             why.split(" ", 1)[1], details)
+                self._noted.add(graph)
+            return True
+        if graph not in self._noted:
+            self.passed_over.append(f"{why} ({details})" if details else why)
+            self._noted.add(graph)
+        return False
+
+    def self_test(self, backend, graph: str, where: str) -> bool:
+        """Does ``backend`` reproduce the check vectors? Records why not."""
+        if self.checks is None:
+            return True
+        failures = self.checks.failures(backend, self.task, graph)
+        if failures:
+            self.passed_over.append(f"{graph} on {where} failed the self-test: {'; '.join(failures)}")
+            return False
+        return True
+
+    def note(self) -> str:
+        return f"; passed over: {' | '.join(self.passed_over)}" if self.passed_over else ""
+
+    def nothing_left(self, where: str) -> BackendUnavailable:
+        if self.precision is not None and self.passed_over and not self.allow_failed_gates:
+            hint = " (pass allow_failed_gates=True, or --allow-failed-gates, to run it anyway)"
+        else:
+            hint = ""
+        return BackendUnavailable(f"no precision of the bundle is usable on {where}"
+                                  + (f": {' | '.join(self.passed_over)}" if self.passed_over else "") + hint)
 
 
 def _announce(model: Model) -> Model:
@@ -328,23 +472,30 @@ def _graph_bytes(bundle, graph: str) -> bytes:
     return bundle.read_verified(entry["file"])
 
 
-def _load_onnxruntime(bundle, precision, max_batch, threads, device, why):
+def _load_onnxruntime(bundle, selection: "_Selection", max_batch, threads, device, why):
     from .backends.onnxruntime import OnnxRuntimeBackend
 
-    graphs = bundle.manifest.get("graphs") or {}
-    order = _ORT_GRAPHS[precision] if precision else _ORT_DEFAULT_ORDER
-    graph = next((g for g in order if g in graphs), None)
-    if graph is None:
-        raise BackendUnavailable(f"the bundle has no graph for {precision} (it has {', '.join(graphs)})")
+    graphs = selection.graphs
+    order = [g for g in selection.precisions(_ORT_DEFAULT_ORDER) if g in graphs]
+    if not order:
+        raise BackendUnavailable(f"the bundle has no graph for {selection.precision} (it has {', '.join(graphs)})")
     providers = ["CPUExecutionProvider"] if device == "cpu" else None
-    impl = OnnxRuntimeBackend(_graph_bytes(bundle, graph), precision=graphs[graph].get("precision", graph),
-                              max_batch=max_batch, providers=providers, threads=threads,
-                              device_id=0 if device == "cpu" else int(device))
-    where = f"cuda:{device}" if "CUDAExecutionProvider" in impl.providers else "cpu"
-    return impl, BackendChoice("onnxruntime", impl.precision, graph, where, f"{why}; graph {graph}", impl.describe())
+    for graph in order:
+        if not selection.allowed(graph, "onnxruntime"):
+            continue
+        impl = OnnxRuntimeBackend(_graph_bytes(bundle, graph), precision=graphs[graph].get("precision", graph),
+                                  max_batch=max_batch, providers=providers, threads=threads,
+                                  device_id=0 if device == "cpu" else int(device))
+        where = f"cuda:{device}" if "CUDAExecutionProvider" in impl.providers else "cpu"
+        if not selection.self_test(impl, graph, f"onnxruntime {where}"):
+            impl.close()
+            continue
+        return impl, BackendChoice("onnxruntime", impl.precision, graph, where, f"{why}; graph {graph}"
+                                   + selection.note(), impl.describe(), tuple(selection.passed_over))
+    raise selection.nothing_left("ONNX Runtime")
 
 
-def _load_tensorrt(bundle, flavour, device, precision, max_batch, engine_cache, use_cuda_graphs):
+def _load_tensorrt(bundle, flavour, device, selection: "_Selection", max_batch, engine_cache, use_cuda_graphs):
     """A TensorRT backend from a matching bundled engine, else from the engine cache (built on a miss)."""
     try:
         from .backends.tensorrt import TensorRTBackend, gpu_identity
@@ -355,28 +506,31 @@ def _load_tensorrt(bundle, flavour, device, precision, max_batch, engine_cache, 
     trt = import_flavour(flavour, "The TensorRT runtime backend")  # MissingDependency names the extra
     gpu = gpu_identity(device)
     version = str(trt.__version__)
-    wanted = [precision] if precision else ["int8", "fp16", "fp32"]
     engines = bundle.manifest.get("engines") or []
-    for p in wanted:
-        for entry in engines:
-            if (entry.get("flavour") == flavour and entry.get("precision") == p
-                    and str(entry.get("flavour_version")) == version and _engine_fits(entry, gpu)):
-                impl = TensorRTBackend(bundle.read_verified(entry["file"]), flavour=flavour, device=device,
-                                       precision=p, max_batch=max_batch, use_cuda_graphs=use_cuda_graphs,
-                                       flavour_version=str(entry.get("flavour_version")))
-                return impl, BackendChoice(flavour, p, entry["file"], f"cuda:{device}",
-                                           f"bundled engine built for {gpu['name']}", impl.describe())
-    graphs = bundle.manifest.get("graphs") or {}
-    for p in wanted:
-        if p not in graphs:
+    graphs = selection.graphs
+    for p in selection.precisions(_TENSORRT_ORDER):
+        if p not in graphs or not selection.allowed(p, flavour):
             continue
-        plan = _cached_engine(EngineCache(engine_cache), bundle, p, flavour, version, gpu)
-        impl = TensorRTBackend(plan, flavour=flavour, device=device, precision=p, max_batch=max_batch,
-                               use_cuda_graphs=use_cuda_graphs)
-        return impl, BackendChoice(flavour, p, p, f"cuda:{device}",
-                                   f"no bundled engine for {gpu['name']} and {flavour} {version}: built from the "
-                                   f"{p} graph into the engine cache", impl.describe())
-    raise BackendUnavailable(f"the bundle has no engine or graph usable by {flavour}")
+        entry = next((e for e in engines if e.get("flavour") == flavour and e.get("precision") == p
+                      and str(e.get("flavour_version")) == version and _engine_fits(e, gpu)), None)
+        if entry is not None:
+            impl = TensorRTBackend(bundle.read_verified(entry["file"]), flavour=flavour, device=device,
+                                   precision=p, max_batch=max_batch, use_cuda_graphs=use_cuda_graphs,
+                                   flavour_version=str(entry.get("flavour_version")))
+            graph, reason = entry["file"], f"bundled engine built for {gpu['name']}"
+        else:
+            plan = _cached_engine(EngineCache(engine_cache), bundle, p, flavour, version, gpu)
+            impl = TensorRTBackend(plan, flavour=flavour, device=device, precision=p, max_batch=max_batch,
+                                   use_cuda_graphs=use_cuda_graphs)
+            graph, reason = p, (f"no bundled engine for {gpu['name']} and {flavour} {version}: built from the "
+                                f"{p} graph into the engine cache")
+        if not selection.self_test(impl, p, f"{flavour} cuda:{device}"):
+            impl.close()
+            continue
+        return impl, BackendChoice(flavour, p, graph, f"cuda:{device}", reason + selection.note(), impl.describe(),
+                                   tuple(selection.passed_over))
+    raise BackendUnavailable(f"the bundle has no engine or graph usable by {flavour}"
+                             + (f" ({' | '.join(selection.passed_over)})" if selection.passed_over else ""))
 
 
 def _cached_engine(cache, bundle, graph: str, flavour: str, version: str, gpu: dict) -> bytes:

@@ -58,6 +58,14 @@ class Backend(abc.ABC):
     def execute(self, batch_size: int) -> np.ndarray:
         """Run the first ``batch_size`` images of the input buffer; the first output, on the host, float32."""
 
+    def load_input(self, array: np.ndarray) -> None:
+        """Copy a host (n, C, H, W) array of ``input.dtype`` into the input buffer (check vectors, tests).
+
+        CPU backends assign into their host buffer; GPU backends override this
+        with a copy on their stream.
+        """
+        self.input_buffer(len(array))[...] = array
+
     def describe(self) -> str:
         """One line: what runs where."""
         return f"{self.name} on {self.device}, {self.precision}, batch up to {self.max_batch}"

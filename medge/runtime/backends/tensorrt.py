@@ -422,6 +422,11 @@ class TensorRTBackend(Backend):
             self._last_view = view
             return view
 
+    def load_input(self, array: np.ndarray) -> None:
+        """Copy a host (n, C, H, W) array into the engine's device input, ordered on ``stream``."""
+        array = np.ascontiguousarray(array, dtype=self.input.dtype)
+        self.input_buffer(len(array)).copy_from_host(array, self.stream)
+
     def execute(self, batch_size: int) -> np.ndarray:
         """Run the first ``batch_size`` images of the input buffer; the first output's rows, float32, on the host.
 

@@ -303,7 +303,82 @@ def _check_manifest(data: Any, what: str) -> dict[str, FileEntry]:
     for field, name in _referenced_files(data, what):
         if not isinstance(name, str) or name not in table:
             raise BundleError(f"{what}: {field} names {name!r}, which is not in the bundle's files table")
+    _check_sections(data, what)
     return table
+
+
+# The shape of each section the runtime reads, checked when a bundle is opened so that a damaged or
+# hand-edited manifest answers with a BundleError naming the field, never a KeyError or TypeError deep in
+# the runtime. Sections absent here are checked where they are required (medge.load needs task, graphs,
+# profile, preprocess, gates and check vectors).
+_PRECISIONS = ("fp32", "fp16", "int8")
+_VERDICTS = ("reference", "passed", "failed", "not measured", "ungated")
+
+
+def _kind(value: Any, kind: Any) -> bool:
+    if kind is int:
+        return _is_int(value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _need(value: Any, kind: Any, field: str, what: str, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return value
+    if not _kind(value, kind):
+        names = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list",
+                 bool: "true or false"}
+        raise BundleError(f"{what}: {field} must be {names.get(kind, kind.__name__)}"
+                          + (" or null" if optional else ""))
+    return value
+
+
+def _check_sections(data: dict, what: str) -> None:
+    for key in ("model", "preprocess", "postprocess", "task", "gates", "check_vectors", "profile"):
+        if key in data:
+            _need(data[key], dict, key, what, optional=key in ("postprocess",))
+    for key in ("inputs", "outputs"):
+        for index, tensor in enumerate(_need(data.get(key, []), list, key, what)):
+            _need(tensor, dict, f"{key}[{index}]", what)
+            _need(tensor.get("name"), str, f"{key}[{index}].name", what)
+            shape = _need(tensor.get("shape"), list, f"{key}[{index}].shape", what)
+            if not all(d is None or _is_int(d) or isinstance(d, str) for d in shape):
+                raise BundleError(f"{what}: {key}[{index}].shape must hold integers, names or nulls")
+    labels = _need(data.get("labels", []), list, "labels", what, optional=True) or []
+    if not all(isinstance(label, str) for label in labels):
+        raise BundleError(f"{what}: labels must be a list of strings")
+    profile = data.get("profile")
+    if profile is not None:
+        values = [_need(profile.get(k), int, f"profile.{k}", what) for k in ("min", "opt", "max")]
+        if not 1 <= values[0] <= values[1] <= values[2] <= 4096:
+            raise BundleError(f"{what}: profile must have 1 <= min <= opt <= max <= 4096")
+    for name, graph in (data.get("graphs") or {}).items():
+        if graph.get("precision", name) not in _PRECISIONS:
+            raise BundleError(f"{what}: graphs.{name}.precision must be one of {', '.join(_PRECISIONS)}")
+        for key in ("input_dtype", "output_dtype", "target"):
+            _need(graph.get(key, ""), str, f"graphs.{name}.{key}", what)
+    for index, engine in enumerate(data.get("engines") or []):
+        _need(engine.get("flavour"), str, f"engines[{index}].flavour", what)
+        if engine.get("precision") not in _PRECISIONS:
+            raise BundleError(f"{what}: engines[{index}].precision must be one of {', '.join(_PRECISIONS)}")
+        targets = _need(engine.get("compute_capabilities"), list, f"engines[{index}].compute_capabilities", what,
+                        optional=True)
+        if targets is not None and not all(isinstance(t, str) for t in targets):
+            raise BundleError(f"{what}: engines[{index}].compute_capabilities must be strings")
+        gpu = _need(engine.get("gpu"), dict, f"engines[{index}].gpu", what, optional=True)
+        if gpu is not None:
+            _need(gpu.get("name"), str, f"engines[{index}].gpu.name", what)
+    gates = data.get("gates")
+    if gates is not None:
+        _need(gates.get("passed"), bool, "gates.passed", what)
+        for name, verdict in _need(gates.get("verdicts", {}), dict, "gates.verdicts", what).items():
+            _need(verdict, dict, f"gates.verdicts.{name}", what)
+            if verdict.get("verdict") not in _VERDICTS:
+                raise BundleError(f"{what}: gates.verdicts.{name}.verdict must be one of {', '.join(_VERDICTS)}")
+            reasons = _need(verdict.get("reasons", []), list, f"gates.verdicts.{name}.reasons", what)
+            if not all(isinstance(r, str) for r in reasons):
+                raise BundleError(f"{what}: gates.verdicts.{name}.reasons must be strings")
 
 
 def _referenced_files(data: dict, what: str):
@@ -1226,6 +1301,64 @@ def _section_labels(m: dict) -> list[str]:
     return [head, "  " + text]
 
 
+def _section_task(m: dict) -> list[str]:
+    task = m.get("task")
+    if not isinstance(task, dict):
+        return ["Task      (not recorded: medge.load refuses this bundle; convert it again)"]
+    details = ", ".join(f"{k} {task[k]}" for k in ("classes", "activation", "positive_class")
+                        if task.get(k) is not None)
+    return [f"Task      {task.get('kind', '?')}" + (f" ({details})" if details else "")]
+
+
+def _section_gates(m: dict) -> list[str]:
+    gates = m.get("gates")
+    if not isinstance(gates, dict):
+        return []
+    limits = gates.get("limits") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(limits.items()) if v is not None)
+    head = ("Gates     " + ("off (--no-gates)" if gates.get("enabled") is False else (shown or "none"))
+            + ("" if gates.get("passed", True) else "; FAILED"))
+    rows = []
+    for graph, verdict in (gates.get("verdicts") or {}).items():
+        reasons = "; ".join(verdict.get("reasons") or []) if verdict.get("verdict") in ("failed", "not measured") else ""
+        note = "  (not chosen by default)" if verdict.get("verdict") in ("failed", "not measured") else ""
+        rows.append([str(graph), str(verdict.get("verdict")) + note, reasons])
+    return [head] + _table(rows)
+
+
+def _section_envelope(m: dict) -> list[str]:
+    if "envelope" not in m:
+        return []
+    env = m.get("envelope")
+    if not isinstance(env, dict):
+        return ["Envelope  not recorded (calibrated and validated on arrays): inputs are not checked"]
+
+    def values(key: str) -> str:
+        value = env.get(key)
+        if not value:
+            return "not recorded"
+        if key in ("rows", "columns", "pixel_spacing_mm") and isinstance(value, list) and len(value) == 2:
+            low, high = (f"{v:.4g}" for v in value)
+            return low if low == high else f"{low}-{high}"
+        return ", ".join(str(v) for v in value)
+
+    return ["Envelope  what inputs must look like (from " + f"{env.get('images', '?')} "
+            + f"{' and '.join(env.get('sources') or []) or '?'} images)",
+            f"  modality {values('modalities')}; photometric {values('photometric_interpretations')}; "
+            f"bits stored {values('bits_stored')}",
+            f"  rows {values('rows')}, columns {values('columns')}; pixel spacing {values('pixel_spacing_mm')} mm; "
+            f"body part {values('body_parts')}"]
+
+
+def _section_checks(m: dict) -> list[str]:
+    checks = m.get("check_vectors")
+    if not isinstance(checks, dict):
+        return []
+    tolerances = ", ".join(f"{g} {_num(t, '.3g')}" for g, t in (checks.get("tolerances") or {}).items())
+    return [f"Checks    {checks.get('count', '?')} check vectors from the {checks.get('source', '?')}, "
+            "re-run at load; max abs error allowed: " + tolerances]
+
+
 def _section_graphs(m: dict) -> list[str]:
     graphs = m.get("graphs")
     if not isinstance(graphs, dict) or not graphs:
@@ -1310,7 +1443,8 @@ def _section_engines(m: dict) -> list[str]:
         flavour = " ".join(str(engine[k]) for k in ("flavour", "flavour_version") if engine.get(k) is not None)
         caps = engine.get("compute_capabilities")
         caps = ", ".join(map(str, caps)) if isinstance(caps, list) else caps
-        target = ", ".join(str(x) for x in (engine.get("gpu"), f"sm {caps}" if caps else None) if x)
+        gpu = engine.get("gpu")
+        target = ", ".join(str(x) for x in ((gpu or {}).get("name"), f"sm {caps}" if caps else None) if x)
         lines.append(f"  {engine.get('file', '?')}")
         lines.append(f"    {flavour or '?'}, {engine.get('precision', '?')}, {_size(engine.get('size_bytes'))}"
                      + (f", for {target}" if target else "")
@@ -1368,8 +1502,9 @@ def describe(bundle: Union[Bundle, str, os.PathLike]) -> str:
     lines = [f"Bundle    {bundle.path}",
              f"Created   {m.get('created', '?')} by medge {m.get('medge_version', '?')} "
              f"(schema {m.get('schema_version')})"]
-    sections = [_section_model, _section_io, _section_preprocess, _section_labels, _section_graphs,
-                _section_calibration, _section_accuracy, _section_engines]
+    sections = [_section_model, _section_task, _section_io, _section_preprocess, _section_labels,
+                _section_envelope, _section_graphs, _section_calibration, _section_accuracy, _section_gates,
+                _section_checks, _section_engines]
     for section in sections:
         try:
             lines += section(m)

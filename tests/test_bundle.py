@@ -48,7 +48,8 @@ def full_manifest() -> dict:
         ]},
         "engines": [{
             "file": "engines/tensorrt_rtx-1.2_sm89_int8.engine", "precision": "int8", "flavour": "tensorrt_rtx",
-            "flavour_version": "1.2.0", "compute_capabilities": ["8.9"], "gpu": "NVIDIA GeForce RTX 4090",
+            "flavour_version": "1.2.0", "compute_capabilities": ["8.9"],
+            "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", "sm_count": 128},
             "profile": {"min": [1, 1, 224, 224], "opt": [4, 1, 224, 224], "max": [8, 1, 224, 224]},
             "size_bytes": 8000, "layers_file": "engines/tensorrt_rtx-1.2_sm89_int8.layers.json",
             "layer_precisions": {"Int8": 41, "Half": 3, "Float": 2}, "build_seconds": 12.34,
@@ -146,7 +147,7 @@ def test_trusted_key_forms_and_key_file_modes(signed, keys):
 def test_manifest_values_are_made_json_and_nan_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     manifest = {"accuracy": {"results": [{"auc": np.float32(0.5), "batch_size": np.int64(4)}]},
-                "inputs": [{"shape": np.array([1, 3])}]}
+                "inputs": [{"name": "image", "shape": np.array([1, 3]), "dtype": "float32"}]}
     bundle = write_bundle(tmp_path / "a.medge", manifest=manifest, artifacts={})
     assert bundle.manifest["accuracy"]["results"][0] == {"auc": 0.5, "batch_size": 4}
     assert bundle.manifest["inputs"][0]["shape"] == [1, 3]
@@ -511,9 +512,12 @@ def test_describe_minimal_and_malformed(tmp_path):
     assert "Model     (not recorded)" in text and "Signature none" in text and "Files     0" in text
     assert "Accuracy" not in text and "Engines" not in text
 
-    odd = {"model": "just a string", "inputs": {"image": 1}, "preprocess": {"height": 0, "width": "?"},
+    # Sections the runtime reads are schema-checked when written and opened (see the test below); describe()
+    # still shows what it can of the report-only sections and of an invalid preprocessing spec.
+    odd = {"model": {"name": 3}, "preprocess": {"height": 0, "width": "?"},
            "labels": ["a"], "accuracy": {"results": [{"precision": "fp16"}, "junk"]},
-           "engines": [{"profile": {"image": {"min": [1], "opt": [2], "max": [4]}}, "layer_precisions": {"Int8": "many"}}],
+           "engines": [{"flavour": "tensorrt", "precision": "fp16",
+                        "profile": {"image": {"min": [1], "opt": [2], "max": [4]}}, "layer_precisions": {"Int8": "many"}}],
            "calibration": {"method": None}}
     text = describe(write_bundle(tmp_path / "odd.medge", manifest=odd, artifacts={}))
     assert "INVALID for this medge" in text  # the preprocess spec the runtime would refuse
@@ -549,3 +553,28 @@ def test_inspect_command(signed, keys, capsys):
     with pytest.raises(SignatureError):
         _inspect([str(signed.path), "--json", "--trusted-key", str(keys["b"][1])])
     assert capsys.readouterr().out.count("{") == 0  # nothing half-true printed as JSON
+
+
+@pytest.mark.parametrize("section,match", [
+    ({"model": "just a string"}, "model must be an object"),
+    ({"inputs": {"image": 1}}, "inputs must be a list"),
+    ({"inputs": [{"name": "x", "shape": "1x3", "dtype": "float32"}]}, r"inputs\[0\]\.shape must be a list"),
+    ({"labels": [1, 2]}, "labels must be a list of strings"),
+    ({"profile": {"min": 1, "opt": "4", "max": 8}}, "profile.opt must be an integer"),
+    ({"profile": {"min": 8, "opt": 4, "max": 1}}, "1 <= min <= opt <= max"),
+    ({"task": ["classification"]}, "task must be an object"),
+    ({"gates": {"passed": "yes"}}, "gates.passed must be true or false"),
+    ({"gates": {"passed": True, "verdicts": {"int8": {"verdict": "fine"}}}}, "verdicts.int8.verdict must be one of"),
+    ({"engines": [{"flavour": "tensorrt", "precision": "int4"}]}, r"engines\[0\]\.precision must be one of"),
+    ({"engines": [{"flavour": "tensorrt", "precision": "fp16", "gpu": "RTX 4090"}]}, r"engines\[0\]\.gpu must be"),
+])
+def test_manifest_sections_of_the_wrong_type_are_a_bundle_error(tmp_path, section, match):
+    """A damaged or hand-edited manifest answers with BundleError naming the field, never KeyError/TypeError."""
+    with pytest.raises(BundleError, match=match):
+        write_bundle(tmp_path / "w.medge", manifest=section, artifacts={})
+    # The same manifest planted on disk (bypassing the writer) is refused by Bundle.open.
+    path = tmp_path / "planted.medge"
+    path.mkdir()
+    (path / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": {}, **section}))
+    with pytest.raises(BundleError, match=match):
+        Bundle.open(path)

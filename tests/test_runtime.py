@@ -172,7 +172,7 @@ def test_medge_run_writes_one_line_per_image_and_reports_failures(demo_bundle, v
     assert "PatientName" not in out.read_text() and "SYNTHETIC" not in out.read_text()
     csv_out = tmp_path / "r.csv"
     assert main(["run", str(demo_bundle.bundle_path), str(files[0]), "--out", str(csv_out)]) == 0
-    assert csv_out.read_text().splitlines()[0] == "sop_instance_uid,file,frame,label,score_no_lesion,score_lesion"
+    assert csv_out.read_text().splitlines()[0] == "sop_instance_uid,file,frame,label,score_no_lesion,score_lesion,warnings"
 
 
 def test_batcher_over_a_real_model_keeps_multi_frame_images_together(demo_bundle, validation, tmp_path):

@@ -1,8 +1,9 @@
 """``medge-convert``: a trained model + DICOMs -> a verified, signed deployment bundle.
 
 Exit status: 0 done; 2 user error (message, no traceback); 3 the bundle was
-written but an accuracy gate (--max-auc-drop, --min-top1-agreement,
---max-abs-error) failed.
+written but a precision failed its accuracy gates (the defaults, or
+--max-auc-drop, --min-top1-agreement, --max-abs-error); that precision is
+never chosen by default at run time.
 """
 
 from __future__ import annotations
@@ -48,33 +49,44 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--calib", help="calibration images: a folder of DICOM files (or .npy arrays)")
     data.add_argument("--val", help="validation images: a folder of DICOM files (or .npy arrays)")
     data.add_argument("--labels", help="CSV with 'filename' (or 'sop_instance_uid') and 'label' columns")
-    data.add_argument("--min-calibration-images", type=int, default=32, metavar="N")
+    data.add_argument("--min-calibration-images", type=int, default=32, metavar="N",
+                      help="refuse fewer calibration images than this (default 32)")
+    data.add_argument("--check-inputs", metavar="PATH",
+                      help="check vectors the bundle carries and re-runs at load: a DICOM folder or .npy "
+                           "(default: chosen from --val, else --calib)")
 
     pre = p.add_argument_group("preprocessing (what the model was trained with)")
     pre.add_argument("--spec", help="PreprocessSpec JSON file (instead of the flags below)")
-    pre.add_argument("--size", type=int, nargs=2, metavar=("H", "W"))
-    pre.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    pre.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input height and width")
+    pre.add_argument("--channels", type=int, default=1, choices=[1, 3],
+                     help="input channels (3 repeats the greyscale image; default 1)")
     voi = pre.add_mutually_exclusive_group()
     voi.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"), help="fixed window")
     voi.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="fixed value range")
-    pre.add_argument("--voi-function", choices=["LINEAR", "LINEAR_EXACT", "SIGMOID"])
-    pre.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"])
-    pre.add_argument("--resample", default="bilinear_antialias", choices=["bilinear", "bilinear_antialias"])
-    pre.add_argument("--mean", type=float, nargs="+", default=[0.0])
-    pre.add_argument("--std", type=float, nargs="+", default=[1.0])
+    pre.add_argument("--voi-function", choices=["LINEAR", "LINEAR_EXACT", "SIGMOID"],
+                     help="VOI LUT function of --window (default: the standard's LINEAR)")
+    pre.add_argument("--fit", default="stretch", choices=["stretch", "letterbox"],
+                     help="stretch to the input size, or keep the aspect ratio and pad (default stretch)")
+    pre.add_argument("--resample", default="bilinear_antialias", choices=["bilinear", "bilinear_antialias"],
+                     help="resampling filter (default bilinear_antialias)")
+    pre.add_argument("--mean", type=float, nargs="+", default=[0.0], help="per-channel mean subtracted after VOI")
+    pre.add_argument("--std", type=float, nargs="+", default=[1.0], help="per-channel std divided by after VOI")
 
     model = p.add_argument_group("model")
     model.add_argument("--name", help="model name (default: the file name)")
-    model.add_argument("--model-version", default="1")
+    model.add_argument("--model-version", default="1", help="version recorded in the bundle (default 1)")
     model.add_argument("--labels-names", help="class names in output order, comma-separated")
-    model.add_argument("--activation", default="softmax", choices=["softmax", "sigmoid"])
+    model.add_argument("--activation", default="softmax", choices=["softmax", "sigmoid"],
+                       help="how outputs become scores (default softmax; one sigmoid output is a binary classifier)")
     model.add_argument("--positive-class", help="class scored for AUC / sensitivity (default: the last)")
 
     conv = p.add_argument_group("conversion")
     conv.add_argument("--precision", default="fp32,fp16,int8", help="comma-separated: fp32, fp16, int8")
     conv.add_argument("--batch", default="1:4:8", help="optimisation profile MIN:OPT:MAX (default 1:4:8)")
-    conv.add_argument("--calib-method", default="entropy", choices=["minmax", "entropy", "percentile"])
-    conv.add_argument("--engine", default="tensorrt_rtx", choices=["tensorrt_rtx", "tensorrt", "none"])
+    conv.add_argument("--calib-method", default="entropy", choices=["minmax", "entropy", "percentile"],
+                      help="INT8 activation range calibration (default entropy)")
+    conv.add_argument("--engine", default="tensorrt_rtx", choices=["tensorrt_rtx", "tensorrt", "none"],
+                      help="engines to build (default tensorrt_rtx, which needs no GPU; none: graphs only)")
     conv.add_argument("--compute-capability", action="append", metavar="X.Y",
                       help="TensorRT-RTX target (repeatable), e.g. 8.6")
     conv.add_argument("--workspace-mb", type=int, help="builder workspace limit")
@@ -82,10 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--timing-cache", help="TensorRT timing cache file (reused across builds)")
     conv.add_argument("--sign-key", help="Ed25519 private key (PEM) to sign the bundle manifest")
 
-    gates = p.add_argument_group("accuracy gates (exit 3 when violated)")
-    gates.add_argument("--max-auc-drop", type=float)
-    gates.add_argument("--min-top1-agreement", type=float, help="fraction, e.g. 0.98")
-    gates.add_argument("--max-abs-error", type=float)
+    gates = p.add_argument_group(
+        "accuracy gates",
+        "Every precision is gated against FP32 (default: top-1 agreement >= 0.99 and, with --labels, AUC drop "
+        "<= 0.01). A precision that fails, or was never measured, is recorded as such and never chosen by "
+        "default at run time. The bundle is still written; the exit status is 3.")
+    gates.add_argument("--max-auc-drop", type=float, help="largest AUC drop against FP32 (default 0.01, needs --labels)")
+    gates.add_argument("--min-top1-agreement", type=float, help="smallest top-1 agreement with FP32, a fraction "
+                                                                "(default 0.99)")
+    gates.add_argument("--max-abs-error", type=float, help="largest absolute output error against FP32 (default: none)")
+    gates.add_argument("--no-gates", action="store_true",
+                       help="switch the gates off (recorded in the bundle; every measured precision is 'ungated')")
 
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
@@ -121,7 +140,7 @@ def run(args) -> int:
         workspace_bytes=args.workspace_mb * (1 << 20) if args.workspace_mb else None,
         timing_cache=Path(args.timing_cache) if args.timing_cache else None, sign_key=args.sign_key,
         overwrite=args.overwrite, max_auc_drop=args.max_auc_drop, min_top1_agreement=args.min_top1_agreement,
-        max_abs_error=args.max_abs_error, progress=args.progress,
+        max_abs_error=args.max_abs_error, gates=not args.no_gates, progress=args.progress,
     )
     if args.demo:
         if args.model:
@@ -139,7 +158,7 @@ def run(args) -> int:
             args.model, Path(args.output), spec=_spec(args), calibration=args.calib, validation=args.val,
             labels=Path(args.labels) if args.labels else None, name=args.name, version=args.model_version,
             class_labels=names, activation=args.activation, positive_class=args.positive_class,
-            min_calibration_images=args.min_calibration_images, **common)
+            min_calibration_images=args.min_calibration_images, check_inputs=args.check_inputs, **common)
     print_summary(result)
     if result.threshold_failures:
         print("accuracy gates FAILED:\n  " + "\n  ".join(result.threshold_failures), file=sys.stderr)

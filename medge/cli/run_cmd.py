@@ -81,6 +81,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8"],
                         help="graph or engine precision to run (default: the fastest the bundle has for the "
                              "backend; the first line on stderr says what runs)")
+    parser.add_argument("--allow-failed-gates", action="store_true",
+                        help="with --precision: run it even though it failed (or never ran) its accuracy gates "
+                             "at conversion (a warning is logged)")
+    parser.add_argument("--envelope", default="enforce", choices=["enforce", "warn", "off"],
+                        help="images outside what the model was validated on (modality, photometric, bits, "
+                             "size, spacing, body part): enforce refuses them (default), warn predicts them "
+                             "flagged in a 'warnings' field, off does not check")
     parser.add_argument("--batch", type=int, default=0, help="images per batch (default: the bundle's max)")
     parser.add_argument("--trusted-key", metavar="PEM", help="Ed25519 public key the bundle must be signed with")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -140,12 +147,15 @@ def run(args) -> int:
     files = found.files
 
     with load(args.bundle, backend=args.backend, device=device, precision=args.precision,
-              trusted_key=args.trusted_key) as model:
+              trusted_key=args.trusted_key, allow_failed_gates=args.allow_failed_gates,
+              envelope=args.envelope) as model:
         print(f"medge run: {model.backend}", file=sys.stderr)
         batch = args.batch or model.max_batch
         if not 1 <= batch <= model.max_batch:
             raise MedgeError(f"--batch must be within 1..{model.max_batch} for this bundle")
-        sink = _Sink(out, model.labels)
+        # One score column per output: a single sigmoid output scores its positive (second) label.
+        classes = getattr(model.task, "classes", len(model.labels))
+        sink = _Sink(out, model.labels if len(model.labels) == classes else model.labels[-1:])
         failures = 0
         try:
             with Progress("predicting", len(files), enabled=args.progress) as bar:
@@ -202,15 +212,17 @@ class _Sink:
             if path.suffix.lower() == ".csv":
                 self.csv = csv.writer(self.stream)
                 self.csv.writerow(["sop_instance_uid", "file", "frame", "label"]
-                                  + [f"score_{name}" for name in self.labels or ["0"]])
+                                  + [f"score_{name}" for name in self.labels or ["0"]] + ["warnings"])
 
     def write(self, name: str, prediction) -> None:
         if self.csv is not None:
             self.csv.writerow([prediction.sop_instance_uid or "", name, prediction.frame, prediction.label or ""]
-                              + [f"{float(s):.6g}" for s in prediction.scores])
+                              + [f"{float(s):.6g}" for s in prediction.scores] + [" | ".join(prediction.warnings)])
         else:
             record = {"sop_instance_uid": prediction.sop_instance_uid, "file": name, "frame": prediction.frame,
                       "label": prediction.label, "scores": [round(float(s), 6) for s in prediction.scores]}
+            if prediction.warnings:
+                record["warnings"] = list(prediction.warnings)
             self.stream.write(json.dumps(record) + "\n")
         self.stream.flush()
 

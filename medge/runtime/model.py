@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import BackendUnavailable, MedgeError
+from ..errors import BackendUnavailable, BundleError, MedgeError
 from ..image import Image
 from ..preprocess import PreprocessSpec, preprocess
 from ..tasks.base import DEFAULT_CHOICE_VERDICTS
@@ -94,8 +94,6 @@ class Model:
     """
 
     def __init__(self, bundle, backend: Backend, choice: BackendChoice, task, envelope_check) -> None:
-        from ..errors import BundleError
-
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
@@ -341,6 +339,12 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
     opened = Bundle.open(bundle)
     opened.verify(trusted_key=trusted_key, require_signature=trusted_key is not None)
     manifest = opened.manifest
+    # Bundle.open checked the shape of every section present; these must be present to run at all.
+    missing = [key for key in ("task", "graphs", "profile", "preprocess", "gates", "check_vectors")
+               if not manifest.get(key)]
+    if missing:
+        raise BundleError(f"the bundle's manifest has no {', '.join(missing)}: it was written by an older medge "
+                          "or damaged; convert the model again with this medge")
     task = task_from_manifest(manifest)
     checks = CheckVectors.from_bundle(opened) if self_test else None
     selection = _Selection(manifest, precision, allow_failed_gates, checks, task)
@@ -375,6 +379,63 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
     return _announce(Model(opened, impl, choice, task, envelope_check))
 
 
+def self_test(bundle: Union[str, os.PathLike], *, trusted_key: Any = None, device: Union[int, str] = 0,
+              threads: int = 0) -> list[dict]:
+    """Run the bundle's check vectors on every graph (ONNX Runtime) and, on a GPU, every engine precision.
+
+    What ``medge inspect --verify --self-test`` prints: whether this machine's
+    numerics reproduce the converting machine's FP32 outputs, per graph.
+
+    Returns:
+        One dict per run: {"backend", "graph", "verdict" (the conversion's), "passed", "failures"}.
+
+    Raises:
+        BundleError / SignatureError: the bundle does not verify.
+        MissingDependency: ONNX Runtime is not installed.
+    """
+    from ..bundle import Bundle
+    from ..tasks import task_from_manifest
+    from .backends.onnxruntime import OnnxRuntimeBackend
+    from .checks import CheckVectors
+
+    opened = Bundle.open(bundle)
+    opened.verify(trusted_key=trusted_key, require_signature=trusted_key is not None)
+    manifest = opened.manifest
+    task = task_from_manifest(manifest)
+    checks = CheckVectors.from_bundle(opened)
+    verdicts = (manifest.get("gates") or {}).get("verdicts") or {}
+    results = []
+    for graph, entry in (manifest.get("graphs") or {}).items():
+        verdict = (verdicts.get(graph) or {}).get("verdict", "not measured")
+        try:
+            impl = OnnxRuntimeBackend(_graph_bytes(opened, graph), precision=entry.get("precision", graph),
+                                      max_batch=int(manifest["profile"]["max"]), providers=["CPUExecutionProvider"],
+                                      threads=threads, device_id=0)
+        except MedgeError as exc:
+            results.append({"backend": "onnxruntime cpu", "graph": graph, "verdict": verdict, "passed": False,
+                            "failures": [f"cannot run here: {exc}"]})
+            continue
+        with impl:
+            failures = checks.failures(impl, task, graph)
+        results.append({"backend": "onnxruntime cpu", "graph": graph, "verdict": verdict, "passed": not failures,
+                        "failures": failures})
+    from .. import _C
+
+    if device != "cpu" and _C.cuda_compiled() and _C.cuda_device_count() > 0:
+        for flavour in ("tensorrt", "tensorrt_rtx"):
+            for precision in _TENSORRT_ORDER:
+                try:
+                    with load(opened.path, backend=flavour, device=device, precision=precision,
+                              trusted_key=trusted_key, allow_failed_gates=True) as model:
+                        results.append({"backend": f"{flavour} {model.backend.device}", "graph": precision,
+                                        "verdict": (verdicts.get(precision) or {}).get("verdict", "not measured"),
+                                        "passed": True, "failures": []})
+                except BackendUnavailable as exc:
+                    results.append({"backend": flavour, "graph": precision, "verdict": "-", "passed": False,
+                                    "failures": [str(exc)]})
+    return results
+
+
 def parse_device(device: Union[int, str]) -> Union[int, str]:
     """0, 1, "cuda", "cuda:1", "1" -> a CUDA device index; "cpu" stays "cpu".
 
@@ -407,7 +468,7 @@ class _Selection:
 
     def __init__(self, manifest: dict, precision: Optional[str], allow_failed_gates: bool, checks, task) -> None:
         self.graphs: dict = manifest["graphs"]
-        self.verdicts: dict = manifest["gates"]["verdicts"]
+        self.verdicts: dict = manifest["gates"].get("verdicts") or {}
         self.precision = precision
         self.allow_failed_gates = allow_failed_gates
         self.checks = checks

@@ -47,20 +47,23 @@ void validate_output(const OutputParams& out) {
   if (!std::isfinite(out.pad_value)) throw InvalidArgument("pad value must be finite");
   // Display values lie in [0, 1] (every VOI shape is clamped or a sigmoid,
   // resampling weights are convex) or are the pad value, so the output's
-  // extremes are at lo and hi below. The kernels multiply by 1/std computed in
-  // float, exactly as here. The float32 bound keeps a relative margin for the
-  // kernels' float rounding; float16 overflows only at 65520, 2.4e-4 above
-  // its largest finite value, far more than that rounding.
+  // extremes are at lo and hi below. The kernels compute (y - mean) * (1/std)
+  // in float, so both the difference and the product must stay finite. The
+  // float32 bounds keep a relative margin for the kernels' float rounding;
+  // float16 overflows only at 65520, 2.4e-4 above its largest finite value,
+  // far more than that rounding.
   const double lo = std::min(0.0, static_cast<double>(out.pad_value));
   const double hi = std::max(1.0, static_cast<double>(out.pad_value));
   const bool half = out.output_type == OutputType::kFloat16;
-  const double limit = half ? kFloat16Max : kFloat32Max / (1.0 + 1e-5);
+  const double float32_limit = kFloat32Max / (1.0 + 1e-5);
+  const double limit = half ? kFloat16Max : float32_limit;
   for (int c = 0; c < out.channels; ++c) {
     if (!std::isfinite(out.mean[c]) || !std::isfinite(out.std[c]) || out.std[c] == 0.0f)
       throw InvalidArgument("normalisation mean must be finite and std finite and non-zero");
     const float inv_std = 1.0f / out.std[c];
-    const double worst = std::max(std::fabs(lo - out.mean[c]), std::fabs(hi - out.mean[c])) * std::fabs(inv_std);
-    if (!std::isfinite(inv_std) || !(worst <= limit)) {
+    const double diff = std::max(std::fabs(lo - out.mean[c]), std::fabs(hi - out.mean[c]));
+    const double worst = diff * std::fabs(inv_std);
+    if (!std::isfinite(inv_std) || !(diff <= float32_limit) || !(worst <= limit)) {
       std::ostringstream msg;
       msg << "normalisation (y - mean) / std of channel " << c << " reaches " << worst << " for display values in ["
           << lo << ", " << hi << "] (pad value included), beyond the largest finite " << (half ? "float16" : "float32")

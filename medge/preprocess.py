@@ -102,20 +102,23 @@ class PreprocessSpec:
                 continue
             if _is_number(value) and name in ("mean", "std"):
                 value = (value,)
-            elif isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-                what = "one number or a sequence of numbers" if name in ("mean", "std") else "a pair of numbers"
+            what = "one number or a sequence of numbers" if name in ("mean", "std") else "a pair of numbers"
+            if isinstance(value, (str, bytes)):
                 raise SpecError(f"{name} must be {what}, got {value!r}")
-            values = tuple(value)
+            try:
+                values = tuple(value)
+            except TypeError:  # not iterable (a 0-d array says it is, then refuses)
+                raise SpecError(f"{name} must be {what}, got {value!r}") from None
             if not all(_is_number(v) for v in values):
                 raise SpecError(f"{name} must be a sequence of numbers, got {value!r}")
-            object.__setattr__(self, name, tuple(float(v) for v in values))
+            object.__setattr__(self, name, tuple(_as_float(name, v) for v in values))
         if not _is_number(self.pad_value):
             raise SpecError(f"pad_value must be a number, got {self.pad_value!r}")
-        object.__setattr__(self, "pad_value", float(self.pad_value))
+        object.__setattr__(self, "pad_value", _as_float("pad_value", self.pad_value))
         if not isinstance(self.dtype, str):
             try:
                 object.__setattr__(self, "dtype", np.dtype(self.dtype).name)  # np.float16, np.dtype("float32")
-            except (TypeError, ValueError):
+            except Exception:  # noqa: BLE001 - np.dtype() of an arbitrary object raises many kinds
                 raise SpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}") from None
         self._validate()
 
@@ -192,30 +195,38 @@ class PreprocessSpec:
         half = self.dtype == "float16"
         limit = _FLOAT16_MAX if half else _FLOAT32_MAX / (1.0 + 1e-5)
         largest = f"the largest finite {self.dtype} ({_FLOAT16_MAX:g})" if half else "the float32 range"
-        for name in ("mean", "std"):
-            if any(abs(v) > _FLOAT32_MAX for v in getattr(self, name)):
-                raise SpecError(f"{name} values must be within the float32 range the kernels compute in, "
-                                f"got {getattr(self, name)!r}")
+        for name in ("mean", "std", "pad_value"):
+            values = getattr(self, name)
+            if any(abs(v) > _FLOAT32_MAX for v in (values if isinstance(values, tuple) else (values,))):
+                raise SpecError(f"{name} must be within the float32 range the kernels compute in, got {values!r}")
         with np.errstate(over="ignore", divide="ignore"):
             inv_stds = [float(np.float32(1.0) / np.float32(v)) for v in self.std]
         if not all(math.isfinite(v) for v in inv_stds):
             raise SpecError(f"std values are too small: 1 / std overflows float32, got {self.std!r}")
 
-        def worst(lo: float, hi: float) -> float:
-            channels = range(self.channels)
-            means = [float(np.float32(self.mean[min(c, len(self.mean) - 1)])) for c in channels]
-            invs = [abs(inv_stds[min(c, len(inv_stds) - 1)]) for c in channels]
-            return max(max(abs(lo - m), abs(hi - m)) * inv for m, inv in zip(means, invs))
+        pad = float(np.float32(self.pad_value))
+        channels = range(self.channels)
+        means = [float(np.float32(self.mean[min(c, len(self.mean) - 1)])) for c in channels]
+        invs = [abs(inv_stds[min(c, len(inv_stds) - 1)]) for c in channels]
 
-        image_worst = worst(0.0, 1.0)
+        def reach(lo: float, hi: float) -> tuple[float, float]:
+            """Largest |y - mean| (a float32 intermediate) and |(y - mean) / std| over y in [lo, hi]."""
+            diffs = [max(abs(lo - m), abs(hi - m)) for m in means]
+            return max(diffs), max(d * inv for d, inv in zip(diffs, invs))
+
+        float32_limit = _FLOAT32_MAX / (1.0 + 1e-5)
+        diff, image_worst = reach(0.0, 1.0)
+        if not diff <= float32_limit:
+            raise SpecError(f"mean {self.mean!r} is too far from the display range [0, 1]: y - mean overflows "
+                            "float32, so the output would be inf")
         if not image_worst <= limit:
             raise SpecError(
                 f"std (with mean) maps display values in [0, 1] to magnitudes up to {image_worst:.4g}, beyond "
                 f"{largest}: the output would be inf. Use a larger std or a mean nearer [0, 1]"
                 + (', or dtype="float32"' if half else "")
             )
-        pad_worst = worst(min(0.0, self.pad_value), max(1.0, self.pad_value))
-        if not pad_worst <= limit:
+        diff, pad_worst = reach(min(0.0, pad), max(1.0, pad))
+        if not (diff <= float32_limit and pad_worst <= limit):
             raise SpecError(
                 f"pad_value {self.pad_value!r} is normalised to magnitude {pad_worst:.4g}, beyond {largest}: "
                 "padded pixels would be inf. pad_value is a display value, normally within [0, 1]"
@@ -278,6 +289,13 @@ class PreprocessSpec:
         if unknown:
             raise SpecError(f"unknown preprocessing spec field(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise SpecError(f"{name} values must be finite, got {value!r}") from None
 
 
 def _is_number(value: Any) -> bool:

@@ -486,6 +486,68 @@ def test_caller_cancelled_futures_are_not_run():
     assert (stats.completed, stats.cancelled) == (3, 2)
 
 
+def test_a_cancelled_future_wakes_wait_and_as_completed_at_once():
+    """Future.cancel() alone does not wake concurrent.futures.wait / as_completed: the executor
+    must call set_running_or_notify_cancel(). The Batcher does it as the future is cancelled,
+    not when (if ever) its worker reaches the item: here the worker is busy with a held batch
+    and the next batch would only form after NEVER_MS."""
+    gate = threading.Event()
+    model = FakeModel(max_batch=2, gate=gate)
+    batcher = Batcher(model, max_delay_ms=NEVER_MS)
+    running = batcher.submit_many([0, 1])  # a full batch: starts at once, held on the gate
+    wait_entered(model)
+    queued = batcher.submit_many([2, 3, 4])
+    assert queued[1].cancel()
+    done, _ = concurrent.futures.wait(queued, timeout=HANG, return_when=concurrent.futures.FIRST_COMPLETED)
+    assert done == {queued[1]}
+    assert next(concurrent.futures.as_completed([queued[1]], timeout=HANG)) is queued[1]
+    stats = batcher.stats()
+    assert (stats.cancelled, stats.queue_depth, stats.in_flight) == (1, 2, 2)
+    assert_stats_add_up(stats)
+    gate.set()
+    assert batcher.close(timeout=HANG)
+    assert model.batches == [[0, 1], [2, 4]]
+    assert [f.result(timeout=0) for f in running + [queued[0], queued[2]]] == [expected(i) for i in (0, 1, 2, 4)]
+
+
+def test_close_without_drain_wakes_the_waiters_of_what_it_cancels():
+    gate = threading.Event()
+    model = FakeModel(max_batch=1, gate=gate)
+    batcher = Batcher(model, max_delay_ms=NEVER_MS)
+    running = batcher.submit(0)
+    wait_entered(model)
+    queued = batcher.submit_many([1, 2])
+    assert not batcher.close(drain=False, timeout=0)  # the batch in flight is still held on the gate
+    done, not_done = concurrent.futures.wait(queued, timeout=HANG)
+    assert done == set(queued) and not not_done and all(f.cancelled() for f in queued)
+    assert set(concurrent.futures.as_completed(queued, timeout=HANG)) == set(queued)
+    gate.set()
+    assert batcher.close(timeout=HANG)
+    assert running.result(timeout=0) == expected(0)
+    assert (batcher.stats().cancelled, batcher.stats().completed) == (2, 1)
+
+
+def test_cancelling_while_batches_form_notifies_each_future_exactly_once(caplog):
+    """Caller cancels race the worker taking items: whoever takes an item off the queue notifies
+    it, once (a second set_running_or_notify_cancel would raise and log 'unexpected state')."""
+    caplog.set_level("WARNING")
+    model = FakeModel(max_batch=3)
+    rng = random.Random(8)
+    with Batcher(model, max_delay_ms=0.2, max_queue=4096) as batcher:
+        futures = []
+        for chunk in range(40):
+            futures += batcher.submit_many(range(chunk * 50, chunk * 50 + 50))
+            for future in rng.sample(futures[-50:], 20):
+                future.cancel()
+        done, not_done = concurrent.futures.wait(futures, timeout=HANG)
+    assert not not_done
+    stats = batcher.stats()
+    assert_stats_add_up(stats)
+    assert stats.cancelled == sum(f.cancelled() for f in futures)
+    assert sum(model.ran().values()) == len(futures) - stats.cancelled
+    assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage() for r in caplog.records]
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 4), st.lists(st.tuples(st.sampled_from([0, 1, BAD]), st.booleans()), max_size=30),
        st.booleans())

@@ -6,6 +6,7 @@ the "cuda" case skips, with the reason, where no CUDA device is visible.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -579,3 +580,280 @@ def test_cuda_unavailable_is_a_clear_error():
         pytest.skip("a CUDA device is present: this tests the message given without one")
     with pytest.raises(medge.errors.MedgeError, match="CUDA|cuda"):
         preprocess(np.zeros((4, 4), np.uint8), PreprocessSpec(2, 2, voi="range", value_range=(0, 1)), device="cuda")
+
+
+# ---------------------------------------------------------------------------
+# Never a silent wrong answer, never anything but a MedgeError (issue 8)
+
+_THREAD_LIMIT_SCRIPT = r"""
+import os, re, resource, sys
+import numpy as np
+from medge import PreprocessSpec, preprocess
+from medge.errors import MedgeError
+
+raw = np.arange(256 * 256, dtype=np.uint16).reshape(256, 256)
+spec = PreprocessSpec(2048, 64, voi="range", value_range=(0, 65535))  # 64 bands: 64 threads asked for
+out = np.empty((1, 1, 2048, 64), np.float32)
+preprocess(raw, spec, out=out, num_threads=1)  # everything imported and allocated before the limit
+mode = sys.argv[1]
+if mode == "nproc":
+    if os.getuid() == 0:  # root is exempt from RLIMIT_NPROC: become nobody
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+        except OSError as exc:
+            print("SKIP cannot drop root to apply RLIMIT_NPROC:", exc, flush=True)
+            sys.exit(0)
+    threads = int(re.search(r"Threads:\s+(\d+)", open("/proc/self/status").read()).group(1))
+    resource.setrlimit(resource.RLIMIT_NPROC, (threads + 3, resource.getrlimit(resource.RLIMIT_NPROC)[1]))
+else:  # address space: room for a few thread stacks only
+    vm = int(re.search(r"VmSize:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    preprocess(raw, spec, out=out, num_threads=64)
+    outcome = "no error"
+except BaseException as exc:
+    outcome = f"{type(exc).__name__} medge={isinstance(exc, MedgeError)} {exc}"
+if mode != "nproc":
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+print("OUTCOME", outcome, flush=True)
+"""
+
+
+@pytest.mark.parametrize("limit", ["nproc", "address_space"])
+def test_refused_worker_threads_are_a_preprocess_error_not_an_abort(limit):
+    """The OS refusing a worker thread used to escape as std::system_error while other
+    std::threads were joinable: std::terminate, the host process aborted. Now the started
+    workers are joined and the caller gets a PreprocessError. Run in a subprocess so an abort
+    fails this test instead of killing pytest."""
+    import os
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("uses Linux resource limits and /proc")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", _THREAD_LIMIT_SCRIPT, limit], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, f"the process died (status {result.returncode}): {result.stderr[-2000:]}"
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(result.stdout.strip())
+    line = next((line for line in result.stdout.splitlines() if line.startswith("OUTCOME")), result.stdout)
+    assert "PreprocessError medge=True" in line, line
+    # The system refused a thread (or, under the address-space limit, a worker's scratch memory).
+    assert "could not start worker thread" in line or "not enough memory" in line, line
+    if limit == "nproc":
+        assert "could not start worker thread" in line and "num_threads" in line, line
+
+
+def _misaligned(array: np.ndarray, offset: int = 1) -> np.ndarray:
+    """A copy of ``array`` whose data starts ``offset`` bytes past an aligned address."""
+    buffer = bytearray(array.nbytes + 16)
+    start = (-np.frombuffer(buffer, np.uint8).ctypes.data) % 16 + offset
+    view = np.frombuffer(buffer, dtype=array.dtype, count=array.size, offset=start).reshape(array.shape)
+    view[...] = array
+    return view
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "int32", "float32"])
+def test_misaligned_inputs_give_the_aligned_result(device, dtype):
+    """Pixel data at an odd address (np.frombuffer at an offset; float32 Pixel Data at 2 mod 4 in
+    a DICOM byte string) is copied to an aligned buffer before the kernels see it."""
+    rng = np.random.default_rng(11)
+    frames = (rng.standard_normal((2, 37, 53)) * 1000).astype(dtype)
+    spec = PreprocessSpec(16, 24, voi="range", value_range=(-1500, 1500), fit="letterbox")
+    expected = to_numpy(preprocess(frames, spec, device=device))
+    for offset in range(1, np.dtype(dtype).itemsize):
+        shifted = _misaligned(frames, offset)
+        assert not shifted.flags.aligned
+        np.testing.assert_array_equal(to_numpy(preprocess(shifted, spec, device=device)), expected)
+        np.testing.assert_array_equal(to_numpy(preprocess(list(shifted), spec, device=device)), expected)
+    assert_matches(expected, reference_for(make_image(frames), spec), spec)
+
+
+def test_native_entry_points_refuse_misaligned_pointers():
+    """The kernels load whole elements; a misaligned pointer reaching them is undefined behaviour
+    (and a fault on the GPU), so the native layer refuses it for callers that bypass Python."""
+    from medge import _C
+
+    out = _C.OutputParams()
+    out.height, out.width = 4, 4
+    p = _C.ImageParams()
+    p.pixels_address, p.height, p.width, p.row_stride, p.buffer_bytes = 4097, 8, 8, 8, 128
+    p.pixel_type = _C.PixelType.uint16
+    with pytest.raises(PreprocessError, match="not aligned to its 2-byte element size"):
+        _C.validate_params([p], out)
+    p.pixel_type = _C.PixelType.uint8
+    _C.validate_params([p], out)  # bytes are always aligned
+    p.pixels_address, p.pixel_type = 4098, _C.PixelType.float32
+    with pytest.raises(PreprocessError, match="not aligned to its 4-byte element size"):
+        _C.validate_params([p], out)
+
+
+def test_misaligned_output_buffers_are_refused():
+    raw = np.zeros((8, 8), np.uint16)
+    for dtype in ("float32", "float16"):
+        spec = PreprocessSpec(4, 4, voi="range", value_range=(0, 1), dtype=dtype)
+        shifted = _misaligned(np.zeros((1, 1, 4, 4), dtype))
+        assert shifted.flags.writeable and not shifted.flags.aligned
+        with pytest.raises(PreprocessError, match="not aligned"):
+            preprocess(raw, spec, out=shifted)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(dtype="float16", std=(1e-5,)), "std"),  # (1 - 0) / 1e-5 = 1e5 > 65504
+        (dict(dtype="float16", mean=(-70000.0,)), "std \\(with mean\\)"),
+        (dict(dtype="float16", fit="letterbox", pad_value=70000.0), "pad_value"),
+        (dict(fit="letterbox", pad_value=1e38, std=(0.1,)), "pad_value"),  # 1e39: float32 inf
+        (dict(std=(1e-39,)), "std"),  # 1 / std overflows float32
+        (dict(std=(1e-300,)), "std"),  # 0 in float32
+        (dict(mean=(1e39,)), "mean"),
+        (dict(mean=(3.4028e38,), std=(2.0,)), "mean"),  # the product fits; the float32 y - mean does not
+        (dict(mean=(3.402823364973241e38,), std=(2.0,), fit="letterbox", pad_value=-1.0141204e31), "pad_value"),
+        (dict(pad_value=3.4028235677973366e38, std=(2.0,)), "pad_value"),  # inf once the kernels hold it in float
+        (dict(channels=3, std=(1.0, 1.0, 1e-6), dtype="float16"), "std"),
+        (dict(value_range=(-1e308, 1e308)), "value_range"),  # high - low overflows
+        (dict(mean=(10**400,)), "mean"),
+        (dict(pad_value=10**400), "pad_value"),
+    ],
+)
+def test_spec_refuses_values_whose_output_would_be_inf(kwargs, field):
+    base = dict(height=8, width=8, voi="range", value_range=(0, 255))
+    with pytest.raises(SpecError, match=field):
+        PreprocessSpec(**{**base, **kwargs})
+
+
+def test_spec_limits_are_exact_enough_to_keep_useful_specs():
+    """At the float16 limit the output is 65504, finite; a hair beyond is refused."""
+    raw = np.array([[0, 255], [255, 0]], np.uint8)
+    spec = PreprocessSpec(2, 2, voi="range", value_range=(0, 255), std=(1 / 65504,), dtype="float16",
+                          resample="bilinear")
+    out = preprocess(raw, spec)
+    assert np.isfinite(out).all() and float(out.max()) == 65504.0
+    with pytest.raises(SpecError, match="std"):
+        spec.replace(std=(1 / 65600,))
+    wide = PreprocessSpec(2, 2, voi="range", value_range=(0, 255), std=(1e-38,))  # float32: 1e38 is finite
+    assert np.isfinite(preprocess(raw, wide)).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mean=st.floats(allow_nan=True, allow_infinity=True, width=64),
+    std=st.floats(allow_nan=True, allow_infinity=True, width=64),
+    pad=st.one_of(st.floats(-2.0, 3.0), st.floats(allow_nan=True, allow_infinity=True)),
+    dtype=st.sampled_from(["float32", "float16"]),
+)
+def test_an_accepted_spec_never_writes_inf_or_nan(mean, std, pad, dtype):
+    """Either the spec is refused with SpecError, or every output value is finite: display values
+    0 and 1 and the letterbox pad all occur in this image."""
+    try:
+        spec = PreprocessSpec(6, 6, voi="range", value_range=(0, 255), fit="letterbox", pad_value=pad,
+                              mean=mean, std=std, dtype=dtype)
+    except SpecError:
+        return
+    raw = np.tile(np.array([0, 255], np.uint8), (2, 3))  # 2 x 6: letterboxed into 2 rows of 6
+    with np.errstate(all="ignore"):
+        out = preprocess(raw, spec)
+    assert np.isfinite(out).all()
+
+
+_ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8), st.binary(max_size=4), st.lists(st.floats(allow_nan=True), max_size=4),
+    st.lists(st.text(max_size=2), max_size=3), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.sampled_from([np.int64(3), np.float32(0.5), np.float16(2), np.array([1, 3]), np.array(2.0), np.float32,
+                     np.dtype("float16"), object(), (1, 2, 3), ("1", "2"), 1j]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(field=st.sampled_from([f.name for f in dataclasses.fields(PreprocessSpec)]), value=_ANY_VALUE,
+       voi=st.sampled_from(["range", "window", "dicom"]))
+def test_spec_fields_of_any_type_are_accepted_or_a_spec_error(field, value, voi):
+    base = dict(height=8, width=8, voi=voi, **dict(range=dict(value_range=(0, 100)), window=dict(window=(40, 400)),
+                                                    dicom={})[voi])
+    try:
+        spec = PreprocessSpec(**{**base, field: value})
+    except SpecError:
+        return
+    assert PreprocessSpec.from_json(spec.to_json()) == spec  # an accepted spec is plain data
+
+
+_U16 = np.zeros((8, 8), np.uint16)
+_SPEC = PreprocessSpec(4, 4, voi="range", value_range=(0, 1))
+
+
+def _preprocess_into_overlapping_out():
+    storage = np.zeros((2, 1, 4, 4), np.float32)
+    frame = storage.reshape(-1)[8:24].reshape(4, 4)  # shares half its memory with the first output image
+    return preprocess(frame, _SPEC, out=storage[:1])
+
+
+_BAD_CALLS = {
+    "images None": (lambda: preprocess(None, _SPEC), PreprocessError, "cannot preprocess NoneType"),
+    "images int": (lambda: preprocess(5, _SPEC), PreprocessError, "cannot preprocess int"),
+    "0-d array": (lambda: preprocess(np.array(3, np.uint16), _SPEC), PreprocessError, "2-D"),
+    "1-d array": (lambda: preprocess(np.zeros(5, np.uint16), _SPEC), PreprocessError, "2-D"),
+    "4-d array": (lambda: preprocess(np.zeros((1, 1, 5, 5), np.uint16), _SPEC), PreprocessError, "2-D"),
+    "object array": (lambda: preprocess(np.array([[1, None]], dtype=object), _SPEC), PreprocessError, "dtype"),
+    "empty array": (lambda: preprocess(np.zeros((0, 5), np.uint16), _SPEC), PreprocessError, "no pixels"),
+    "list of lists": (lambda: preprocess([[1, 2], [3, 4]], _SPEC), PreprocessError, "cannot preprocess list"),
+    "float64 beyond float32": (lambda: preprocess(np.full((4, 4), 1e300), _SPEC), PreprocessError, "float32 range"),
+    "side beyond 65536": (lambda: preprocess(np.zeros((1, 70000), np.uint8), _SPEC), PreprocessError, "65536"),
+    "device cuda:x": (lambda: preprocess(_U16, _SPEC, device="cuda:x"), PreprocessError, "cuda:N"),
+    "device None": (lambda: preprocess(_U16, _SPEC, device=None), PreprocessError, "device"),
+    "num_threads str": (lambda: preprocess(_U16, _SPEC, num_threads="4"), PreprocessError, "num_threads"),
+    "num_threads float": (lambda: preprocess(_U16, _SPEC, num_threads=2.5), PreprocessError, "num_threads"),
+    "num_threads negative": (lambda: preprocess(_U16, _SPEC, num_threads=-1), PreprocessError, "num_threads"),
+    "num_threads beyond int": (lambda: preprocess(_U16, _SPEC, num_threads=2**40), PreprocessError, "num_threads"),
+    "num_threads None": (lambda: preprocess(_U16, _SPEC, num_threads=None), PreprocessError, "num_threads"),
+    "out list": (lambda: preprocess(_U16, _SPEC, out=[0.0]), PreprocessError, "numpy array"),
+    "out 0-d": (lambda: preprocess(_U16, _SPEC, out=np.array(1.0, np.float32)), PreprocessError, "shape"),
+    "out object dtype": (lambda: preprocess(_U16, _SPEC, out=np.empty((1, 1, 4, 4), object)), PreprocessError,
+                         "dtype"),
+    "out overlaps input": (_preprocess_into_overlapping_out, PreprocessError, "overlaps"),
+    "out is the input": (lambda: (lambda a: preprocess(a[0, 0], _SPEC, out=a))(np.zeros((1, 1, 4, 4), np.float32)),
+                         PreprocessError, "overlaps"),
+    "batch beyond the native limit": (lambda: preprocess(np.zeros((65537, 1, 1), np.uint8), _SPEC),
+                                      PreprocessError, "split the batch"),
+    "output too big for memory": (lambda: preprocess(np.zeros((4000, 1, 1), np.uint8),
+                                                     PreprocessSpec(16384, 16384, channels=3, voi="range",
+                                                                    value_range=(0, 1))),
+                                  PreprocessError, "not enough memory"),
+    "spec window scalar": (lambda: PreprocessSpec(4, 4, voi="window", window=5), SpecError, "window"),
+    "spec pad_value text": (lambda: _SPEC.replace(pad_value="0"), SpecError, "pad_value"),
+    "spec mean None": (lambda: _SPEC.replace(mean=None), SpecError, "mean"),
+    "spec channels array": (lambda: _SPEC.replace(channels=np.array([1, 3])), SpecError, "channels"),
+    "spec voi array": (lambda: _SPEC.replace(voi=np.array(["range", "dicom"])), SpecError, "voi"),
+    "spec unknown field": (lambda: _SPEC.replace(colour="red"), SpecError, "colour"),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_CALLS))
+def test_every_bad_argument_is_a_medge_error(name):
+    """Table of inputs that used to escape as TypeError / ValueError / OverflowError / MemoryError
+    (or were silently accepted); each is now a MedgeError subclass with a clear message."""
+    call, error, message = _BAD_CALLS[name]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_numpy_scalars_and_dtypes_in_a_spec_are_plain_data():
+    spec = PreprocessSpec(np.int64(8), np.int32(6), channels=np.int64(3), mean=np.float32(0.5),
+                          std=[np.float16(0.25)], dtype=np.float16, window_index=np.int64(0))
+    assert (spec.height, spec.width, spec.channels, spec.mean, spec.std, spec.dtype) == (8, 6, 3, (0.5,), (0.25,),
+                                                                                         "float16")
+    assert type(spec.height) is int and PreprocessSpec.from_json(spec.to_json()) == spec
+    assert PreprocessSpec(4, 4, dtype=np.dtype("float32")).dtype == "float32"
+
+
+def test_broadcast_and_overlapping_row_views_are_copied():
+    """Views with a zero or overlapping row stride (np.broadcast_to, as_strided) are copied, not refused."""
+    row = np.arange(12, dtype=np.uint16)
+    spec = PreprocessSpec(4, 6, voi="range", value_range=(0, 11))
+    expected = preprocess(np.tile(row, (5, 1)), spec)
+    np.testing.assert_array_equal(preprocess(np.broadcast_to(row, (5, 12)), spec), expected)
+    overlapping = np.lib.stride_tricks.as_strided(np.arange(20, dtype=np.uint16), shape=(5, 12), strides=(2, 2))
+    np.testing.assert_array_equal(preprocess(overlapping, spec), preprocess(overlapping.copy(), spec))

@@ -31,11 +31,14 @@ import logging
 import math
 import os
 import re
+import zlib
 from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Union
 
 import numpy as np
 
-from .errors import DicomError, MissingDependency
+from . import _codestream
+from ._pydicom_quiet import quiet_pydicom
+from .errors import DicomError, MedgeError, MissingDependency
 from .image import GREYSCALE_PHOTOMETRICS, VOI_FUNCTIONS, Acquisition, FrameTransform, Image, PixelSemantics, Window
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -143,8 +146,25 @@ def read_dicom(source: DicomSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, for
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     _import_pydicom()
-    dataset = _load_dataset(source, force)
-    return _image_from_dataset(dataset, int(max_pixels))
+    # pydicom's warnings and log records quote values from the file (a damaged UID brings the
+    # patient's name along): none of them may reach the caller's logs while medge reads.
+    with quiet_pydicom():
+        try:
+            dataset = _load_dataset(source, force, int(max_pixels))
+            return _image_from_dataset(dataset, int(max_pixels))
+        except MedgeError as exc:
+            error = exc
+    # Raised here, outside the except block, so that Python does not attach the exception being
+    # handled as __context__: a pydicom exception's message can hold raw bytes of the file,
+    # patient name included. What went wrong is in the message (with the original type's name).
+    raise _without_chain(error)
+
+
+def _without_chain(error: BaseException) -> BaseException:
+    error.__cause__ = None
+    error.__context__ = None
+    error.__suppress_context__ = True
+    return error
 
 
 # --------------------------------------------------------------------------- loading
@@ -159,19 +179,30 @@ def _import_pydicom():
     return pydicom
 
 
-def _load_dataset(source: Any, force: bool) -> "Dataset":
+def _load_dataset(source: Any, force: bool, max_pixels: int) -> "Dataset":
     from pydicom import dcmread
     from pydicom.dataset import Dataset
     from pydicom.errors import InvalidDicomError
 
     if isinstance(source, Dataset):
         return source
+    opened = None
     if isinstance(source, (bytes, bytearray, memoryview)):
-        stream: Any = io.BytesIO(source)
+        stream: Any = _bytes_stream(source)
         what = "the data"
     elif isinstance(source, (str, os.PathLike)):
-        stream = os.fspath(source)
         what = "the file"
+        try:
+            stream = opened = open(os.fspath(source), "rb")
+        except OSError as exc:
+            raise DicomError(f"cannot read {what}: {exc.strerror or type(exc).__name__}") from None
+        except (TypeError, ValueError) as exc:  # e.g. a path with a NUL character
+            raise DicomError(f"cannot read {what}: the path is invalid ({type(exc).__name__})") from None
+    elif isinstance(source, (Image, np.ndarray)):
+        raise DicomError(
+            f"read_dicom reads DICOM, not a {type(source).__name__}: an Image or an array of stored values "
+            "needs no reading (pass it to medge.preprocess directly; arrays via Image.from_array)"
+        )
     elif hasattr(source, "read"):
         stream = source
         what = "the stream"
@@ -183,19 +214,91 @@ def _load_dataset(source: Any, force: bool) -> "Dataset":
     # File names are left out of messages on purpose: they often carry patient
     # names. The caller knows which file it passed.
     try:
+        _refuse_deflate_bomb(stream, force, max_pixels, what)
         return dcmread(stream, force=force)
-    except InvalidDicomError as exc:
+    except DicomError:
+        raise
+    except InvalidDicomError:
         raise DicomError(
             f"{what} is not DICOM: no 'DICM' prefix / File Meta Information (a bare dataset "
             "without them can be read with force=True)"
-        ) from exc
+        ) from None
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise DicomError(f"cannot read {what}: {reason}") from exc
+        raise DicomError(f"cannot read {what}: {reason}") from None
     except Exception as exc:  # pydicom raises many types on damaged input
         raise DicomError(
             f"cannot parse {what} ({type(exc).__name__}): it is damaged or not DICOM"
-        ) from exc
+        ) from None
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _bytes_stream(source: Union[bytes, bytearray, memoryview]) -> io.BytesIO:
+    """A stream over the bytes of ``source``, whatever its memory layout."""
+    if isinstance(source, memoryview):
+        try:
+            # BytesIO needs one contiguous run of bytes; tobytes() copies any layout (strided,
+            # multi-byte items) in logical order. A released view raises ValueError.
+            if not source.contiguous or source.ndim != 1 or source.itemsize != 1:
+                source = source.tobytes()
+            return io.BytesIO(source)
+        except (ValueError, TypeError, BufferError) as exc:
+            raise DicomError(f"cannot read the data from this memoryview ({type(exc).__name__})") from None
+    return io.BytesIO(source)
+
+
+_DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+#: Headroom above the largest pixel data max_pixels allows, for everything else in a deflated dataset.
+_DEFLATED_HEADER_ALLOWANCE = 64 << 20
+
+
+def _refuse_deflate_bomb(stream: Any, force: bool, max_pixels: int, what: str) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file that inflates beyond what ``max_pixels`` allows.
+
+    pydicom inflates the whole dataset in memory at dcmread, before any header
+    is checked, and deflate compresses up to about 1000:1: a 2 MB file becomes
+    2 GB. The inflated size is counted here, in bounded chunks and without
+    keeping the output, and the stream is put back where it was. Anything this
+    peek cannot parse is left for dcmread to report.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    try:
+        start = stream.tell()
+    except Exception:  # not seekable: dcmread reads it once, nothing to peek at
+        return
+    try:
+        read_preamble(stream, force)
+        meta = _read_file_meta_info(stream)
+        transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    except Exception:
+        transfer_syntax = ""
+    try:
+        if transfer_syntax.strip(" \x00") != _DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            return
+        limit = max_pixels * 8 + _DEFLATED_HEADER_ALLOWANCE  # 8 bytes: Double Float Pixel Data
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
+        while not inflater.eof:
+            pending = stream.read(1 << 20)
+            if not pending:
+                break
+            while pending and not inflater.eof:
+                try:
+                    inflated += len(inflater.decompress(pending, 1 << 24))
+                except zlib.error:
+                    return  # damaged: dcmread says so
+                if inflated > limit:
+                    raise DicomError(
+                        f"{what} is Deflated Explicit VR Little Endian and inflates to more than {limit} bytes, "
+                        f"above what the limit of {max_pixels} pixels (max_pixels) allows; refused before "
+                        "inflating it"
+                    )
+                pending = inflater.unconsumed_tail
+    finally:
+        stream.seek(start)
 
 
 # --------------------------------------------------------------------------- element access
@@ -447,17 +550,35 @@ def _transform_at(ds: Optional["Dataset"], where: str, ignored_luts: list) -> tu
     return rescale, (windows, function)
 
 
-def _sequence_item(ds: Optional["Dataset"], keyword: str, where: str) -> Optional["Dataset"]:
-    """The first item of sequence ``keyword`` in ``ds``, or None."""
+def _sequence(ds: Optional["Dataset"], keyword: str, where: str) -> Optional[list]:
+    """The items of sequence ``keyword`` in ``ds`` (each a Dataset), or None when absent or empty.
+
+    A damaged file can carry the element with another VR (text, numbers, bytes); indexing or
+    measuring such a value raised TypeError out of read_dicom, so the type is checked here.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
     if ds is None:
         return None
-    sequence = _value(ds, keyword, where)
-    if sequence is None:
+    value = _value(ds, keyword, where)
+    if value is None:
         return None
+    if not isinstance(value, Sequence):
+        raise DicomError(f"{where}{_tag_name(keyword)} is not a sequence (wrong VR): the file is damaged")
     try:
-        return sequence[0]
+        items = list(value)
     except Exception as exc:
-        raise DicomError(f"{where}{_tag_name(keyword)} cannot be parsed ({type(exc).__name__})") from exc
+        raise DicomError(f"{where}{_tag_name(keyword)} cannot be parsed ({type(exc).__name__})") from None
+    if not all(isinstance(item, Dataset) for item in items):
+        raise DicomError(f"{where}{_tag_name(keyword)} holds an item that is not a dataset: the file is damaged")
+    return items
+
+
+def _sequence_item(ds: Optional["Dataset"], keyword: str, where: str) -> Optional["Dataset"]:
+    """The first item of sequence ``keyword`` in ``ds``, or None."""
+    items = _sequence(ds, keyword, where)
+    return items[0] if items else None
 
 
 def _first(*options):
@@ -469,7 +590,7 @@ def _frame_transforms(ds: "Dataset", frames: int) -> tuple[FrameTransform, ...]:
     ignored_luts: list[str] = []
     top_rescale, top_voi = _transform_at(ds, "", ignored_luts)
     shared = _sequence_item(ds, "SharedFunctionalGroupsSequence", "")
-    per_frame_seq = _value(ds, "PerFrameFunctionalGroupsSequence", "")
+    per_frame_seq = _sequence(ds, "PerFrameFunctionalGroupsSequence", "")
     if shared is None and per_frame_seq is None:
         transforms = [_make_transform(top_rescale, top_voi, "")]
     else:
@@ -477,21 +598,25 @@ def _frame_transforms(ds: "Dataset", frames: int) -> tuple[FrameTransform, ...]:
         shared_rescale, _ = _transform_at(_sequence_item(shared, "PixelValueTransformationSequence", where),
                                           where, ignored_luts)
         _, shared_voi = _transform_at(_sequence_item(shared, "FrameVOILUTSequence", where), where, ignored_luts)
-        if per_frame_seq is not None and len(per_frame_seq) != frames:
-            raise DicomError(
-                f"Per-frame Functional Groups Sequence (5200,9230) has {len(per_frame_seq)} item(s) for "
-                f"{frames} frame(s)"
-            )
-        transforms = []
-        for index in range(frames):
-            where = f"frame {index}: "
-            item = per_frame_seq[index] if per_frame_seq is not None else None
-            rescale, _ = _transform_at(_sequence_item(item, "PixelValueTransformationSequence", where),
-                                       where, ignored_luts)
-            _, voi = _transform_at(_sequence_item(item, "FrameVOILUTSequence", where), where, ignored_luts)
-            # Per-frame overrides shared; top-level is the last fallback.
-            transforms.append(_make_transform(_first(rescale, shared_rescale, top_rescale),
-                                              _first(voi, shared_voi, top_voi), where))
+        if per_frame_seq is None:
+            # Every frame has the shared (else top-level) transform: one, not a loop over frames
+            # (a header may claim millions of tiny frames).
+            transforms = [_make_transform(_first(shared_rescale, top_rescale), _first(shared_voi, top_voi), "")]
+        else:
+            if len(per_frame_seq) != frames:
+                raise DicomError(
+                    f"Per-frame Functional Groups Sequence (5200,9230) has {len(per_frame_seq)} item(s) for "
+                    f"{frames} frame(s)"
+                )
+            transforms = []
+            for index, item in enumerate(per_frame_seq):
+                where = f"frame {index}: "
+                rescale, _ = _transform_at(_sequence_item(item, "PixelValueTransformationSequence", where),
+                                           where, ignored_luts)
+                _, voi = _transform_at(_sequence_item(item, "FrameVOILUTSequence", where), where, ignored_luts)
+                # Per-frame overrides shared; top-level is the last fallback.
+                transforms.append(_make_transform(_first(rescale, shared_rescale, top_rescale),
+                                                  _first(voi, shared_voi, top_voi), where))
     if ignored_luts:
         _LOG.warning(
             "VOI LUT Sequence (0028,3010) ignored (%s): medge does not apply VOI LUT tables yet; "
@@ -592,22 +717,28 @@ def _image_from_dataset(ds: "Dataset", max_pixels: int) -> Image:
             f"the limit of {max_pixels} (max_pixels)"
         )
 
-    transforms = _frame_transforms(ds, frames)
     decoder = _decoder_for(transfer_syntax)
     data = _value(ds, pixel_keyword, "")
     if data is None:
         raise DicomError(f"{_PIXEL_TAG_NAMES[pixel_keyword]} is empty")
-    if not decoder.is_encapsulated:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        # Text or numbers: the element was written (or damaged) with a VR that is not OB/OW/OF/OD.
+        raise DicomError(f"{_PIXEL_TAG_NAMES[pixel_keyword]} does not hold bytes (wrong VR): the file is damaged")
+    extended_offsets = None
+    if decoder.is_encapsulated:
+        # Each frame's own header against the DICOM header, before a decoder trusts the former.
+        extended_offsets = _extended_offsets(ds)
+        _check_encapsulated_frames(data, transfer_syntax, extended_offsets, rows, columns, frames, bits_allocated)
+    else:
         expected_bytes = pixels_claimed * bits_allocated // 8
-        try:
-            actual = len(data)
-        except TypeError as exc:  # a deferred or stream value
-            raise DicomError(f"{_PIXEL_TAG_NAMES[pixel_keyword]} cannot be read") from exc
+        actual = len(data)
         if actual < expected_bytes:
             raise DicomError(
                 f"{_PIXEL_TAG_NAMES[pixel_keyword]} is truncated: {actual} bytes, the header needs "
                 f"{expected_bytes} ({frames} frame(s) of {rows} x {columns} x {bits_allocated} bits)"
             )
+    # After the pixel data checks: they bound the frame count by the file's size.
+    transforms = _frame_transforms(ds, frames)
 
     if (not decoder.is_encapsulated and pixel_keyword == "PixelData"
             and transfer_syntax in _NATIVE_LITTLE_ENDIAN and bits_allocated in (8, 16, 32)):
@@ -616,9 +747,16 @@ def _image_from_dataset(ds: "Dataset", max_pixels: int) -> Image:
         # largest single cost of reading a CT slice.
         array = np.frombuffer(data, dtype=expected_dtype.newbyteorder("<"), count=pixels_claimed)
         array = array.reshape(frames, rows, columns)
+        # A bytearray or memoryview given in a Dataset would make the view writable: the masking
+        # below must copy rather than change the caller's dataset.
+        array.flags.writeable = False
+        if not array.flags.aligned:
+            # Bytes at an odd address (a memoryview slice put into a Dataset): the kernels read whole
+            # elements, so give them an aligned copy.
+            array = array.copy()
     else:
         array = _decode(decoder, ds, transfer_syntax, rows, columns, frames, bits_allocated, bits_stored,
-                        pixel_representation, photometric_raw)
+                        pixel_representation, photometric_raw, extended_offsets)
 
     array = _normalise_array(array, expected_dtype, rows, columns, frames, bits_stored, pixel_representation)
     semantics = PixelSemantics(
@@ -700,8 +838,13 @@ def _acquisition(ds: "Dataset") -> Acquisition:
 
 
 def _decode(decoder, ds, transfer_syntax, rows, columns, frames, bits_allocated, bits_stored, pixel_representation,
-            photometric_raw) -> np.ndarray:
+            photometric_raw, extended_offsets) -> np.ndarray:
     """Decode through pydicom's decoder (compressed or big-endian data)."""
+    options = {}
+    if decoder.is_encapsulated:
+        # The frames the headers were checked in: pydicom would otherwise take the Extended Offset
+        # Table from the dataset itself (when only one of its two elements is present: AttributeError).
+        options["extended_offsets"] = extended_offsets
     try:
         array, _ = decoder.as_array(
             ds,
@@ -711,7 +854,7 @@ def _decode(decoder, ds, transfer_syntax, rows, columns, frames, bits_allocated,
             rows=rows, columns=columns, number_of_frames=frames, samples_per_pixel=1,
             bits_allocated=bits_allocated, bits_stored=bits_stored,
             pixel_representation=pixel_representation, photometric_interpretation=photometric_raw,
-            allow_excess_frames=False,
+            allow_excess_frames=False, **options,
         )
     except Exception as exc:  # plugins raise RuntimeError, ValueError, their own types...
         from pydicom.uid import UID
@@ -719,9 +862,135 @@ def _decode(decoder, ds, transfer_syntax, rows, columns, frames, bits_allocated,
         raise DicomError(
             f"the {UID(transfer_syntax).name} pixel data could not be decoded ({type(exc).__name__}): "
             "the compressed data is damaged or inconsistent with the header"
-        ) from exc
+        ) from None
 
     return array
+
+
+# --------------------------------------------------------------------------- compressed frame headers
+
+_JPEG_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                           "1.2.840.10008.1.2.4.70")
+_JPEG_LS_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
+_J2K_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                          "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+_RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def _extended_offsets(ds: "Dataset") -> Optional[tuple[bytes, bytes]]:
+    """The Extended Offset Table and its Lengths (7FE0,0001/0002) as raw bytes, or None when absent."""
+    table = _value(ds, "ExtendedOffsetTable", "")
+    lengths = _value(ds, "ExtendedOffsetTableLengths", "")
+    if table is None and lengths is None:
+        return None
+    if not (isinstance(table, (bytes, bytearray)) and isinstance(lengths, (bytes, bytearray))
+            and len(table) % 8 == 0 and len(table) == len(lengths)):
+        raise DicomError(
+            "Extended Offset Table (7FE0,0001) and Extended Offset Table Lengths (7FE0,0002) must both be "
+            "present with the same number of 64-bit entries: the file is damaged"
+        )
+    return bytes(table), bytes(lengths)
+
+
+def _check_encapsulated_frames(data, transfer_syntax: str, extended_offsets, rows: int, columns: int,
+                               frames: int, bits_allocated: int) -> None:
+    """Refuse encapsulated pixel data whose frames disagree with the DICOM header, before decoding.
+
+    Splits the data into frames exactly as pydicom's decoder will (same helper,
+    same frame count and offset tables), then reads each frame's own header:
+    dimensions, components and bit depth (JPEG SOFn, JPEG-LS SOF55, JPEG 2000
+    SIZ) or segment table (RLE). A decoder sizes its output from the frame, not
+    from the DICOM header, so a lie there is a time and memory bomb (or a
+    silently different image).
+    """
+    from pydicom.encaps import generate_fragmented_frames
+    from pydicom.uid import UID
+
+    name = UID(transfer_syntax).name
+    try:
+        # pydicom's parsers take bytes; a memoryview/bytearray Dataset value is copied once here.
+        buffer = data if isinstance(data, bytes) else bytes(data)
+        split = generate_fragmented_frames(buffer, number_of_frames=frames, extended_offsets=extended_offsets)
+        found = 0
+        for index, fragments in enumerate(split):
+            if index == frames:
+                break  # the decoder is told to return exactly `frames` frames
+            _check_frame(b"".join(fragments), index, transfer_syntax, name, rows, columns, frames, bits_allocated)
+            found += 1
+    except DicomError:
+        raise
+    except Exception as exc:  # pydicom's encapsulation helpers raise ValueError, struct.error, ...
+        raise DicomError(
+            f"the encapsulated {name} Pixel Data (7FE0,0010) cannot be split into frames ({type(exc).__name__}): "
+            "its item structure is damaged"
+        ) from None
+    if found < frames:
+        raise DicomError(
+            f"the encapsulated {name} Pixel Data (7FE0,0010) holds {found} frame(s), the header says {frames} "
+            "(Number of Frames (0028,0008)): the file is truncated or damaged"
+        )
+
+
+def _check_frame(frame: bytes, index: int, transfer_syntax: str, name: str, rows: int, columns: int,
+                 frames: int, bits_allocated: int) -> None:
+    where = f"frame {index} of the {name} pixel data" if frames > 1 else f"the {name} pixel data"
+    try:
+        if transfer_syntax == _RLE_LOSSLESS:
+            segments = _codestream.rle_segment_lengths(frame)
+            header = None
+        elif transfer_syntax in _J2K_TRANSFER_SYNTAXES:
+            header = _codestream.j2k_frame_header(frame)
+        elif transfer_syntax in _JPEG_TRANSFER_SYNTAXES or transfer_syntax in _JPEG_LS_TRANSFER_SYNTAXES:
+            header = _codestream.jpeg_frame_header(frame)
+        else:
+            # A compressed transfer syntax pydicom can decode but medge cannot check: decoding it
+            # would trust its own dimensions, so it is refused rather than decoded unchecked.
+            raise DicomError(
+                f"{name} ({transfer_syntax}) pixel data is not supported: medge checks each compressed "
+                "frame's header before decoding and cannot check this one; convert the file to an "
+                "uncompressed, RLE, JPEG, JPEG-LS or JPEG 2000 transfer syntax"
+            )
+    except _codestream.CodestreamError as exc:
+        raise DicomError(f"{where} is damaged: {exc}") from None
+
+    if header is None:  # RLE: one segment per byte of each sample (PS3.5 G.2), and none too short to fill it
+        expected = bits_allocated // 8
+        if len(segments) != expected:
+            raise DicomError(
+                f"{where} has {len(segments)} RLE segment(s); Bits Allocated {bits_allocated} with one sample "
+                f"per pixel needs {expected}"
+            )
+        # A two-byte replicate run decodes to at most 128 bytes (PackBits).
+        shortest = 2 * -(-(rows * columns) // 128)
+        for segment, length in enumerate(segments):
+            if length < shortest:
+                raise DicomError(
+                    f"{where}: RLE segment {segment} has {length} bytes, too few to decode to {rows} x {columns} "
+                    f"pixels (at least {shortest}): the data is truncated or the header's Rows/Columns are wrong"
+                )
+        return
+
+    is_jpeg_ls = transfer_syntax in _JPEG_LS_TRANSFER_SYNTAXES
+    if header.jpeg_ls != is_jpeg_ls and transfer_syntax not in _J2K_TRANSFER_SYNTAXES:
+        found = "JPEG-LS (SOF55)" if header.jpeg_ls else "JPEG (ISO/IEC 10918)"
+        raise DicomError(f"{where} is a {found} codestream, which the transfer syntax does not allow")
+    if (header.rows, header.columns) != (rows, columns):
+        raise DicomError(
+            f"{where} declares {header.rows} x {header.columns} pixels in its own header but Rows (0028,0010) x "
+            f"Columns (0028,0011) say {rows} x {columns}; refused before decoding (the file is damaged or "
+            "crafted: a decoder would trust the codestream)"
+        )
+    if header.components != 1:
+        raise DicomError(
+            f"{where} declares {header.components} components but Samples per Pixel (0028,0002) is 1"
+        )
+    if not 1 <= header.precision <= bits_allocated:
+        # Precision above Bits Stored is accepted (public JPEG 2000 files declare 16 bits for 14 stored;
+        # the unused bits are masked), but not above the container.
+        raise DicomError(
+            f"{where} declares {header.precision} bits per sample but Bits Allocated (0028,0100) is "
+            f"{bits_allocated}: the decoded values would not fit"
+        )
 
 
 def _normalise_array(array: np.ndarray, expected: np.dtype, rows: int, columns: int, frames: int,

@@ -688,6 +688,12 @@ def test_native_entry_points_refuse_misaligned_pointers():
     p.pixels_address, p.pixel_type = 4098, _C.PixelType.float32
     with pytest.raises(PreprocessError, match="not aligned to its 4-byte element size"):
         _C.validate_params([p], out)
+    if _C.cuda_compiled():  # the CUDA entry point validates before it looks for a device
+        with pytest.raises(PreprocessError, match="not aligned to its 4-byte element size"):
+            _C.preprocess_cuda([p], 4096, 64, out, 0)
+        p.pixels_address = 4096
+        with pytest.raises(PreprocessError, match="output pointer is not aligned"):
+            _C.preprocess_cuda([p], 4098, 64, out, 0)
 
 
 def test_misaligned_output_buffers_are_refused():

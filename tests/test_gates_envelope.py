@@ -264,3 +264,19 @@ def test_a_damaged_manifest_answers_only_with_a_medge_error(demo_bundle, tmp_pat
     with pytest.raises(MedgeError):
         with medge.load(copy) as model:
             model.predict(np.zeros((512, 512), np.int16))
+
+
+def test_conversion_folders_are_read_by_content_like_medge_run(tmp_path):
+    """A UID-named file (a common export name) is used, a README is skipped (it used to be dropped silently)."""
+    from medge.convert.pipeline import load_inputs
+    from medge.preprocess import PreprocessSpec
+    from medge.synthetic import write_ct_series
+
+    write_ct_series(tmp_path / "val", 3, seed=4, size=64)
+    files = sorted(p for p in (tmp_path / "val").iterdir() if p.suffix == ".dcm")
+    files[0].rename(tmp_path / "val" / "1.2.840.113619.2.55.3.4")
+    (tmp_path / "val" / "README").write_text("not an image")
+    inputs = load_inputs(tmp_path / "val", PreprocessSpec(32, 32, voi="window", window=(-600, 1500)),
+                         what="validation", progress=False)
+    assert len(inputs.array) == 3 and len(inputs.headers) == 3
+    assert any("1.2.840.113619.2.55.3.4" in keys for keys in inputs.keys)

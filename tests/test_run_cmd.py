@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from medge.cli import _inputs
-from medge.cli._inputs import collect_inputs, is_dicom
+from medge import _inputs
+from medge._inputs import collect_inputs, is_dicom
 from medge.cli.main import main
 from medge.demo import write_demo_dicoms
 from medge.synthetic import ct_slice, write_ct_series

@@ -23,7 +23,7 @@ import numpy as np
 
 from .._progress import Progress
 from ..errors import MedgeError
-from ._inputs import collect_inputs
+from .._inputs import collect_inputs
 
 def _spec_from_args(args):
     from ..preprocess import PreprocessSpec

@@ -1,6 +1,6 @@
 """``medge run BUNDLE INPUTS...``: predictions for DICOM files and folders, one line per image.
 
-What is read (rules in :mod:`medge.cli._inputs`): files named on the command
+What is read (rules in :mod:`medge._inputs`): files named on the command
 line are always tried; folders are searched recursively and every regular
 file that is DICOM by its content is read, whatever its name (UID-named
 exports included). Every file left out is listed on stderr with the reason
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import MedgeError
-from ._inputs import collect_inputs
+from .._inputs import collect_inputs
 
 OUT_SUFFIXES = (".jsonl", ".csv")
 

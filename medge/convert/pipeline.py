@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .._inputs import collect_inputs
 from .._progress import Progress
 from ..errors import ConversionError, MedgeError
 from ..preprocess import PreprocessSpec, preprocess
@@ -36,7 +37,6 @@ _LOG = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_FLAVOURS = ("tensorrt", "tensorrt_rtx", "none")
-_DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
 
 
 @dataclass
@@ -85,15 +85,20 @@ def load_inputs(source: Any, spec: PreprocessSpec, *, what: str, progress: Optio
         arrays = [_load_npy(f, spec32) for f in npy_files]
         keys = [[f"{f.name}[{i}]"] for f, a in zip(npy_files, arrays) for i in range(len(a))]
         return Inputs(np.concatenate(arrays), keys, str(path))
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _DICOM_SUFFIXES)
+    # The same rules as medge run: DICOM by content (UID-named files included), every skip listed.
+    found = collect_inputs([str(path)])
+    files = found.files
+    for entry in found.skipped:
+        _LOG.info("%s folder: skipped %s (%s)", what, entry.name, entry.reason)
     if not files:
-        raise ConversionError(f"no DICOM files (.dcm or no suffix) or .npy files in {what} folder {path}")
+        raise ConversionError(f"no DICOM files (by content) or .npy files in {what} folder {path}"
+                              + (f"; {found.summary()}" if found.skipped else ""))
     outputs, keys, skipped, headers = [], [], [], []
     with Progress(f"preprocessing {what} images", len(files), enabled=progress) as bar:
         for file in files:
             bar.update()
             try:
-                image = read_dicom(file)
+                image = read_dicom(file.path, force=file.bare)
                 batch = preprocess(image, spec32)
             except MedgeError as exc:
                 skipped.append(f"{file.name}: {exc}")
@@ -102,8 +107,11 @@ def load_inputs(source: Any, spec: PreprocessSpec, *, what: str, progress: Optio
             outputs.append(batch)
             headers.append(_Header(image.semantics, image.acquisition))
             for frame in range(batch.shape[0]):
-                name = file.name if batch.shape[0] == 1 else f"{file.name}#{frame}"
-                keys.append([name] + ([image.sop_instance_uid] if image.sop_instance_uid else []))
+                # Looked up in a labels CSV by file name, by path relative to the folder, or by SOP Instance UID.
+                names = list(dict.fromkeys([file.path.name, file.name]))
+                if batch.shape[0] > 1:
+                    names = [f"{n}#{frame}" for n in names]
+                keys.append(names + ([image.sop_instance_uid] if image.sop_instance_uid else []))
     if not outputs:
         raise ConversionError(f"none of the {len(files)} {what} files could be read:\n  " + "\n  ".join(skipped[:10]))
     return Inputs(np.concatenate(outputs), keys, str(path), skipped, headers)

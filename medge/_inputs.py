@@ -1,8 +1,9 @@
 """Which files a command reads, and every file it left out and why.
 
-Shared by ``medge run`` and ``medge preprocess``. It imports no command
-module, so no command module needs to import another (DESIGN.md: "shared
-helpers in a module none of them is imported by").
+Shared by ``medge run``, ``medge preprocess`` and ``medge-convert``'s
+calibration and validation folders, so every command finds the same files.
+It imports no command module, so no command module needs to import another
+(DESIGN.md: "shared helpers in a module none of them is imported by").
 
 The rules (``medge run --help`` says the same):
 
@@ -59,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import MedgeError
+from .errors import MedgeError
 
 #: Files named like this are tried even when their content is not DICOM (they are likely damaged).
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")

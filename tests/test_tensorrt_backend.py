@@ -128,8 +128,9 @@ class FakeCuda:
     cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeGlobal=0, cudaStreamCaptureModeThreadLocal=1,
                                                   cudaStreamCaptureModeRelaxed=2)
 
-    def __init__(self, devices: int = 1, name: bytes = b"Fake RTX 6000\0\0\0") -> None:
+    def __init__(self, devices: int = 1, name: bytes = b"Fake RTX 6000\0\0\0", compute_capability=(8, 9)) -> None:
         self.devices, self.name = devices, name
+        self.compute_capability = compute_capability
         self.current = 0
         self.memory: dict = {}  # address -> ctypes buffer, device and pinned
         self.streams: set = set()
@@ -157,7 +158,8 @@ class FakeCuda:
         return (OK,)
 
     def cudaGetDeviceProperties(self, device):
-        return (OK, types.SimpleNamespace(name=self.name, major=8, minor=9, multiProcessorCount=142))
+        major, minor = self.compute_capability
+        return (OK, types.SimpleNamespace(name=self.name, major=major, minor=minor, multiProcessorCount=142))
 
     def cudaGetErrorString(self, err):
         return (OK, f"fake {cudaError_t(err).name}".encode())
@@ -236,6 +238,7 @@ class FakeCuda:
     # -- graphs
     def cudaStreamBeginCapture(self, stream, mode):
         self.capture_modes.append(mode)
+        self.events.append(("cudaStreamBeginCapture", stream))
         self.capturing[stream] = []
         return (OK,)
 
@@ -315,6 +318,9 @@ def fake_trt(rt: FakeCuda, *, version="10.13.0.35", input_dtype=np.float32, prof
     m.DataType = enum.Enum("DataType", "FLOAT HALF BF16")
     m.CudaGraphStrategy = enum.Enum("CudaGraphStrategy", "DISABLED WHOLE_GRAPH_CAPTURE")
     m.EngineValidity = enum.Enum("EngineValidity", "VALID SUBOPTIMAL INVALID")
+    # TensorRT-RTX 1.7's targets (its ComputeCapability enum): no 8.7 (Orin), 9.0 (Hopper) or 10.0.
+    m.ComputeCapability = enum.Enum("ComputeCapability", "NONE CURRENT SM75 SM80 SM86 SM89 SM120 SM121")
+    m.runtime_caches = []
     m.EngineInvalidityDiagnostics = enum.IntEnum(
         "EngineInvalidityDiagnostics",
         {"VERSION_MISMATCH": 1, "UNSUPPORTED_CC": 2, "OLD_CUDA_DRIVER": 4, "MALFORMED_ENGINE": 32})
@@ -385,10 +391,43 @@ def fake_trt(rt: FakeCuda, *, version="10.13.0.35", input_dtype=np.float32, prof
                 _array_at(f_addr, (n, 2, 3), np.float32)[:] = x[:, :6].reshape(n, 2, 3)
 
             rt.enqueue(stream, work)
+            cache = getattr(self.config, "runtime_cache", None)
+            if cache is not None:  # RTX compiles kernels for a shape on its first run (the JIT)
+                cache.kernels.add(f"kernel-{n}".encode())
             return True
+
+    class RuntimeCache(tracked("runtime cache")):
+        """IRuntimeCache: "compiled kernels" that serialise as b"RTXCACHE" + names; anything else is refused."""
+
+        def __init__(self):
+            self.kernels = set()
+            self.deserialised = []
+            m.runtime_caches.append(self)
+
+        def deserialize(self, blob):
+            blob = bytes(blob)
+            log.append(("runtime cache deserialize", gc.isenabled()))
+            self.deserialised.append(blob)
+            if not blob.startswith(b"RTXCACHE"):
+                return False
+            self.kernels |= {k for k in blob[len(b"RTXCACHE"):].split(b";") if k}
+            return True
+
+        def serialize(self):
+            log.append(("runtime cache serialize", gc.isenabled()))
+            return b"RTXCACHE" + b";".join(sorted(self.kernels))
 
     class RuntimeConfig(tracked("runtime config")):
         cuda_graph_strategy = None
+        runtime_cache = None
+
+        def create_runtime_cache(self):
+            return RuntimeCache()
+
+        def set_runtime_cache(self, cache):
+            log.append(("set_runtime_cache", gc.isenabled()))
+            self.runtime_cache = cache
+            return True
 
     class Engine(tracked("engine")):
         num_io_tensors = len(tensors)
@@ -743,25 +782,26 @@ def test_cuda_graphs_capture_once_per_batch_size_and_replay(fake_cuda, monkeypat
     with _backend() as graphs, _backend(use_cuda_graphs=False) as plain:
         assert graphs.cuda_graphs == "replayed per batch size" and plain.cuda_graphs == "off"
         context = trt.contexts[0]
+        # at load, per size 1..8: one plain warm-up run and one captured call
+        assert sorted(graphs._graphs) == list(range(1, 9)) and context.calls["execute"] == 16
+        assert fake_cuda.capture_modes == [1] * 8  # cudaStreamCaptureModeThreadLocal, as NVIDIA's own samples
         for n in (2, 2, 5, 2, 5):
             x = _fill(graphs, n, seed=n)
             _fill(plain, n, seed=n)
             assert np.array_equal(graphs.execute(n), plain.execute(n))
             np.testing.assert_allclose(graphs.execute(n), _reference(x), rtol=1e-6, atol=1e-6)
-        assert sorted(graphs._graphs) == [2, 5]
-        # per size: one plain warm-up run and one captured call; every other call is a replay
-        assert context.calls["execute"] == 4
-        assert fake_cuda.capture_modes == [1, 1]  # cudaStreamCaptureModeThreadLocal, as NVIDIA's own samples
+        assert context.calls["execute"] == 16  # every call was a replay
         launches = [e for e in fake_cuda.events if e[0] == "cudaGraphLaunch"]
         assert len(launches) == 10
         graphs.use_cuda_graphs = False
         assert graphs._graphs == {} and len(fake_cuda.execs) == 0 and graphs.cuda_graphs == "off"
         x = _fill(graphs, 3)
         np.testing.assert_allclose(graphs.execute(3), _reference(x), rtol=1e-6, atol=1e-6)
-        assert context.calls["execute"] == 5
+        assert context.calls["execute"] == 17
         graphs.use_cuda_graphs = True
-        graphs.execute(3)
-        assert sorted(graphs._graphs) == [3]
+        assert sorted(graphs._graphs) == list(range(1, 9))
+        x = _fill(graphs, 3)
+        np.testing.assert_allclose(graphs.execute(3), _reference(x), rtol=1e-6, atol=1e-6)
 
 
 def test_a_failed_capture_falls_back_to_plain_enqueue_and_says_so_once(fake_cuda, monkeypatch, caplog):
@@ -778,7 +818,7 @@ def test_a_failed_capture_falls_back_to_plain_enqueue_and_says_so_once(fake_cuda
     assert len(warnings) == 1
     assert fake_cuda.capturing == {} and fake_cuda.graphs == {} and fake_cuda.execs == {}
     assert ("cudaGetLastError", cudaError_t.cudaErrorStreamCaptureInvalidated) in fake_cuda.events
-    # a warm-up and a failed capture for the first size, then plain runs only
+    # at load: a warm-up and a failed capture for the first size (no further sizes tried), then plain runs only
     assert trt.contexts[0].calls["execute"] == 2 + 3
 
 
@@ -947,9 +987,18 @@ def gpu_engine(tmp_path_factory):
         pytest.skip("needs a CUDA GPU, onnx and tensorrt or tensorrt_rtx")
     from medge.convert.engine import build_engine
 
+    flavour = _gpu_flavour()
+    if flavour == "tensorrt_rtx":
+        import tensorrt_rtx
+
+        from medge.runtime.backends.tensorrt import rtx_unsupported_reason
+
+        # e.g. an H100 (9.0) with only TensorRT-RTX installed: nothing RTX builds can run there
+        reason = rtx_unsupported_reason(tensorrt_rtx, gpu_identity(0))
+        if reason is not None:
+            pytest.skip(reason)
     root = tmp_path_factory.mktemp("gpu")
     model = _tiny_onnx(root / "tiny.onnx")
-    flavour = _gpu_flavour()
     extra = {"compute_capabilities": ["current"]} if flavour == "tensorrt_rtx" else {}
     info = build_engine(model, root / "tiny.engine", flavour=flavour, precision="fp32", batch=(1, 4, 8),
                         progress=lambda stage: None, **extra)

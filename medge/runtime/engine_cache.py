@@ -13,7 +13,11 @@ Layout: one pair of files per key in the cache folder (default
 - ``<key>.engine``: the plan;
 - ``<key>.json``: its sidecar: schema, key, the plan's SHA-256 and size, and
   the key fields, written after the plan;
-- ``<key>.lock``: an empty file that is only ever locked.
+- ``<key>.lock``: an empty file that is only ever locked;
+- ``<key>.rtxcache``: TensorRT-RTX only, its runtime cache for that engine on
+  this GPU (:class:`RuntimeCacheFile`): the kernels RTX compiles just in time
+  on first inference, so the next process does not compile them again. The
+  engines of a bundle get one too, under the key of the bundled plan.
 
 Engines are executable, so nothing is returned that is not verified: the plan
 must have the sidecar's size and SHA-256 (checked on the bytes returned), and
@@ -48,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 from ..errors import MedgeError
 from .._fs import atomic_write
 
-__all__ = ["EngineCache", "EngineCacheNotWritable", "KEY_FIELDS", "default_directory"]
+__all__ = ["EngineCache", "EngineCacheNotWritable", "KEY_FIELDS", "RuntimeCacheFile", "default_directory"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -186,6 +190,17 @@ class EngineCache:
 
     def sidecar_path(self, key: str) -> Path:
         return self.directory / f"{_check_key(key)}.json"
+
+    def runtime_cache_path(self, key: str) -> Path:
+        return self.directory / f"{_check_key(key)}.rtxcache"
+
+    def runtime_cache(self, key: str, plan: PlanBytes) -> "RuntimeCacheFile":
+        """The TensorRT-RTX runtime cache file of the engine ``plan`` stored (or bundled) under ``key``.
+
+        Nothing is read or created until its ``load`` / ``save``.
+        """
+        data = memoryview(plan).cast("B")
+        return RuntimeCacheFile(self, _check_key(key), hashlib.sha256(data).hexdigest())
 
     # -- reading -----------------------------------------------------------------------
 
@@ -347,6 +362,8 @@ class EngineCache:
             return
         with self._locked(key, exclusive=True, required=False):
             self._remove_files(key)
+            with contextlib.suppress(FileNotFoundError):
+                self.runtime_cache_path(key).unlink()
 
     # -- internals -----------------------------------------------------------------------
 
@@ -403,3 +420,106 @@ class EngineCache:
                         _release(fd)
         finally:
             os.close(fd)
+
+
+# --------------------------------------------------------------------------- TensorRT-RTX runtime caches
+
+_RUNTIME_CACHE_MAGIC = b"medge-rtx-runtime-cache/1\n"
+
+
+class RuntimeCacheFile:
+    """TensorRT-RTX's runtime cache for one engine on this GPU, kept as ``<key>.rtxcache`` in the engine cache.
+
+    TensorRT-RTX compiles its kernels just in time, on the first inference of
+    each shape; its ``IRuntimeCache`` holds them and serialises to a blob. This
+    file keeps that blob between processes. The blob is compiled GPU code, so
+    it is verified like an engine before TensorRT-RTX sees it: the file is a
+    magic line, a JSON line (``plan_sha256``: the engine it belongs to,
+    ``sha256`` and ``size`` of the blob) and the blob. A file that does not
+    verify, or belongs to another plan, is deleted with a warning and treated
+    as absent; TensorRT-RTX itself then checks the blob against the GPU, driver
+    and version (``IRuntimeCache.deserialize``), and a blob it refuses is
+    discarded the same way (:meth:`discard`). Writes are atomic (temporary
+    file, fsync, rename) under the key's lock, so a reader sees a whole file.
+
+    Made by :meth:`EngineCache.runtime_cache`.
+    """
+
+    def __init__(self, cache: EngineCache, key: str, plan_sha256: str) -> None:
+        self._cache = cache
+        self.key = key
+        self.plan_sha256 = plan_sha256
+        self.path = cache.runtime_cache_path(key)
+
+    def __repr__(self) -> str:
+        return f"RuntimeCacheFile({str(self.path)!r})"
+
+    def load(self) -> Optional[bytes]:
+        """The stored blob when it verifies and belongs to this plan; None otherwise (a bad file is discarded)."""
+        blob, problem = self._read()
+        if problem is not None:
+            self.discard(problem, only_if_unusable=True)
+        return blob
+
+    def save(self, blob: PlanBytes) -> None:
+        """Store ``blob`` (``IRuntimeCache.serialize()``) for this plan, atomically.
+
+        Raises:
+            EngineCacheNotWritable: the folder cannot be created or written.
+        """
+        data = bytes(memoryview(blob).cast("B"))
+        header = json.dumps({"plan_sha256": self.plan_sha256, "sha256": hashlib.sha256(data).hexdigest(),
+                             "size": len(data)}, sort_keys=True).encode()
+        cache = self._cache
+        try:
+            cache.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise cache._not_writable(exc) from exc
+        with cache._locked(self.key, exclusive=True, required=True):
+            try:
+                for stale in cache.directory.glob(f".{self.path.name}.*.tmp"):  # left by a writer that died
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
+                atomic_write(self.path, _RUNTIME_CACHE_MAGIC + header + b"\n" + data)
+            except OSError as exc:
+                raise cache._not_writable(exc) from exc
+
+    def discard(self, reason: str, *, only_if_unusable: bool = False) -> None:
+        """Delete the file, with a warning naming ``reason``; kernels are compiled again and saved anew.
+
+        ``only_if_unusable``: look again under the lock first and keep a file
+        that a concurrent writer has meanwhile replaced with a good one.
+        """
+        with self._cache._locked(self.key, exclusive=True, required=False):
+            if only_if_unusable and self._read()[1] is None:
+                return
+            _LOG.warning("engine cache %s: TensorRT-RTX runtime cache %s is unusable (%s); discarded, its kernels "
+                         "are compiled again on first use", self._cache.directory, self.path.name, reason)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def _read(self) -> tuple:
+        """(blob, None) when valid, (None, None) when absent, (None, what is wrong) otherwise."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            return None, f"it cannot be read ({exc.strerror})"
+        if not raw.startswith(_RUNTIME_CACHE_MAGIC):
+            return None, "it is not a medge runtime cache file"
+        header, newline, blob = raw[len(_RUNTIME_CACHE_MAGIC):].partition(b"\n")
+        try:
+            fields = json.loads(header) if newline else None
+            if not isinstance(fields, dict):
+                raise ValueError("no header")
+            size, sha256, plan_sha256 = fields["size"], fields["sha256"], fields["plan_sha256"]
+        except (ValueError, KeyError) as exc:
+            return None, f"its header is malformed ({exc})"
+        if plan_sha256 != self.plan_sha256:
+            return None, "it belongs to another build of the engine"
+        if len(blob) != size:
+            return None, f"it holds {len(blob)} bytes, its header says {size}"
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            return None, "its SHA-256 is not the one in its header"
+        return blob, None

@@ -557,32 +557,49 @@ def _load_onnxruntime(bundle, selection: "_Selection", max_batch, threads, devic
 
 
 def _load_tensorrt(bundle, flavour, device, selection: "_Selection", max_batch, engine_cache, use_cuda_graphs):
-    """A TensorRT backend from a matching bundled engine, else from the engine cache (built on a miss)."""
+    """A TensorRT backend from a matching bundled engine, else from the engine cache (built on a miss).
+
+    TensorRT-RTX on a GPU it does not target is refused before any engine is
+    read or built. RTX engines get their runtime cache (JIT-compiled kernels)
+    from the engine cache folder, bundled ones too.
+    """
     try:
-        from .backends.tensorrt import TensorRTBackend, gpu_identity
+        from .backends.tensorrt import TensorRTBackend, gpu_identity, rtx_unsupported_reason
         from .engine_cache import EngineCache
         from .._tensorrt import import_flavour
+        from ..convert.engine import engine_cache_key
     except ImportError as exc:
         raise BackendUnavailable(f"the TensorRT backend is not available: {exc}") from exc
     trt = import_flavour(flavour, "The TensorRT runtime backend")  # MissingDependency names the extra
     gpu = gpu_identity(device)
+    if flavour == "tensorrt_rtx":
+        refusal = rtx_unsupported_reason(trt, gpu)
+        if refusal is not None:  # a BackendUnavailable: load(backend="auto") goes on to the next backend
+            raise BackendUnavailable(refusal)
     version = str(trt.__version__)
     engines = bundle.manifest.get("engines") or []
     graphs = selection.graphs
+    cache = EngineCache(engine_cache)
+    profile = bundle.manifest.get("profile") or {"min": 1, "opt": 1, "max": 1}
     for p in selection.precisions(_TENSORRT_ORDER):
         if p not in graphs or not selection.allowed(p, flavour):
             continue
         entry = next((e for e in engines if e.get("flavour") == flavour and e.get("precision") == p
                       and str(e.get("flavour_version")) == version and _engine_fits(e, gpu)), None)
         if entry is not None:
-            impl = TensorRTBackend(bundle.read_verified(entry["file"]), flavour=flavour, device=device,
-                                   precision=p, max_batch=max_batch, use_cuda_graphs=use_cuda_graphs,
-                                   flavour_version=str(entry.get("flavour_version")))
+            plan = bundle.read_verified(entry["file"])
+            # Keyed like a cache entry on this GPU, with the bundled plan's hash in the model's place.
+            key = engine_cache_key(flavour, version, gpu["name"], gpu["compute_capability"], gpu["sm_count"],
+                                   bundle.files[entry["file"]].sha256, p, profile)
+            impl = TensorRTBackend(plan, flavour=flavour, device=device, precision=p, max_batch=max_batch,
+                                   use_cuda_graphs=use_cuda_graphs, flavour_version=str(entry.get("flavour_version")),
+                                   runtime_cache=cache.runtime_cache(key, plan) if flavour == "tensorrt_rtx" else None)
             graph, reason = entry["file"], f"bundled engine built for {gpu['name']}"
         else:
-            plan = _cached_engine(EngineCache(engine_cache), bundle, p, flavour, version, gpu)
+            plan, key = _cached_engine(cache, bundle, p, flavour, version, gpu, device)
             impl = TensorRTBackend(plan, flavour=flavour, device=device, precision=p, max_batch=max_batch,
-                                   use_cuda_graphs=use_cuda_graphs)
+                                   use_cuda_graphs=use_cuda_graphs,
+                                   runtime_cache=cache.runtime_cache(key, plan) if flavour == "tensorrt_rtx" else None)
             graph, reason = p, (f"no bundled engine for {gpu['name']} and {flavour} {version}: built from the "
                                 f"{p} graph into the engine cache")
         if not selection.self_test(impl, p, f"{flavour} cuda:{device}"):
@@ -594,12 +611,19 @@ def _load_tensorrt(bundle, flavour, device, selection: "_Selection", max_batch, 
                              + (f" ({' | '.join(selection.passed_over)})" if selection.passed_over else ""))
 
 
-def _cached_engine(cache, bundle, graph: str, flavour: str, version: str, gpu: dict) -> bytes:
-    """The engine for ``graph`` on this GPU from the cache; built from the verified graph bytes on a miss."""
+def _cached_engine(cache, bundle, graph: str, flavour: str, version: str, gpu: dict, device: int) -> tuple:
+    """(plan, key): the engine for ``graph`` on GPU ``device`` from the cache; built on a miss.
+
+    The build reads the verified graph bytes and runs with ``device`` current
+    (full TensorRT builds for the current GPU; the previous device is current
+    again afterwards). TensorRT-RTX builds for this GPU's compute capability
+    alone: its default targets may not include it (Turing 7.5 is opt-in).
+    """
     import tempfile
     from pathlib import Path
 
     from ..convert.engine import build_engine, engine_cache_key
+    from .cuda import _on_device
 
     entry = bundle.manifest["graphs"][graph]
     profile = bundle.manifest.get("profile") or {"min": 1, "opt": 1, "max": 1}
@@ -610,15 +634,17 @@ def _cached_engine(cache, bundle, graph: str, flavour: str, version: str, gpu: d
     key = engine_cache_key(flavour, version, gpu["name"], gpu["compute_capability"], gpu["sm_count"], model_sha256,
                            graph, profile)
 
+    targets = {"compute_capabilities": [gpu["compute_capability"]]} if flavour == "tensorrt_rtx" else {}
+
     def build() -> bytes:
-        with tempfile.TemporaryDirectory(prefix="medge-engine-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="medge-engine-") as tmp, _on_device(device):
             onnx_path = Path(tmp) / "model.onnx"
             onnx_path.write_bytes(bundle.read_verified(entry["file"]))
             info = build_engine(onnx_path, Path(tmp) / "model.engine", flavour=flavour, precision=entry.get(
-                "precision", graph), batch=(profile["min"], profile["opt"], profile["max"]))
+                "precision", graph), batch=(profile["min"], profile["opt"], profile["max"]), **targets)
             return Path(info.file).read_bytes()
 
-    return cache.get_or_build(key, build, fields)
+    return cache.get_or_build(key, build, fields), key
 
 
 def _engine_fits(entry: dict, gpu: dict) -> bool:

@@ -8,7 +8,9 @@ deserialised and a failure leaves nothing allocated:
    its version must be the one the engine was built with: engines run only on
    the release that built them;
 2. the GPU must exist (cuda-python; BackendUnavailable otherwise);
-3. TensorRT-RTX: ``Runtime.get_engine_validity`` checks the plan header for
+3. TensorRT-RTX: the GPU's compute capability must be one RTX targets at all
+   (:func:`rtx_unsupported_reason`; not Hopper 9.0 or Orin 8.7, for
+   instance), then ``Runtime.get_engine_validity`` checks the plan header for
    this GPU and driver (version, compute capability, driver) without
    deserialising;
 4. deserialise, one execution context, inspect the IO tensors (exactly one
@@ -17,7 +19,9 @@ deserialised and a failure leaves nothing allocated:
 5. allocate once, for ``max_batch``: the device input (a
    :class:`~medge.runtime.cuda.DeviceArray`, which ``medge.preprocess`` writes
    into through ``__cuda_array_interface__``), device outputs, pinned host
-   outputs, and one non-blocking stream (``backend.stream``).
+   outputs, and one non-blocking stream (``backend.stream``);
+6. full TensorRT with CUDA graphs: capture the graph of every batch size
+   (below).
 
 ``execute(n)`` runs on that stream: sets the input shape when ``n`` changes,
 binds the tensor addresses, enqueues the engine, copies the outputs to pinned
@@ -25,20 +29,32 @@ memory and waits for the stream (cuda-python >= 12.9.1 releases the GIL there).
 
 CUDA graphs (``use_cuda_graphs=True``, the default; switchable at any time):
 
-- full TensorRT: one graph per batch size, captured lazily on that size's
-  first use, by trtexec's rules: one plain ``execute_async_v3`` and a
-  synchronise (lazy allocations and shape-dependent setup happen outside the
-  capture), then one call captured (thread-local capture mode) and
-  instantiated; later calls replay it with ``cudaGraphLaunch``. The tensor
-  addresses never change (buffers are allocated once), so a graph stays valid
-  for the backend's lifetime. If a capture fails, it is ended, the CUDA error
-  is cleared, a warning is logged once and the backend enqueues plainly from
+- full TensorRT: one graph per batch size the engine runs (the profile's min
+  up to ``max_batch``), all captured at load, by trtexec's rules: one plain
+  ``execute_async_v3`` and a synchronise (lazy allocations and
+  shape-dependent setup happen outside the capture), then one call captured
+  (thread-local capture mode) and instantiated; calls replay them with
+  ``cudaGraphLaunch``. Why at load and not on each size's first use: while
+  serving, other threads allocate and free device memory (preprocessing
+  staging buffers, other models), and ``cudaFree`` synchronises the device,
+  which invalidates a capture in progress and would switch graphs off for
+  good; at load nothing of this backend is shared yet. The tensor addresses
+  never change (buffers are allocated once), so a graph stays valid for the
+  backend's lifetime. If a capture fails, it is ended, the CUDA error is
+  cleared, a warning is logged once and the backend enqueues plainly from
   then on.
 - TensorRT-RTX: its built-in capture (``IRuntimeConfig.cuda_graph_strategy =
   WHOLE_GRAPH_CAPTURE``). With dynamic shapes RTX swaps fallback kernels for
   shape-specialised ones compiled in the background, and stream capture of its
   enqueue needs engines built with ``REQUIRE_USER_ALLOCATION``; its own
   capture knows when the kernels are final, an outer one cannot.
+
+TensorRT-RTX compiles its kernels just in time, on first inference. With
+``runtime_cache`` (a :class:`~medge.runtime.engine_cache.RuntimeCacheFile`,
+which ``medge.load`` takes from the engine cache) the compiled kernels are
+loaded from that file before the execution context exists and written back
+by ``close()`` (or ``save_runtime_cache()``), so the next process skips the
+compilation.
 
 Every call into TensorRT, destructors included, runs with the cyclic GC
 paused (``medge._tensorrt.gc_paused`` explains the deadlock this prevents).
@@ -47,6 +63,7 @@ paused (``medge._tensorrt.gc_paused`` explains the deadlock this prevents).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import sys
@@ -61,7 +78,7 @@ from ...errors import BackendUnavailable, CudaError, MedgeError
 from .. import cuda as _cuda
 from .base import Backend, TensorInfo
 
-__all__ = ["TensorRTBackend", "gpu_identity"]
+__all__ = ["TensorRTBackend", "gpu_identity", "rtx_unsupported_reason"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -125,6 +142,34 @@ def gpu_identity(device: int = 0) -> dict:
             "sm_count": int(props.multiProcessorCount)}
 
 
+def rtx_unsupported_reason(trt: Any, gpu: dict) -> Optional[str]:
+    """Why TensorRT-RTX cannot run on ``gpu`` at all, or None when its compute capability is one RTX targets.
+
+    TensorRT-RTX builds only for the compute capabilities in its
+    ``ComputeCapability`` enum (1.7: 7.5, 8.0, 8.6, 8.9, 12.0, 12.1): on any
+    other GPU (Hopper 9.0, Jetson Orin 8.7, ...) no engine it makes can run, so
+    callers refuse before building or deserialising anything.
+
+    Args:
+        trt: the ``tensorrt_rtx`` module.
+        gpu: ``gpu_identity(device)``.
+
+    Returns:
+        A message naming the GPU, RTX's targets and what to use instead; None
+        when RTX targets this GPU.
+    """
+    from ...convert.engine import GPU_FAMILIES, describe_targets, rtx_supported_targets
+
+    targets = rtx_supported_targets(trt)
+    cc = str(gpu["compute_capability"])
+    if cc in targets:
+        return None
+    family = f", {GPU_FAMILIES[cc]}" if cc in GPU_FAMILIES else ""
+    return (f"TensorRT-RTX {trt.__version__} cannot run on {gpu['name']} (compute capability {cc}{family}): it "
+            f"targets {describe_targets(targets)} only. On this GPU use full TensorRT (pip install "
+            "\"medge[tensorrt]\", backend=\"tensorrt\") or ONNX Runtime (backend=\"onnxruntime\")")
+
+
 @contextlib.contextmanager
 def _maybe_on_device(device: Optional[int]):
     """``device`` current for the block when CUDA can be asked at all (cleanup must not fail on that)."""
@@ -174,6 +219,10 @@ class TensorRTBackend(Backend):
         device: CUDA device ordinal.
         use_cuda_graphs: replay CUDA graphs (see the module doc); the
             ``use_cuda_graphs`` attribute switches it later.
+        runtime_cache: TensorRT-RTX only (ignored for full TensorRT): the
+            :class:`~medge.runtime.engine_cache.RuntimeCacheFile` of this
+            engine on this GPU, loaded before the execution context is made
+            and saved by ``close()``; None keeps compiled kernels in memory only.
 
     Attributes (beyond ``Backend``'s):
         device_index: the CUDA device ordinal.
@@ -184,14 +233,16 @@ class TensorRTBackend(Backend):
 
     Raises:
         MissingDependency: the flavour's module or cuda-python is not installed.
-        BackendUnavailable: version mismatch, no GPU, an engine this GPU or
-            driver cannot run, or an engine shape medge does not run (several
-            inputs, dynamic non-batch dimensions, host tensors).
+        BackendUnavailable: version mismatch, no GPU, a GPU TensorRT-RTX does
+            not target, an engine this GPU or driver cannot run (or that fails
+            its first run at load), or an engine shape medge does not run
+            (several inputs, dynamic non-batch dimensions, host tensors).
         MedgeError: bad arguments (empty plan, max_batch outside the profile).
     """
 
     def __init__(self, engine: PlanBytes, *, flavour: str, precision: str, max_batch: int,
-                 flavour_version: Optional[str] = None, device: int = 0, use_cuda_graphs: bool = True) -> None:
+                 flavour_version: Optional[str] = None, device: int = 0, use_cuda_graphs: bool = True,
+                 runtime_cache: Any = None) -> None:
         # Every resource attribute exists before anything can fail, so close() can run from any point.
         self._lock = threading.RLock()
         self._closed = False
@@ -201,6 +252,9 @@ class TensorRTBackend(Backend):
         self._trt_runtime: Any = None
         self._engine: Any = None
         self._runtime_config: Any = None
+        self._runtime_cache: Any = None  # RTX's IRuntimeCache: outlives every context made with it
+        self._runtime_cache_file: Any = runtime_cache
+        self._runtime_cache_digest: Optional[str] = None  # of the blob last loaded or saved: unchanged is not rewritten
         self._context: Any = None
         self._graphs: dict = {}  # run batch -> (cudaGraph_t, cudaGraphExec_t)
         self._graph_failure: Optional[str] = None
@@ -261,6 +315,10 @@ class TensorRTBackend(Backend):
         self._rt = _require_device(self.device_index, f"Running a {self._label} engine")
         with _cuda._on_device(self.device_index):
             self.gpu = gpu_identity(self.device_index)
+            if self.name == "tensorrt_rtx":
+                refusal = rtx_unsupported_reason(trt, self.gpu)
+                if refusal is not None:
+                    raise BackendUnavailable(refusal)
             with gc_paused():
                 self._logger = make_logger(trt, warning_level=logging.WARNING, log=_LOG)
                 self._trt_runtime = trt.Runtime(self._logger)
@@ -280,6 +338,11 @@ class TensorRTBackend(Backend):
                 self._inspect_io()
             self.stream = _cuda.Stream(device=self.device_index)
             self._allocate()
+            try:
+                self._capture_all()
+            except CudaError as exc:  # the warm-up run failed: this engine cannot run here, so say it at load
+                raise BackendUnavailable(f"the engine failed its first run on {self.device} ({self.gpu['name']}) "
+                                         f"at load: {exc}") from exc
 
     def _deserialise_message(self, detail: str = "") -> str:
         errors = summarise(self._logger.errors) or detail or "no reason was logged"
@@ -327,6 +390,8 @@ class TensorRTBackend(Backend):
             if strategy is not None:
                 self._runtime_config.cuda_graph_strategy = (strategy.WHOLE_GRAPH_CAPTURE if self._use_cuda_graphs
                                                             else strategy.DISABLED)
+            if self._runtime_cache_file is not None:
+                self._attach_runtime_cache()
             self._context = self._engine.create_execution_context(self._runtime_config)
         else:
             self._context = self._engine.create_execution_context()
@@ -334,6 +399,63 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable(f"{self._label} could not create an execution context (out of GPU memory?): "
                                      f"{summarise(self._logger.errors) or 'no reason given'}")
         self._current_batch = None
+
+    def _attach_runtime_cache(self) -> None:
+        """Give the runtime config RTX's runtime cache, filled from the file once. GC paused.
+
+        A cache that cannot be made, read or attached costs compile time, never
+        inference: it is logged and the context is made without it.
+        """
+        try:
+            if self._runtime_cache is None:
+                self._runtime_cache = self._runtime_config.create_runtime_cache()
+                blob = self._runtime_cache_file.load()
+                if blob is not None:
+                    if self._runtime_cache.deserialize(blob):
+                        self._runtime_cache_digest = hashlib.sha256(blob).hexdigest()
+                        _LOG.debug("%s runtime cache %s loaded (%d bytes)", self._label,
+                                   self._runtime_cache_file, len(blob))
+                    else:
+                        self._runtime_cache_file.discard(
+                            f"{self._label} {self.flavour_version} did not accept it on {self.gpu['name']} (made "
+                            "with another GPU, driver or TensorRT-RTX version?)")
+            if not self._runtime_config.set_runtime_cache(self._runtime_cache):
+                raise MedgeError(summarise(self._logger.errors) or "set_runtime_cache returned False")
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            _LOG.warning("%s: the runtime cache %s is not used (%s); kernels are compiled on first use",
+                         self._label, self._runtime_cache_file, exc)
+            self._runtime_cache = None
+
+    def save_runtime_cache(self) -> bool:
+        """Write TensorRT-RTX's compiled kernels to the runtime cache file now (``close()`` does it too).
+
+        Returns:
+            True when the file was written; False without a runtime cache, or
+            when nothing changed since it was loaded or last saved.
+
+        Raises:
+            EngineCacheNotWritable: the cache folder cannot be written.
+        """
+        with self._lock:
+            self._ensure_open()
+            with _cuda._on_device(self.device_index):
+                return self._save_runtime_cache()
+
+    def _save_runtime_cache(self) -> bool:
+        """``save_runtime_cache`` without the checks: under the lock, device current."""
+        if self._runtime_cache is None or self._runtime_cache_file is None:
+            return False
+        with gc_paused():
+            serialised = self._runtime_cache.serialize()
+            blob = bytes(memoryview(serialised).cast("B")) if serialised is not None else b""
+            serialised = None
+        digest = hashlib.sha256(blob).hexdigest()
+        if not blob or digest == self._runtime_cache_digest:
+            return False
+        self._runtime_cache_file.save(blob)
+        self._runtime_cache_digest = digest
+        _LOG.debug("%s runtime cache %s saved (%d bytes)", self._label, self._runtime_cache_file, len(blob))
+        return True
 
     def _tensor_dtype(self, name: str) -> np.dtype:
         dtype = self._engine.get_tensor_dtype(name)
@@ -494,7 +616,7 @@ class TensorRTBackend(Backend):
 
     def _enqueue(self, run: int) -> None:
         if self._manual_graphs():
-            graph = self._graphs.get(run) or self._capture(run)
+            graph = self._graphs.get(run)  # every size was captured at load; never here, while serving
             if graph is not None:
                 _cuda.check(self._rt.cudaGraphLaunch(graph[1], self.stream.handle), "cudaGraphLaunch")
                 return
@@ -512,6 +634,30 @@ class TensorRTBackend(Backend):
 
     def _manual_graphs(self) -> bool:
         return self._use_cuda_graphs and self.name == "tensorrt" and self._graph_failure is None
+
+    def _run_batches(self) -> range:
+        """Every batch the engine runs for 1..max_batch images (see ``_run_batch``)."""
+        if self._static_batch is not None:
+            return range(self._static_batch, self._static_batch + 1)
+        return range(self._batch_min, self._max_run + 1)
+
+    def _capture_all(self) -> None:
+        """Capture the graph of every batch size now (the module doc says why not lazily); device current.
+
+        Stops at the first failed capture, which switches graphs off for this
+        backend (``_capture``). Raises CudaError when the engine's warm-up run
+        itself fails.
+        """
+        if not self._manual_graphs():
+            return
+        self._bind()
+        for run in self._run_batches():
+            if run in self._graphs:
+                continue
+            if run != self._current_batch:
+                self._set_shape(run)
+            if self._capture(run) is None:
+                return
 
     def _capture(self, run: int) -> Optional[tuple]:
         """Capture and instantiate the graph of one enqueue at batch ``run`` (trtexec's rules); None on failure."""
@@ -604,12 +750,15 @@ class TensorRTBackend(Backend):
                 self.stream.synchronize()
                 self._use_cuda_graphs = value
                 if self.name == "tensorrt_rtx":
-                    # The strategy is read when a context is created: replace the context.
+                    # The strategy is read when a context is created: replace the context (the runtime
+                    # cache object is kept and attached to the new config).
                     with gc_paused():
                         self._context = self._runtime_config = None
                         self._create_context()
                 elif not value:
                     self._destroy_graphs()
+                else:
+                    self._capture_all()
 
     @property
     def cuda_graphs(self) -> str:
@@ -651,11 +800,13 @@ class TensorRTBackend(Backend):
             with _maybe_on_device(self.device_index):
                 if self.stream is not None:
                     _quietly(self.stream.synchronize)  # nothing may still run on what is released below
+                self._close_runtime_cache()
                 if self._rt is not None:
                     self._destroy_graphs()
                 with gc_paused():  # TensorRT destructors log: no GC pass inside them
                     self._context = None
                     self._runtime_config = None
+                    self._runtime_cache = None  # after every context that used it
                     self._engine = None
                     self._trt_runtime = None
                     self._logger = None
@@ -670,6 +821,14 @@ class TensorRTBackend(Backend):
                 if self.stream is not None:
                     _quietly(self.stream.close)
                     self.stream = None
+
+    def _close_runtime_cache(self) -> None:
+        """Save the compiled kernels on the way out; a failure costs the next process compile time, no more."""
+        try:
+            self._save_runtime_cache()
+        except Exception as exc:  # noqa: BLE001
+            _LOG.warning("%s: could not save the runtime cache %s (%s); the next process compiles its kernels "
+                         "again", self._label, self._runtime_cache_file, exc)
 
     def __del__(self) -> None:
         if sys.is_finalizing():  # the driver reclaims everything at exit

@@ -16,6 +16,15 @@ import numpy as np
 
 from .errors import DicomError
 
+
+def _is_number(value: object) -> bool:
+    """A real number (bool excluded): what Modality/VOI parameters must be before any arithmetic."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
 __all__ = ["Window", "FrameTransform", "PixelSemantics", "Acquisition", "Image", "VOI_FUNCTIONS"]
 
 #: VOI LUT Function values medge implements (DICOM PS3.3 C.11.2.1.2/3).
@@ -38,6 +47,10 @@ class Window:
 
     def validate(self, function: str = "LINEAR") -> None:
         """Raise DicomError when this window cannot be applied with ``function``."""
+        if not (_is_number(self.center) and _is_number(self.width)):
+            raise DicomError(
+                f"Window Center/Width must be numbers, got {type(self.center).__name__}/{type(self.width).__name__}"
+            )
         if not (math.isfinite(self.center) and math.isfinite(self.width)):
             raise DicomError(
                 f"Window Center/Width must be finite numbers, got {self.center!r}/{self.width!r}"
@@ -65,6 +78,13 @@ class FrameTransform:
 
     def validate(self) -> None:
         """Raise DicomError for a slope of 0 / non-finite values or an unknown VOI function."""
+        if not (_is_number(self.rescale_slope) and _is_number(self.rescale_intercept)):
+            raise DicomError(
+                "Rescale Slope/Intercept must be numbers, got "
+                f"{type(self.rescale_slope).__name__}/{type(self.rescale_intercept).__name__}"
+            )
+        if not isinstance(self.windows, tuple) or not all(isinstance(w, Window) for w in self.windows):
+            raise DicomError("FrameTransform.windows must be a tuple of Window")
         if not (math.isfinite(self.rescale_slope) and math.isfinite(self.rescale_intercept)):
             raise DicomError(
                 "Rescale Slope/Intercept must be finite, got "
@@ -135,6 +155,12 @@ class PixelSemantics:
 
     def validate(self) -> None:
         """Raise DicomError when these semantics cannot be applied."""
+        names = ("rows", "columns", "number_of_frames", "bits_allocated", "bits_stored", "pixel_representation")
+        wrong = [name for name in names if not _is_integer(getattr(self, name))]
+        if wrong:
+            raise DicomError(f"PixelSemantics: {', '.join(wrong)} must be integers")
+        if not isinstance(self.frames, tuple) or not all(isinstance(t, FrameTransform) for t in self.frames):
+            raise DicomError("PixelSemantics.frames must be a tuple of FrameTransform")
         if self.photometric_interpretation not in GREYSCALE_PHOTOMETRICS:
             raise DicomError(
                 f"Photometric Interpretation {self.photometric_interpretation!r} is not supported: "
@@ -203,12 +229,18 @@ class Image:
         pixels = self.pixels
         if not isinstance(pixels, np.ndarray):
             raise DicomError(f"Image.pixels must be a numpy array, got {type(pixels).__name__}")
+        if not isinstance(self.semantics, PixelSemantics):
+            raise DicomError(f"Image.semantics must be a PixelSemantics, got {type(self.semantics).__name__}")
         if pixels.ndim == 2:
             pixels = pixels[np.newaxis]
         if pixels.ndim != 3:
             raise DicomError(f"Image.pixels must have shape (frames, rows, columns), got {pixels.shape}")
         if not pixels.dtype.isnative:
             pixels = pixels.astype(pixels.dtype.newbyteorder("="))
+        if not pixels.flags.aligned:
+            # A view of bytes at an odd address (np.frombuffer on a sliced memoryview): the kernels
+            # read whole elements, which an unaligned buffer does not guarantee; a copy is aligned.
+            pixels = pixels.copy()
         object.__setattr__(self, "pixels", pixels)
         sem = self.semantics
         sem.validate()
@@ -254,7 +286,10 @@ class Image:
         Raises:
             DicomError: when the array or parameters are unusable.
         """
-        array = np.asarray(pixels)
+        try:
+            array = np.asarray(pixels)
+        except Exception as exc:  # ragged lists, objects numpy cannot convert
+            raise DicomError(f"pixels cannot be converted to an array ({type(exc).__name__})") from None
         if array.ndim == 2:
             array = array[np.newaxis]
         if array.ndim != 3:
@@ -263,6 +298,24 @@ class Image:
         if kind not in "uif":
             raise DicomError(f"pixels must be integer or float, got dtype {array.dtype}")
         bits_allocated = array.dtype.itemsize * 8
+        # Arguments of the wrong type end in DicomError like every other bad input (one error path),
+        # not in a TypeError or ValueError from float() / int().
+        try:
+            if bits_stored is not None and (isinstance(bits_stored, bool) or int(bits_stored) != bits_stored):
+                raise ValueError("bits_stored is not an integer")
+            transform = FrameTransform(
+                rescale_slope=float(rescale_slope),
+                rescale_intercept=float(rescale_intercept),
+                windows=tuple(Window(float(c), float(w)) for c, w in windows),
+                voi_function=voi_function,
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DicomError(
+                "Image.from_array: bits_stored must be an integer, rescale_slope and rescale_intercept numbers, "
+                f"windows a sequence of (center, width) number pairs ({type(exc).__name__})"
+            ) from None
+        if not isinstance(photometric_interpretation, str) or not isinstance(voi_function, str):
+            raise DicomError("Image.from_array: photometric_interpretation and voi_function must be strings")
         semantics = PixelSemantics(
             rows=array.shape[1],
             columns=array.shape[2],
@@ -271,13 +324,6 @@ class Image:
             bits_stored=bits_allocated if bits_stored is None else int(bits_stored),
             pixel_representation=1 if kind == "i" else 0,
             photometric_interpretation=photometric_interpretation,
-            frames=(
-                FrameTransform(
-                    rescale_slope=float(rescale_slope),
-                    rescale_intercept=float(rescale_intercept),
-                    windows=tuple(Window(float(c), float(w)) for c, w in windows),
-                    voi_function=voi_function,
-                ),
-            ),
+            frames=(transform,),
         )
         return cls(array, semantics, sop_instance_uid, acquisition)

@@ -196,9 +196,9 @@ def j2k_frame_header(frame: bytes) -> FrameHeader:
     """The SIZ marker segment of a JPEG 2000 (or HTJ2K) frame, bare or wrapped in JP2 boxes.
 
     Raises:
-        CodestreamError: no SOC/SIZ at the start of the codestream, a
-            truncated or inconsistent SIZ (ISO/IEC 15444-1 A.5.1), or more
-            tiles than the standard allows.
+        CodestreamError: no SOC/SIZ at the start of the codestream, or a
+            truncated or inconsistent SIZ (ISO/IEC 15444-1 A.5.1). The tile
+            count is returned, not checked: compare it with MAX_J2K_TILES.
     """
     start, end = _j2k_codestream_offset(frame)
     codestream = frame[start:end]
@@ -226,11 +226,8 @@ def j2k_frame_header(frame: bytes) -> FrameHeader:
     precision = (ssiz & 0x7F) + 1
     if precision > 38:
         raise CodestreamError(f"the JPEG 2000 SIZ segment declares {precision} bits per sample (at most 38)")
+    # Checked by the caller after the dimensions (a size lie is the more useful message).
     tiles = -(-(xsiz - xtosiz) // xtsiz) * -(-(ysiz - ytosiz) // ytsiz)
-    if tiles > MAX_J2K_TILES:
-        raise CodestreamError(
-            f"the JPEG 2000 codestream declares {tiles} tiles; the standard allows at most {MAX_J2K_TILES}"
-        )
     # Size of component 0 on the reference grid (15444-1 B.2): ceil(Xsiz/XRsiz) - ceil(XOsiz/XRsiz).
     columns = -(-xsiz // xrsiz) - -(-xosiz // xrsiz)
     rows = -(-ysiz // yrsiz) - -(-yosiz // yrsiz)

@@ -224,8 +224,10 @@ def _load_dataset(source: Any, force: bool, max_pixels: int) -> "Dataset":
             "without them can be read with force=True)"
         ) from None
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise DicomError(f"cannot read {what}: {reason}") from None
+        if exc.strerror:  # the operating system's reason (permissions, I/O error), not pydicom's
+            raise DicomError(f"cannot read {what}: {exc.strerror}") from None
+        # pydicom raises bare OSError for data that ends where an element needs more bytes.
+        raise DicomError(f"cannot parse {what} (OSError): it is truncated, damaged or not DICOM") from None
     except Exception as exc:  # pydicom raises many types on damaged input
         raise DicomError(
             f"cannot parse {what} ({type(exc).__name__}): it is damaged or not DICOM"
@@ -722,8 +724,12 @@ def _image_from_dataset(ds: "Dataset", max_pixels: int) -> Image:
     if data is None:
         raise DicomError(f"{_PIXEL_TAG_NAMES[pixel_keyword]} is empty")
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        # Text or numbers: the element was written (or damaged) with a VR that is not OB/OW/OF/OD.
-        raise DicomError(f"{_PIXEL_TAG_NAMES[pixel_keyword]} does not hold bytes (wrong VR): the file is damaged")
+        # Text or numbers: the element was written (or damaged) with a VR that is not OB/OW/OF/OD, or a
+        # Dataset built in memory was given a bytearray (pydicom turns that into a list of numbers).
+        raise DicomError(
+            f"{_PIXEL_TAG_NAMES[pixel_keyword]} does not hold bytes: the file is damaged (wrong VR), or a "
+            "Dataset built in memory was given something other than bytes or a memoryview"
+        )
     extended_offsets = None
     if decoder.is_encapsulated:
         # Each frame's own header against the DICOM header, before a decoder trusts the former.
@@ -910,6 +916,12 @@ def _check_encapsulated_frames(data, transfer_syntax: str, extended_offsets, row
     try:
         # pydicom's parsers take bytes; a memoryview/bytearray Dataset value is copied once here.
         buffer = data if isinstance(data, bytes) else bytes(data)
+        available = _frames_available(buffer, extended_offsets, frames)
+        if available < frames:
+            raise DicomError(
+                f"the encapsulated {name} Pixel Data (7FE0,0010) holds at most {available} frame(s), the header "
+                f"says {frames} (Number of Frames (0028,0008)): the file is truncated or damaged"
+            )
         split = generate_fragmented_frames(buffer, number_of_frames=frames, extended_offsets=extended_offsets)
         found = 0
         for index, fragments in enumerate(split):
@@ -929,6 +941,21 @@ def _check_encapsulated_frames(data, transfer_syntax: str, extended_offsets, row
             f"the encapsulated {name} Pixel Data (7FE0,0010) holds {found} frame(s), the header says {frames} "
             "(Number of Frames (0028,0008)): the file is truncated or damaged"
         )
+
+
+def _frames_available(buffer: bytes, extended_offsets, frames: int) -> int:
+    """How many frames the encapsulated data can hold: its offset table's entries, else its fragment count."""
+    from pydicom.encaps import parse_basic_offsets, parse_fragments
+
+    if extended_offsets is not None:
+        return len(extended_offsets[0]) // 8
+    stream = io.BytesIO(buffer)
+    offsets = parse_basic_offsets(stream)
+    if offsets:
+        return len(offsets)
+    if frames == 1:
+        return 1  # every fragment belongs to the one frame; an empty item list fails in the split
+    return parse_fragments(stream)[0]  # without a table each frame needs at least one fragment
 
 
 def _check_frame(frame: bytes, index: int, transfer_syntax: str, name: str, rows: int, columns: int,
@@ -971,7 +998,7 @@ def _check_frame(frame: bytes, index: int, transfer_syntax: str, name: str, rows
         return
 
     is_jpeg_ls = transfer_syntax in _JPEG_LS_TRANSFER_SYNTAXES
-    if header.jpeg_ls != is_jpeg_ls and transfer_syntax not in _J2K_TRANSFER_SYNTAXES:
+    if header.jpeg_ls != is_jpeg_ls:
         found = "JPEG-LS (SOF55)" if header.jpeg_ls else "JPEG (ISO/IEC 10918)"
         raise DicomError(f"{where} is a {found} codestream, which the transfer syntax does not allow")
     if (header.rows, header.columns) != (rows, columns):
@@ -979,6 +1006,11 @@ def _check_frame(frame: bytes, index: int, transfer_syntax: str, name: str, rows
             f"{where} declares {header.rows} x {header.columns} pixels in its own header but Rows (0028,0010) x "
             f"Columns (0028,0011) say {rows} x {columns}; refused before decoding (the file is damaged or "
             "crafted: a decoder would trust the codestream)"
+        )
+    if header.tiles > _codestream.MAX_J2K_TILES:
+        raise DicomError(
+            f"{where} declares {header.tiles} tiles; the JPEG 2000 standard allows at most "
+            f"{_codestream.MAX_J2K_TILES} (the file is damaged or crafted)"
         )
     if header.components != 1:
         raise DicomError(

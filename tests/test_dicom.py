@@ -791,3 +791,484 @@ def test_native_little_endian_pixels_are_read_in_place():
     cr = synthetic.monochrome1_cr(seed=0, size=32)  # 12 bits stored, junk in the top 4
     masked = read_dicom(cr).pixels
     assert int(masked.max()) < 4096 and not np.shares_memory(masked, np.frombuffer(cr.PixelData, np.uint8))
+
+
+# --------------------------------------------------------------------------- issue 8: bounded, PHI-free input paths
+
+import base64  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+
+from pydicom.encaps import encapsulate, generate_frames  # noqa: E402
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless  # noqa: E402
+
+from medge import _pydicom_quiet  # noqa: E402
+from medge.image import Image, PixelSemantics  # noqa: E402
+
+# A real JPEG-LS lossless codestream of a 512 x 512 image (CharLS 2.x through pyjpegls, which is not
+# a medge dependency), zlib + base64: stored value = 1000 * (row // 128) + 300 * (column // 256),
+# 12-bit precision, SOF55 at byte 2.
+_JPEG_LS_512 = (
+    "eNr7f+P/dwZuHiYGJgZGRkGG/7cYOBgZGYDgf/1fBaY9HAotihwdHR2dKpM8VSZ5rYKA9f/rccACDllGdgaFAxwJLAZMEow8DD1ocAajAVMC"
+    "ywHOBmEGNQYfdO4GpgPcDDqkUw/YGSwYD/AxFDA3yNCOI8HAbo/T5zBYw8DaT1BRBc9/2jqVzpwG9vkE/VzHcI2gmvrG8/8YhlHIGDA/J+zn"
+    "hlUElfx3TP/PMHySywGe/zcBxN+I/w=="
+)
+
+
+def _jpeg_ls_512_pattern() -> np.ndarray:
+    rows, columns = np.mgrid[0:512, 0:512]
+    return (1000 * (rows // 128) + 300 * (columns // 256)).astype(np.uint16)
+
+
+def _encapsulated(codestream: bytes, transfer_syntax, *, rows=512, columns=512, bits_allocated=16, bits_stored=12,
+                  pixel_representation=0) -> Dataset:
+    """A greyscale dataset (with planted patient values) whose one frame is ``codestream``."""
+    ds = make_dataset(np.zeros((1, 1), np.uint16))
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = pixel_representation
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    return _with_phi(ds)
+
+
+def _must_not_decode(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a decoder was called on a frame whose header disagrees with the DICOM header")
+
+    monkeypatch.setattr(Decoder, "as_array", refuse)
+
+
+def _file_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _sof55_claiming(rows: int, columns: int) -> bytes:
+    codestream = bytearray(zlib.decompress(base64.b64decode(_JPEG_LS_512)))
+    assert codestream[2:4] == b"\xff\xf7"  # SOF55: length (2), precision (1), rows (2), columns (2)
+    codestream[7:9] = rows.to_bytes(2, "big")
+    codestream[9:11] = columns.to_bytes(2, "big")
+    return bytes(codestream)
+
+
+def test_real_jpeg_ls_512_decodes():
+    """The honest codestream reads (so the refusals below are about the lie, not the stream)."""
+    ds = _encapsulated(_sof55_claiming(512, 512), JPEGLSLossless)
+    if not decoder_installed(ds):
+        pytest.skip("no JPEG-LS decoder installed")
+    np.testing.assert_array_equal(read_dicom(_file_bytes(ds)).pixels[0], _jpeg_ls_512_pattern())
+
+
+def test_jpeg_ls_frame_claiming_16384_squared_is_refused_before_decoding(monkeypatch):
+    """Issue 8: a 2 KB JPEG-LS file whose SOF55 claims 16384 x 16384 (header: 512 x 512) took 258 s and 1.6 GB."""
+    data = _file_bytes(_encapsulated(_sof55_claiming(16384, 16384), JPEGLSLossless))
+    assert len(data) < 2048
+    _must_not_decode(monkeypatch)
+    started = time.perf_counter()
+    with pytest.raises(DicomError, match=r"declares 16384 x 16384 pixels .* say 512 x 512; refused before decoding"):
+        read_dicom(data)
+    assert time.perf_counter() - started < 5  # sanity bound only: refusing reads ~100 header bytes
+
+
+def _j2k_codestream(size: int = 32) -> tuple[bytes, np.ndarray]:
+    """A real JPEG 2000 lossless codestream of a synthetic CT slice (pylibjpeg-openjpeg's encoder), and its pixels."""
+    ds = synthetic.ct_slice(seed=1, size=size, lesion=False)
+    pixels = read_dicom(ds).pixels[0].copy()
+    try:
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    except Exception as exc:  # no encoder here
+        pytest.skip(f"no JPEG 2000 encoder ({type(exc).__name__})")
+    return next(generate_frames(ds.PixelData, number_of_frames=1)), pixels
+
+
+def _jp2(codestream: bytes, rows: int, columns: int) -> bytes:
+    """``codestream`` wrapped in a JP2 file (signature, ftyp, jp2h with ihdr and greyscale colr, jp2c)."""
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+    header = box(b"ihdr", struct.pack(">IIHBBBB", rows, columns, 1, 15, 7, 0, 0))
+    header += box(b"colr", bytes([1, 0, 0]) + struct.pack(">I", 17))
+    return (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + box(b"ftyp", b"jp2 \0\0\0\0jp2 ") + box(b"jp2h", header)
+            + box(b"jp2c", codestream))
+
+
+def _siz_claiming(codestream: bytes, rows: int, columns: int) -> bytes:
+    lied = bytearray(codestream)
+    assert lied[:4] == b"\xff\x4f\xff\x51"  # SOC, SIZ; Xsiz at 8, Ysiz at 12 (XOsiz/YOsiz are 0 here)
+    lied[8:12] = columns.to_bytes(4, "big")
+    lied[12:16] = rows.to_bytes(4, "big")
+    return bytes(lied)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["codestream", "jp2"])
+def test_jpeg_2000_frame_claiming_16384_squared_is_refused_before_decoding(monkeypatch, wrap):
+    """Issue 8: a crafted JPEG 2000 file took 62 s and 3.1 GB; its SIZ is checked first, bare or inside JP2 boxes."""
+    codestream, pixels = _j2k_codestream(32)
+    honest = _jp2(codestream, 32, 32) if wrap else codestream
+    ds = _encapsulated(honest, JPEG2000Lossless, rows=32, columns=32, bits_stored=16, pixel_representation=1)
+    np.testing.assert_array_equal(read_dicom(_file_bytes(ds)).pixels[0], pixels)
+
+    lie = _siz_claiming(codestream, 16384, 16384)
+    ds.PixelData = encapsulate([_jp2(lie, 32, 32) if wrap else lie])
+    data = _file_bytes(ds)
+    _must_not_decode(monkeypatch)
+    started = time.perf_counter()
+    with pytest.raises(DicomError, match=r"declares 16384 x 16384 pixels .* say 32 x 32; refused before decoding"):
+        read_dicom(data)
+    assert time.perf_counter() - started < 5  # sanity bound only
+
+
+def test_jpeg_2000_tile_bomb_is_refused(monkeypatch):
+    """Millions of 1 x 1 tiles: the standard allows at most 65535; a decoder's per-tile set-up is the bomb."""
+    codestream, _ = _j2k_codestream(32)
+    lied = bytearray(_siz_claiming(codestream, 4096, 4096))
+    lied[24:32] = struct.pack(">II", 1, 1)  # XTsiz, YTsiz
+    ds = _encapsulated(bytes(lied), JPEG2000Lossless, rows=4096, columns=4096, bits_stored=16)
+    _must_not_decode(monkeypatch)
+    with pytest.raises(DicomError, match="16777216 tiles; the JPEG 2000 standard allows at most 65535"):
+        read_dicom(ds)
+
+
+@pytest.mark.parametrize("offset, value, message", [
+    (6, 20, "declares 20 bits per sample but Bits Allocated .* is 8"),  # precision above the container
+    (11, 3, "too short for 3 component"),  # Nf 3 in a one-component header
+    (7, 0, "zero dimension"),  # height 0 (defined later by DNL): refused
+], ids=["precision", "components", "dnl"])
+def test_jpeg_ls_header_lies_other_than_size(monkeypatch, offset, value, message):
+    codestream = bytearray(zlib.decompress(base64.b64decode(_JPEG_LS_512)))
+    codestream[offset:offset + (2 if offset == 7 else 1)] = value.to_bytes(2 if offset == 7 else 1, "big")
+    ds = _encapsulated(bytes(codestream), JPEGLSLossless, bits_allocated=8, bits_stored=8)
+    _must_not_decode(monkeypatch)
+    with pytest.raises(DicomError, match=message):
+        read_dicom(ds)
+
+
+def test_jpeg_frame_dimensions_checked_against_the_header(monkeypatch):
+    """JPEG (10918) SOFn: the public 12-bit JPGExtended file with its SOF height changed from 1024 to 16384."""
+    ds = pydicom.dcmread(public_file("JPGExtended.dcm"))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = frame.find(b"\xff\xc1")
+    assert sof > 0 and int.from_bytes(frame[sof + 5:sof + 7], "big") == 1024
+    frame[sof + 5:sof + 7] = (16384).to_bytes(2, "big")
+    ds.PixelData = encapsulate([bytes(frame)])
+    _must_not_decode(monkeypatch)
+    with pytest.raises(DicomError, match=r"declares 16384 x 256 pixels .* say 1024 x 256"):
+        read_dicom(ds)
+
+
+def test_jpeg_ls_stream_under_a_jpeg_transfer_syntax_is_refused(monkeypatch):
+    ds = _encapsulated(_sof55_claiming(512, 512), JPEGLosslessSV1)
+    _must_not_decode(monkeypatch)
+    with pytest.raises(DicomError, match=r"is a JPEG-LS \(SOF55\) codestream, which the transfer syntax does not allow"):
+        read_dicom(ds)
+
+
+def _rle_frame(ds: Dataset) -> bytearray:
+    return bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+
+
+@pytest.mark.parametrize("lie, message", [
+    ("segments", r"has 3 RLE segment\(s\); Bits Allocated 16 with one sample per pixel needs 2"),
+    ("offset", r"RLE segment 0 spans bytes 64 to 5120 of a \d+-byte frame \(offsets must increase"),
+    ("first_offset", "the first RLE segment starts at byte 60, not 64"),
+    ("bits_allocated", r"has 2 RLE segment\(s\); Bits Allocated 8 with one sample per pixel needs 1"),
+    ("rows", "too few to decode to 4096 x 16 pixels"),
+])
+def test_rle_header_checked_against_the_dicom_header(monkeypatch, lie, message):
+    ds = synthetic.rle(seed=0, size=16)
+    frame = _rle_frame(ds)
+    if lie == "segments":
+        frame[0:4] = struct.pack("<I", 3)
+        frame[12:16] = struct.pack("<I", len(frame) - 1)
+    elif lie == "offset":
+        frame[8:12] = struct.pack("<I", 10 * len(frame))
+    elif lie == "first_offset":
+        frame[4:8] = struct.pack("<I", 60)
+    elif lie == "bits_allocated":
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    elif lie == "rows":
+        ds.Rows = 4096
+    ds.PixelData = encapsulate([bytes(frame)])
+    _must_not_decode(monkeypatch)
+    with pytest.raises(DicomError, match=message):
+        read_dicom(ds)
+
+
+def test_encapsulated_frame_count_checked_before_decoding(monkeypatch):
+    ds = pydicom.dcmread(public_file("rtdose_rle.dcm"))
+    assert int(ds.NumberOfFrames) == 15
+    ds.NumberOfFrames = 16
+    _must_not_decode(monkeypatch)
+    with pytest.raises(DicomError, match=r"holds at most 15 frame\(s\), the header says 16"):
+        read_dicom(ds)
+
+
+def test_each_frame_of_a_multiframe_object_is_checked(monkeypatch):
+    """Only the last frame lies: every frame's header is read, not just the first."""
+    ds = pydicom.dcmread(public_file("rtdose_rle.dcm"))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=15))
+    last = bytearray(frames[-1])
+    last[0:4] = struct.pack("<I", 2)  # 32-bit samples need 4 segments
+    ds.PixelData = encapsulate(frames[:-1] + [bytes(last)])
+    _must_not_decode(monkeypatch)
+    with pytest.raises(DicomError, match=r"frame 14 of the RLE Lossless pixel data has 2 RLE segment\(s\)"):
+        read_dicom(ds)
+
+
+def test_extended_offset_table_half_present_is_a_dicom_error():
+    """pydicom's decoder raised AttributeError for an Extended Offset Table without its Lengths."""
+    ds = synthetic.rle(seed=0, size=16)
+    ds.ExtendedOffsetTable = struct.pack("<Q", 0)
+    with pytest.raises(DicomError, match="Extended Offset Table .* must both be present"):
+        read_dicom(ds)
+
+
+def _deflated_file(ds: Dataset) -> bytes:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return _file_bytes(ds)
+
+
+def test_deflate_bomb_is_refused_before_inflating(monkeypatch):
+    """pydicom inflates a Deflated Explicit VR Little Endian dataset whole at dcmread; deflate reaches ~1000:1."""
+    ds = small_ct()
+    ds.add_new(0x00091010, "OB", bytes(4 << 20))  # 4 MiB of zeros: a ~4 KB file once deflated
+    data = _deflated_file(ds)
+    assert len(data) < 16 << 10
+    monkeypatch.setattr("medge.dicom._DEFLATED_HEADER_ALLOWANCE", 1 << 20)  # keep the test small
+    with pytest.raises(DicomError, match="Deflated Explicit VR Little Endian and inflates to more than"):
+        read_dicom(data, max_pixels=16 * 16)
+    # Under the limit the same file reads, from bytes, a path or a stream.
+    monkeypatch.setattr("medge.dicom._DEFLATED_HEADER_ALLOWANCE", 8 << 20)
+    assert read_dicom(io.BytesIO(data), max_pixels=16 * 16).pixels.shape == (1, 16, 16)
+
+
+# --------------------------------------------------------------------------- issue 8: privacy
+
+
+def _corrupt_uid_length(data: bytes, tag: bytes, new_length: int) -> bytes:
+    """The file with the explicit-VR UI element ``tag`` claiming ``new_length`` bytes (it swallows what follows)."""
+    position = data.index(tag + b"UI")
+    return data[:position + 6] + struct.pack("<H", new_length) + data[position + 8:]
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+def test_corrupted_uid_length_warnings_never_reach_the_logs():
+    """Issue 8: a UID whose length swallows the next elements made pydicom warn (UserWarning and its logger)
+    with the patient's name and ID in the text; medge run printed both."""
+    ds = _with_phi(small_ct())
+    data = _corrupt_uid_length(_file_bytes(ds), b"\x08\x00\x16\x00", 400)  # SOP Class UID (0008,0016)
+    root, pydicom_logger = logging.getLogger(), logging.getLogger("pydicom")
+    on_root, on_pydicom = _Collect(), _Collect()  # pydicom.config.debug() puts a handler on its own logger
+    levels = root.level, pydicom_logger.level
+    root.addHandler(on_root)
+    pydicom_logger.addHandler(on_pydicom)
+    root.setLevel(logging.DEBUG)
+    pydicom_logger.setLevel(logging.DEBUG)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                read_dicom(data)
+            except DicomError as exc:
+                texts = [str(exc)]
+            else:
+                texts = []
+    finally:
+        root.removeHandler(on_root)
+        pydicom_logger.removeHandler(on_pydicom)
+        root.setLevel(levels[0])
+        pydicom_logger.setLevel(levels[1])
+    texts += [str(w.message) for w in caught] + on_root.messages + on_pydicom.messages
+    assert not [t for t in texts if any(value in t for value in PHI)], texts
+    assert not caught and not on_pydicom.messages
+    # What is left: one fixed record in medge's words, naming only the category.
+    medge_records = [m for m in on_root.messages if "pydicom reported" in m]
+    assert medge_records and "warning (UserWarning)" in medge_records[0], on_root.messages
+
+
+def test_a_dicom_error_carries_no_exception_chain():
+    """Issue 8: DicomError kept pydicom's exception as __cause__, whose message can hold raw bytes (the name)."""
+    ds = _with_phi(small_ct())
+    ds.add_new(0x00280010, "LO", "DOE^JOHN")  # Rows holding the patient's name
+    with pytest.raises(DicomError) as info:
+        read_dicom(ds)
+    error = info.value
+    assert error.__cause__ is None and error.__context__ is None
+    assert "Rows (0028,0010) is not a valid integer" in str(error)
+    for data in (_file_bytes(ds)[:-40], b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x00DOE^JOHN"):
+        with pytest.raises(DicomError) as info:
+            read_dicom(data)
+        assert info.value.__cause__ is None and info.value.__context__ is None
+
+
+@pytest.mark.parametrize("keyword, vr, value", [
+    ("PerFrameFunctionalGroupsSequence", "US", 17),
+    ("PerFrameFunctionalGroupsSequence", "LO", "DOE^JOHN"),
+    ("PerFrameFunctionalGroupsSequence", "OB", b"\x01\x02\x03"),
+    ("SharedFunctionalGroupsSequence", "DS", "1.5"),
+])
+def test_functional_groups_with_the_wrong_vr_are_a_dicom_error(keyword, vr, value):
+    """Issue 8: a Per-frame Functional Groups Sequence with the wrong VR escaped read_dicom as TypeError."""
+    ds = _with_phi(synthetic.enhanced_multiframe(seed=0, size=8, frames=3))
+    del ds[keyword]
+    ds.add_new(pydicom.datadict.tag_for_keyword(keyword), vr, value)
+    for source in (ds, _file_bytes(ds)):
+        with pytest.raises(DicomError, match="is not a sequence") as info:
+            read_dicom(source)
+        assert not any(v in str(info.value) for v in PHI)
+
+
+def test_shared_functional_groups_alone_give_one_transform_without_a_loop_over_frames(monkeypatch):
+    """A header may claim millions of tiny frames: without per-frame groups the transform is built once."""
+    import medge.dicom
+
+    frames = 200_000
+    ds = make_dataset(np.zeros((frames, 1, 1), np.uint8))
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = [Dataset()]
+    shared.PixelValueTransformationSequence[0].RescaleSlope = 2
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = -5
+    ds.SharedFunctionalGroupsSequence = [shared]
+    calls = []
+    original = medge.dicom._make_transform
+    monkeypatch.setattr(medge.dicom, "_make_transform", lambda *a: calls.append(1) or original(*a))
+    semantics = read_dicom(ds).semantics
+    assert (semantics.rescale_slope, semantics.rescale_intercept, len(semantics.frames)) == (2.0, -5.0, 1)
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- issue 8: sources and alignment
+
+
+def test_bytes_at_odd_addresses_and_any_memoryview_layout_read_the_same():
+    ds = synthetic.ct_slice(seed=3, size=16, lesion=False)
+    data = _file_bytes(ds)
+    expected = read_dicom(data).pixels
+    padded = np.frombuffer(b"\0" + data, np.uint8)
+    interleaved = np.zeros(2 * len(data), np.uint8)
+    interleaved[::2] = np.frombuffer(data, np.uint8)
+    even = data + b"\0" * (len(data) % 2)
+    sources = [
+        memoryview(b"\0" + data)[1:],  # odd address
+        memoryview(padded)[1:],  # numpy-backed view at an odd address
+        memoryview(interleaved)[::2],  # strided: not contiguous
+        memoryview(np.frombuffer(even, "<u2")),  # two-byte items
+        bytearray(data),
+    ]
+    for source in sources:
+        image = read_dicom(source)
+        np.testing.assert_array_equal(image.pixels[:, :, :], expected)
+        assert image.pixels.flags.aligned
+
+
+def test_a_released_memoryview_is_a_dicom_error():
+    view = memoryview(b"DICM")
+    view.release()
+    with pytest.raises(DicomError, match="memoryview"):
+        read_dicom(view)
+
+
+def test_pixel_data_given_as_an_unaligned_memoryview_comes_out_aligned_and_unmodified():
+    cr = synthetic.monochrome1_cr(seed=0, size=16)  # junk in the high bits: reading masks them
+    stored = bytes(cr.PixelData)
+    backing = bytearray(b"\0" + stored)
+    cr.PixelData = memoryview(backing)[1:]
+    image = read_dicom(cr)
+    assert image.pixels.flags.aligned and int(image.pixels.max()) < 4096
+    assert bytes(backing[1:]) == stored  # masking happened on a copy, not in the caller's buffer
+
+
+def test_pixel_data_that_is_not_bytes_is_a_dicom_error():
+    ds = small_ct()
+    ds.PixelData = bytearray(ds.PixelData)  # pydicom stores a bytearray as a list of numbers
+    with pytest.raises(DicomError, match="does not hold bytes"):
+        read_dicom(ds)
+
+
+@pytest.mark.parametrize("source", [
+    np.zeros((4, 4), np.uint16),
+    Image.from_array(np.zeros((4, 4), np.uint16)),
+], ids=["array", "Image"])
+def test_an_image_or_array_is_refused_with_a_pointer_to_preprocess(source):
+    with pytest.raises(DicomError, match="needs no reading"):
+        read_dicom(source)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"bits_stored": "12"}, {"bits_stored": 3.5}, {"rescale_slope": "x"}, {"windows": [(1,)]}, {"windows": 5},
+    {"rescale_slope": 10**400},
+])
+def test_image_from_array_with_wrong_argument_types_is_a_dicom_error(kwargs):
+    with pytest.raises(DicomError):
+        Image.from_array(np.zeros((2, 2), np.int16), **kwargs)
+
+
+@pytest.mark.parametrize("semantics", [
+    None, "MONOCHROME2", PixelSemantics(rows="2", columns=2), PixelSemantics(rows=2, columns=2, frames=[None]),
+    PixelSemantics(rows=2, columns=2, frames=(FrameTransform(rescale_slope="1"),)),
+    PixelSemantics(rows=2, columns=2, frames=(FrameTransform(windows=((40, 400),)),)),
+])
+def test_image_with_malformed_semantics_is_a_dicom_error(semantics):
+    with pytest.raises(DicomError):
+        Image(np.zeros((1, 2, 2), np.uint16), semantics)
+
+
+def test_unaligned_image_pixels_are_copied_aligned():
+    raw = np.frombuffer(memoryview(bytes(9))[1:], np.uint16).reshape(1, 2, 2)
+    assert not raw.flags.aligned
+    assert Image(raw, PixelSemantics(rows=2, columns=2)).pixels.flags.aligned
+
+
+# --------------------------------------------------------------------------- issue 8: the quiet context itself
+
+
+def test_quiet_pydicom_is_per_thread_and_restores_global_state():
+    """Reads in several threads at once swallow their own pydicom warnings only; another thread's warning still
+    reaches the caller's record, and the warnings filters / hook are as before once every read is done."""
+    filters_before, hook_before = list(warnings.filters), warnings.showwarning
+    data = _corrupt_uid_length(_file_bytes(_with_phi(small_ct())), b"\x08\x00\x16\x00", 400)
+    start = threading.Barrier(5)
+    errors = []
+
+    def read_many():
+        start.wait()
+        for _ in range(20):
+            try:
+                read_dicom(data)
+            except DicomError:
+                pass
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=read_many) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        for _ in range(50):
+            warnings.warn("an unrelated warning from the main thread", RuntimeWarning)
+        for thread in threads:
+            thread.join()
+        assert not errors
+        texts = [str(w.message) for w in caught]
+        assert texts.count("an unrelated warning from the main thread") == 50
+        assert not [t for t in texts if any(value in t for value in PHI)]
+    assert warnings.filters == filters_before and warnings.showwarning is hook_before
+    assert not _pydicom_quiet._active_threads and _pydicom_quiet._depth == 0
+    assert not logging.getLogger("pydicom").filters

@@ -1307,7 +1307,17 @@ def _section_task(m: dict) -> list[str]:
         return ["Task      (not recorded: medge.load refuses this bundle; convert it again)"]
     details = ", ".join(f"{k} {task[k]}" for k in ("classes", "activation", "positive_class")
                         if task.get(k) is not None)
-    return [f"Task      {task.get('kind', '?')}" + (f" ({details})" if details else "")]
+    lines = [f"Task      {task.get('kind', '?')}" + (f" ({details})" if details else "")]
+    point = m.get("operating_point")
+    if isinstance(point, dict):
+        goal = f"{point.get('target')}={point.get('goal')}" if point.get("goal") is not None else point.get("target")
+        sens, spec = point.get("sensitivity_ci") or ["?", "?"], point.get("specificity_ci") or ["?", "?"]
+        lines.append(f"  operating point {goal}: threshold {_num(point.get('threshold'))}, sensitivity "
+                     f"{_num(point.get('sensitivity'), '.3f')} (95% CI {_num(sens[0], '.3f')}-{_num(sens[1], '.3f')}), "
+                     f"specificity {_num(point.get('specificity'), '.3f')} (95% CI {_num(spec[0], '.3f')}-"
+                     f"{_num(spec[1], '.3f')})" + ("" if point.get("reliable", True) else "; NOT RELIABLE: "
+                                                     + str(point.get("note"))))
+    return lines
 
 
 def _section_gates(m: dict) -> list[str]:

@@ -380,6 +380,10 @@ def test_expect_gpu_turns_gpu_skips_into_failures(tmp_path):
         def test_gpu_passes():
             pass
 
+        @pytest.mark.gpu
+        def test_flavour_cannot_target_this_gpu():
+            pytest.skip("not for this GPU: TensorRT-RTX cannot target compute capability 9.0")
+
         def test_cpu_skip():
             pytest.skip("not a GPU test")
         """))
@@ -392,12 +396,13 @@ def test_expect_gpu_turns_gpu_skips_into_failures(tmp_path):
         return done.returncode, done.stdout + done.stderr
 
     code, out = run()
-    assert code == 0 and "1 passed, 4 skipped" in out, out
+    assert code == 0 and "1 passed, 5 skipped" in out, out
     code, out = run(MEDGE_EXPECT_GPU="0")
-    assert code == 0 and "1 passed, 4 skipped" in out, out
+    assert code == 0 and "1 passed, 5 skipped" in out, out
 
+    # The GPU is there but the installed flavour cannot target it: an allowed skip, not a failure.
     code, out = run(MEDGE_EXPECT_GPU="1")
-    assert code == 1 and "3 failed, 1 passed, 1 skipped" in out, out
+    assert code == 1 and "3 failed, 1 passed, 2 skipped" in out, out
     for name, reason in (("test_gpu_skipif", "marker: the driver is older than the CUDA 13 runtime"),
                          ("test_gpu_skip_in_body", "body: no CUDA device"),
                          ("test_gpu_skip_in_fixture", "fixture: no CUDA device")):

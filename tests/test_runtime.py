@@ -201,8 +201,14 @@ def test_tensorrt_rtx_engines_give_the_accuracy_reports_numbers(demo_bundle, val
     """On a GPU where TensorRT-RTX runs: the bundled engines reproduce the report (INT8 and FP16 rows)."""
     if not medge.cuda_available():
         pytest.skip(f"no CUDA device ({medge._C.cuda_status()})")
-    pytest.importorskip("tensorrt_rtx", reason='tensorrt_rtx is not installed: pip install "medge[rtx]"')
+    tensorrt_rtx = pytest.importorskip("tensorrt_rtx", reason='tensorrt_rtx is not installed: pip install "medge[rtx]"')
+    from tests.conftest import skip_not_for_this_gpu
     from medge.convert.validate import classification_metrics
+    from medge.runtime.backends.tensorrt import gpu_identity, rtx_unsupported_reason
+
+    reason = rtx_unsupported_reason(tensorrt_rtx, gpu_identity(0))
+    if reason:
+        skip_not_for_this_gpu(reason)  # e.g. an H100/H200: RTX engines cannot run there
 
     files, labels = validation
     for precision in ("int8", "fp16", "fp32"):

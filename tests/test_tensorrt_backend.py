@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 
 import medge
+from tests.conftest import skip_not_for_this_gpu
 from medge import _tensorrt
 from medge.errors import BackendUnavailable, CudaError, MedgeError, MissingDependency
 from medge.runtime import cuda
@@ -996,7 +997,7 @@ def gpu_engine(tmp_path_factory):
         # e.g. an H100 (9.0) with only TensorRT-RTX installed: nothing RTX builds can run there
         reason = rtx_unsupported_reason(tensorrt_rtx, gpu_identity(0))
         if reason is not None:
-            pytest.skip(reason)
+            skip_not_for_this_gpu(reason)
     root = tmp_path_factory.mktemp("gpu")
     model = _tiny_onnx(root / "tiny.onnx")
     extra = {"compute_capabilities": ["current"]} if flavour == "tensorrt_rtx" else {}

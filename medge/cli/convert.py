@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--activation", default="softmax", choices=["softmax", "sigmoid"],
                        help="how outputs become scores (default softmax; one sigmoid output is a binary classifier)")
     model.add_argument("--positive-class", help="class scored for AUC / sensitivity (default: the last)")
+    model.add_argument("--operating-point", metavar="TARGET",
+                       help="binary tasks: choose the decision threshold on the labelled validation set: "
+                            "sensitivity=0.95, specificity=0.9 or youden (with bootstrap 95%% intervals); the "
+                            "runtime's label uses it, scores are unchanged (default: argmax)")
 
     conv = p.add_argument_group("conversion")
     conv.add_argument("--precision", default="fp32,fp16,int8", help="comma-separated: fp32, fp16, int8")
@@ -140,7 +144,8 @@ def run(args) -> int:
         workspace_bytes=args.workspace_mb * (1 << 20) if args.workspace_mb else None,
         timing_cache=Path(args.timing_cache) if args.timing_cache else None, sign_key=args.sign_key,
         overwrite=args.overwrite, max_auc_drop=args.max_auc_drop, min_top1_agreement=args.min_top1_agreement,
-        max_abs_error=args.max_abs_error, gates=not args.no_gates, progress=args.progress,
+        max_abs_error=args.max_abs_error, gates=not args.no_gates, operating_point=args.operating_point,
+        progress=args.progress,
     )
     if args.demo:
         if args.model:

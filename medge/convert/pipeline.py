@@ -184,6 +184,7 @@ def convert(
     min_top1_agreement: Optional[float] = None,
     max_abs_error: Optional[float] = None,
     gates: bool = True,
+    operating_point: Optional[str] = None,
     check_inputs: Any = None,
     check_vector_count: int = DEFAULT_CHECK_VECTORS,
     progress: Optional[bool] = None,
@@ -215,6 +216,10 @@ def convert(
             in ``threshold_failures`` (the CLI exits 3) and the graph's verdict
             in the manifest is "failed": the runtime never picks it by default.
         gates: False switches the gates off (recorded; graphs are "ungated").
+        operating_point: binary tasks with labels: "sensitivity=0.95",
+            "specificity=0.9" or "youden" chooses the decision threshold on
+            FP32's validation scores (with bootstrap intervals); the runtime's
+            label uses it, scores are unchanged.
         check_inputs: .npy / DICOM folder of check vectors (default: chosen
             from the validation set, else the calibration set).
         check_vector_count: how many check vectors the bundle carries.
@@ -241,6 +246,12 @@ def convert(
         raise ConversionError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}")
     if "int8" in precisions and calibration is None:
         raise ConversionError("int8 needs calibration images (--calib DIR): DICOMs that look like deployment data")
+    if operating_point is not None:
+        from .operating_point import parse_operating_point
+
+        parse_operating_point(operating_point)  # a typo fails now, not after the long work
+        if labels is None:
+            raise ConversionError("--operating-point needs labelled validation images (--val and --labels)")
     if labels is not None and validation is None:
         raise ConversionError("--labels needs --val (the validation images they label)")
     output = Path(output)
@@ -261,7 +272,8 @@ def convert(
     if not gates and any(v is not None for v in (max_auc_drop, min_top1_agreement, max_abs_error)):
         raise ConversionError("gate limits were given together with --no-gates; give one or the other")
     options = _GateOptions(gates, {"max_auc_drop": max_auc_drop, "min_top1_agreement": min_top1_agreement,
-                                   "max_abs_error": max_abs_error}, check_inputs, int(check_vector_count))
+                                   "max_abs_error": max_abs_error}, check_inputs, int(check_vector_count),
+                           operating_point)
     writer = BundleWriter(output, overwrite=overwrite)  # fail on an unwritable destination before the long work
     try:
         return _convert(writer, model, output, spec, calibration, validation, labels, precisions, batch, engine, name,
@@ -325,12 +337,15 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
                 log(f"    INT8 for {target}: {summary.method} calibration on {summary.images} images, "
                     f"{summary.quantized_tensors} tensors quantised")
 
-        report = None
+        report, chosen_point = None, None
         limits = {name: default if options.limits.get(name) is None else options.limits[name]
                   for name, default in task.default_gates.items()}
         if val is not None:
             log(f"3/5 measuring accuracy on {len(val.array)} validation images at batch {', '.join(map(str, sorted(set(batch))))}")
             label_array = read_labels(labels, val.keys, class_labels) if labels is not None else None
+            if options.operating_point is not None:
+                task, chosen_point = _choose_operating_point(task, graphs["fp32"], val.array, label_array,
+                                                             options.operating_point, log)
             report = evaluate(graphs, val.array, batch_sizes=sorted(set(batch)), labels=label_array, task=task,
                               progress=progress)
         else:
@@ -382,6 +397,7 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
             "outputs": [t.to_manifest() for t in imported.outputs],
             "preprocess": spec.to_dict(),
             "task": task.to_manifest(),
+            "operating_point": chosen_point.to_manifest() if chosen_point else None,
             "labels": list(class_labels),
             "postprocess": {"activation": activation,
                             "positive_class": report.positive_class if report else positive_class},
@@ -412,6 +428,7 @@ class _GateOptions:
     limits: dict  # name -> value given by the caller (None: the task's default)
     check_inputs: Any
     check_vector_count: int
+    operating_point: Optional[str] = None
 
 
 def _check_vectors(options, spec, val, calib, graphs, task, report, progress) -> CheckVectors:
@@ -434,6 +451,23 @@ def _check_vectors(options, spec, val, calib, graphs, task, report, progress) ->
                           default=None) if report is not None else None) for graph in graphs}
     count = options.check_vector_count if options.check_inputs is None else min(len(candidates), 256)
     return CheckVectors.choose(candidates, reference, task, errors, source, count=count)
+
+
+def _choose_operating_point(task, fp32_graph, inputs, labels, text, log):
+    """The task with its decision threshold set from FP32's validation scores, and the operating point."""
+    import dataclasses
+
+    from .operating_point import choose_operating_point, parse_operating_point
+    from .validate import run_graph
+
+    target, goal = parse_operating_point(text)
+    if not getattr(task, "binary", False):
+        raise ConversionError("--operating-point needs a binary task: two softmax classes or one sigmoid output")
+    outputs = run_graph(fp32_graph, inputs, 8)
+    positive_index = task.positive_index if task.classes > 1 else 1
+    point = choose_operating_point(task.positive_scores(outputs), labels == positive_index, target, goal)
+    log("    " + point.describe())
+    return dataclasses.replace(task, threshold=point.threshold), point
 
 
 def _default_name(model: Any) -> str:

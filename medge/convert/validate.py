@@ -51,6 +51,10 @@ class PrecisionResult:
     specificity: Optional[float] = None
     auc: Optional[float] = None
     auc_drop: Optional[float] = None
+    balanced_accuracy: Optional[float] = None
+    pr_auc: Optional[float] = None
+    per_class_recall: Optional[list] = None
+    confusion_matrix: Optional[list] = None  # rows: true class, columns: decided class
 
 
 @dataclass
@@ -72,16 +76,17 @@ class AccuracyReport:
 
     def table(self) -> str:
         """The report as an aligned text table."""
-        header = ["precision", "batch", "max|err|", "mean|err|", "top-1 agr", "accuracy", "sens", "spec", "AUC",
-                  "AUC drop"]
+        header = ["precision", "batch", "max|err|", "mean|err|", "top-1 agr", "accuracy", "bal acc", "sens", "spec",
+                  "AUC", "AUC drop", "PR-AUC"]
         rows = []
         for r in self.results:
             if not r.measured:
                 rows.append([r.precision, str(r.batch_size), f"not measured: {r.reason}"])
                 continue
             rows.append([r.precision, str(r.batch_size), _fmt(r.max_abs_error, ".2e"), _fmt(r.mean_abs_error, ".2e"),
-                         _fmt(r.top1_agreement, ".2%"), _fmt(r.accuracy, ".2%"), _fmt(r.sensitivity, ".2%"),
-                         _fmt(r.specificity, ".2%"), _fmt(r.auc, ".4f"), _fmt(r.auc_drop, "+.4f")])
+                         _fmt(r.top1_agreement, ".2%"), _fmt(r.accuracy, ".2%"), _fmt(r.balanced_accuracy, ".2%"),
+                         _fmt(r.sensitivity, ".2%"), _fmt(r.specificity, ".2%"), _fmt(r.auc, ".4f"),
+                         _fmt(r.auc_drop, "+.4f"), _fmt(r.pr_auc, ".4f")])
         widths = [max(len(header[i]), *(len(row[i]) for row in rows if len(row) > i and len(row) == len(header)))
                   for i in range(len(header))]
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -252,6 +257,10 @@ def evaluate(
                     result.sensitivity = metrics.get("sensitivity")
                     result.specificity = metrics.get("specificity")
                     result.auc = metrics.get("auc")
+                    result.balanced_accuracy = metrics.get("balanced_accuracy")
+                    result.pr_auc = metrics.get("pr_auc")
+                    result.per_class_recall = metrics.get("per_class_recall")
+                    result.confusion_matrix = metrics.get("confusion_matrix")
                     if result.auc is not None and reference_metrics.get("auc") is not None:
                         result.auc_drop = reference_metrics["auc"] - result.auc
                 report.results.append(result)

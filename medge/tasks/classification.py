@@ -29,12 +29,16 @@ class ClassificationTask(Task):
         labels: class names in output order (empty: unnamed; two names for one sigmoid output).
         activation: "softmax" or "sigmoid".
         positive_class: the class whose score gives AUC, sensitivity and specificity.
+        threshold: binary tasks: the positive class's score at or above which
+            the label is positive (the operating point chosen at conversion);
+            None: argmax (0.5 for a single sigmoid output). Scores are unchanged.
     """
 
     classes: int
     labels: tuple = ()
     activation: str = "softmax"
     positive_class: Optional[str] = None
+    threshold: Optional[float] = None
 
     kind: ClassVar[str] = "classification"
     default_gates: ClassVar[Mapping[str, Optional[float]]] = {
@@ -44,7 +48,7 @@ class ClassificationTask(Task):
 
     @classmethod
     def for_outputs(cls, output_shape: Sequence[Any], *, labels: Sequence[str] = (), activation: str = "softmax",
-                    positive_class: Optional[str] = None) -> "ClassificationTask":
+                    positive_class: Optional[str] = None, threshold: Optional[float] = None) -> "ClassificationTask":
         """The task for a model whose first output has ``output_shape`` (batch axis first).
 
         Raises:
@@ -55,7 +59,7 @@ class ClassificationTask(Task):
         shape = list(output_shape)
         _check_rank(shape, ConversionError)
         task = cls(classes=int(shape[1]), labels=tuple(labels), activation=activation,
-                   positive_class=positive_class)
+                   positive_class=positive_class, threshold=threshold)
         task._check_consistent(ConversionError)
         return task
 
@@ -71,13 +75,17 @@ class ClassificationTask(Task):
             raise BundleError(f"the manifest's task.activation must be one of {', '.join(ACTIVATIONS)}")
         if positive is not None and not isinstance(positive, str):
             raise BundleError("the manifest's task.positive_class must be a string or null")
-        task = cls(classes=classes, labels=tuple(labels), activation=activation, positive_class=positive)
+        threshold = entry.get("threshold")
+        if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
+            raise BundleError("the manifest's task.threshold must be a number or null")
+        task = cls(classes=classes, labels=tuple(labels), activation=activation, positive_class=positive,
+                   threshold=None if threshold is None else float(threshold))
         task._check_consistent(BundleError)
         return task
 
     def to_manifest(self) -> dict:
         return {"kind": self.kind, "classes": self.classes, "labels": list(self.labels),
-                "activation": self.activation, "positive_class": self.positive_class}
+                "activation": self.activation, "positive_class": self.positive_class, "threshold": self.threshold}
 
     def _check_consistent(self, error: type) -> None:
         if self.activation not in ACTIVATIONS:
@@ -96,6 +104,11 @@ class ClassificationTask(Task):
             raise error("class names must be unique")
         if self.positive_class is not None and self.positive_class not in self.labels:
             raise error(f"positive class {self.positive_class!r} is not one of the class names {list(self.labels)}")
+        if self.threshold is not None:
+            if not self.binary:
+                raise error("an operating point (threshold) needs a binary task: two classes, or one sigmoid output")
+            if not 0.0 < self.threshold < 1.0:
+                raise error(f"the threshold must lie strictly between 0 and 1, got {self.threshold}")
 
     # ------------------------------------------------------------------ outputs
 
@@ -115,15 +128,28 @@ class ClassificationTask(Task):
             return self.labels.index(self.positive_class)
         return self.classes - 1
 
+    @property
+    def binary(self) -> bool:
+        """Two exclusive classes (softmax over 2, or one sigmoid output): operating points apply."""
+        return self.classes == 1 or (self.classes == 2 and self.activation == "softmax")
+
+    def positive_scores(self, outputs: np.ndarray) -> np.ndarray:
+        """The positive class's score per image (binary tasks)."""
+        return self.scores(outputs)[:, self.positive_index]
+
     def scores(self, outputs: np.ndarray) -> np.ndarray:
         """(N, classes) float64 scores from raw (N, classes) outputs."""
         return activate(np.asarray(outputs).reshape(len(outputs), self.classes), self.activation)
 
     def predicted_indices(self, outputs: np.ndarray) -> np.ndarray:
-        """Top-1 class per image: argmax, or score >= 0.5 for a single sigmoid output (index into labels)."""
-        if self.classes > 1:
+        """The decision per image (index into labels): argmax, or for binary tasks the positive class when its
+        score reaches the threshold (0.5 for a single sigmoid output without an operating point)."""
+        if self.classes == 1:
+            return (self.scores(outputs)[:, 0] >= (0.5 if self.threshold is None else self.threshold)).astype(np.int64)
+        if self.threshold is None:
             return np.asarray(outputs).reshape(len(outputs), self.classes).argmax(axis=1)
-        return (self.scores(outputs)[:, 0] >= 0.5).astype(np.int64)
+        positive = self.positive_scores(outputs) >= self.threshold
+        return np.where(positive, self.positive_index, 1 - self.positive_index).astype(np.int64)
 
     def interpret(self, outputs: np.ndarray) -> list[tuple[np.ndarray, int, Optional[str]]]:
         """Per image: (scores float32, top-1 index, its label or None)."""
@@ -141,11 +167,20 @@ class ClassificationTask(Task):
                 "top1_agreement": float((self.predicted_indices(outputs) == self.predicted_indices(reference)).mean())}
 
     def metrics(self, outputs: np.ndarray, labels: np.ndarray) -> dict:
+        """Accuracy, balanced accuracy, per-class recall, confusion matrix (rows: truth), AUC and PR-AUC;
+        for binary tasks also sensitivity and specificity, all at the task's decision rule (its threshold)."""
         labels = np.asarray(labels)
         predicted = self.predicted_indices(outputs)
-        metrics: dict = {"accuracy": float((predicted == labels).mean())}
-        binary = self.classes <= 2 and set(np.unique(labels).tolist()).issubset({0, 1})
-        if binary:
+        n_classes = max(self.classes, 2)
+        confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+        np.add.at(confusion, (labels.clip(0, n_classes - 1), predicted.clip(0, n_classes - 1)), 1)
+        support = confusion.sum(axis=1)
+        recall = [float(confusion[c, c] / support[c]) if support[c] else None for c in range(n_classes)]
+        present = [r for r in recall if r is not None]
+        metrics: dict = {"accuracy": float((predicted == labels).mean()), "confusion_matrix": confusion.tolist(),
+                         "per_class_recall": recall,
+                         "balanced_accuracy": float(np.mean(present)) if present else None}
+        if self.binary and set(np.unique(labels).tolist()).issubset({0, 1}):
             positive_index = self.positive_index if self.classes > 1 else 1
             positive = labels == positive_index
             predicted_positive = predicted == positive_index
@@ -153,12 +188,17 @@ class ClassificationTask(Task):
             tn = int((~positive & ~predicted_positive).sum())
             metrics["sensitivity"] = tp / int(positive.sum()) if positive.any() else None
             metrics["specificity"] = tn / int((~positive).sum()) if (~positive).any() else None
-            metrics["auc"] = roc_auc(self.scores(outputs)[:, self.positive_index], positive)
-        else:  # macro one-vs-rest AUC
+            scores = self.positive_scores(outputs)
+            metrics["auc"] = roc_auc(scores, positive)
+            metrics["pr_auc"] = average_precision(scores, positive)
+        else:  # macro one-vs-rest
             scores = self.scores(outputs)
             aucs = [roc_auc(scores[:, c], labels == c) for c in range(scores.shape[1])]
             aucs = [a for a in aucs if a is not None]
             metrics["auc"] = float(np.mean(aucs)) if aucs else None
+            aps = [average_precision(scores[:, c], labels == c) for c in range(scores.shape[1])]
+            aps = [a for a in aps if a is not None]
+            metrics["pr_auc"] = float(np.mean(aps)) if aps else None
         return metrics
 
     def gate_failures(self, result: Mapping[str, Any], limits: Mapping[str, Optional[float]]) -> list[str]:
@@ -191,11 +231,16 @@ class ClassificationTask(Task):
         return failures
 
     def margins(self, reference: np.ndarray) -> np.ndarray:
-        """How far each reference output is from changing its top-1 class, in output units."""
+        """How far each reference output is from changing its decision, in output units."""
         reference = np.asarray(reference, dtype=np.float64).reshape(len(reference), self.classes)
+        cut = 0.0 if self.threshold is None else float(np.log(self.threshold / (1.0 - self.threshold)))
         if self.classes == 1:
-            # score 0.5 <=> logit 0 for a sigmoid
-            return np.abs(reference[:, 0])
+            # score >= t <=> logit >= logit(t) for a sigmoid
+            return np.abs(reference[:, 0] - cut)
+        if self.threshold is not None:
+            # softmax over two: p_pos >= t <=> l_pos - l_neg >= logit(t); each logit may move by half the gap
+            gap = reference[:, self.positive_index] - reference[:, 1 - self.positive_index]
+            return np.abs(gap - cut) / 2.0
         ordered = np.sort(reference, axis=1)
         # Top-1 flips when the best and second-best outputs meet: each may move by half the gap.
         return (ordered[:, -1] - ordered[:, -2]) / 2.0
@@ -231,3 +276,22 @@ def roc_auc(scores: np.ndarray, positives: np.ndarray) -> Optional[float]:
         ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> Optional[float]:
+    """Area under the precision-recall curve as average precision (precision at each positive's rank,
+    ties broken pessimistically within a tie group); None without positives."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    n_pos = int(positives.sum())
+    if n_pos == 0:
+        return None
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, hits = scores[order], positives[order]
+    # Cut only at the end of each group of equal scores: a threshold cannot split ties.
+    ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
+    tp = np.cumsum(hits)[ends]
+    predicted = ends + 1
+    precision = tp / predicted
+    recall_step = np.diff(np.r_[0, tp]) / n_pos
+    return float((precision * recall_step).sum())

@@ -548,6 +548,7 @@ class Outcome:
     seconds: float
     leaks: list
     detail: str = ""
+    message: str = ""  # a MedgeError's message (checked for planted values like everything else)
 
 
 class _Records(logging.Handler):
@@ -591,7 +592,7 @@ def run_case(case: Case, spec_list=None) -> Outcome:
     for logger in watched:
         logger.setLevel(logging.DEBUG)
     texts: list[str] = []
-    detail = ""
+    detail = message = ""
     started = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -602,6 +603,7 @@ def run_case(case: Case, spec_list=None) -> Outcome:
                 outcome = "ok" if np.isfinite(np.asarray(out, dtype=np.float32)).all() else "bug:non-finite output"
             except MedgeError as exc:
                 outcome = type(exc).__name__
+                message = str(exc)[:300]
                 texts += exception_texts(exc)
             except Exception as exc:  # noqa: BLE001 - any other exception is what the fuzzer looks for
                 outcome = f"bug:{type(exc).__name__}"
@@ -615,7 +617,7 @@ def run_case(case: Case, spec_list=None) -> Outcome:
             logger.setLevel(level)
     texts += handler.texts
     leaks = [text[:500] for text in texts if leaked_fragments(text)]
-    return Outcome(case.index, case.seed_name, case.operations, outcome, seconds, leaks, detail)
+    return Outcome(case.index, case.seed_name, case.operations, outcome, seconds, leaks, detail, message)
 
 
 # --------------------------------------------------------------------------- isolation

@@ -863,3 +863,118 @@ def test_broadcast_and_overlapping_row_views_are_copied():
     np.testing.assert_array_equal(preprocess(np.broadcast_to(row, (5, 12)), spec), expected)
     overlapping = np.lib.stride_tricks.as_strided(np.arange(20, dtype=np.uint16), shape=(5, 12), strides=(2, 2))
     np.testing.assert_array_equal(preprocess(overlapping, spec), preprocess(overlapping.copy(), spec))
+
+
+# ---------------------------------------------------------------------------
+# CUDA path around the kernel (issue 12, part 1), with the recording fake of CUDA of
+# test_preprocess_cuda_ordering.py: no GPU needed.
+
+from .test_preprocess_cuda_ordering import FakeDeviceImage, fake_cuda  # noqa: E402,F401 - the fixture
+from .test_preprocess_cuda_ordering import run as _run_fake_cuda  # noqa: E402
+
+
+def test_a_kernel_fault_found_by_the_final_sync_is_raised(fake_cuda, monkeypatch):
+    """Host images: the synchronise after the launch is where a fault inside the kernel shows. It used to be
+    swallowed, so preprocess() returned normally and the sticky error surfaced later inside TensorRT."""
+    from medge import _preprocess_cuda
+    from medge.runtime import cuda as mc
+
+    rec, native = fake_cuda
+
+    def faulting_sync(handle):
+        rec("sync", handle)
+        raise medge.errors.CudaError("cudaStreamSynchronize failed with cudaErrorIllegalAddress (700)")
+
+    monkeypatch.setattr(mc, "_synchronize", faulting_sync)
+
+    class CallerStream:
+        handle = 0x7777
+
+    for stream in (None, CallerStream()):  # medge's own stream, and the caller's
+        with pytest.raises(medge.errors.CudaError, match="preprocessing kernel failed.*cudaErrorIllegalAddress"):
+            _run_fake_cuda(native, [np.zeros((8, 8), np.uint16)], stream=stream)
+    # A buffer whose stream failed is never lent again.
+    assert not _preprocess_cuda._STAGING._free.get(0)
+
+
+def test_a_failed_launch_stays_the_reported_error_when_the_sync_fails_too(fake_cuda, monkeypatch):
+    from medge.runtime import cuda as mc
+
+    rec, native = fake_cuda
+    native.fail = True
+    monkeypatch.setattr(mc, "_synchronize", lambda handle: (_ for _ in ()).throw(medge.errors.CudaError("sticky")))
+    with pytest.raises(medge.errors.CudaError, match="launch failed"):
+        _run_fake_cuda(native, [np.zeros((8, 8), np.uint16)])
+
+
+def test_staging_memory_is_allocated_once_and_reused(fake_cuda):
+    """No cudaMalloc / cudaFree per call: cudaFree synchronises the device, which invalidates a CUDA graph that
+    another thread is capturing at that moment (TensorRT's, on the same GPU)."""
+    rec, native = fake_cuda
+    for _ in range(5):
+        _run_fake_cuda(native, [np.zeros((8, 8), np.uint16), np.zeros((16, 4), np.int16)])
+    names = rec.names()
+    assert names.count("staging_alloc") == 1 and "staging_free" not in names
+    assert names.count("h2d") == 10 and names.count("launch") == 5
+
+
+def test_staging_memory_grows_geometrically_and_keeps_the_larger_buffer(fake_cuda):
+    from medge import _preprocess_cuda
+
+    rec, native = fake_cuda
+    small = [np.zeros((8, 8), np.uint16)]
+    large = [np.zeros((1024, 1024), np.uint16)] * 3  # 6 MiB: beyond the first 1 MiB buffer
+    for batch in (small, large, small, large, large):
+        _run_fake_cuda(native, batch)
+    allocs = [e for e in rec.events if e[0] == "staging_alloc"]
+    frees = [e for e in rec.events if e[0] == "staging_free"]
+    assert [a[1] for a in allocs] == [_preprocess_cuda._STAGING_MIN_BYTES, 6 << 20]
+    assert [f[1] for f in frees] == [_preprocess_cuda._STAGING_MIN_BYTES]  # replaced once, when outgrown
+
+
+def test_concurrent_calls_and_devices_never_share_a_staging_buffer(fake_cuda, monkeypatch):
+    """A call lends its buffer until its stream has finished: a call that starts meanwhile (another thread,
+    another stream) gets another buffer, and each device has its own."""
+    from medge import _preprocess_cuda
+
+    rec, native = fake_cuda
+    used = []
+    real_launch = type(native).preprocess_cuda
+    nested = {"done": False}
+
+    def launch(self, params, out_ptr, out_bytes, out_params, stream):
+        used.append(params[0].pixels_address)
+        if not nested["done"]:  # a second call arrives while the first one's buffer is in use
+            nested["done"] = True
+            _run_fake_cuda(self, [np.zeros((8, 8), np.uint16)])
+        return real_launch(self, params, out_ptr, out_bytes, out_params, stream)
+
+    monkeypatch.setattr(type(native), "preprocess_cuda", launch)
+    _run_fake_cuda(native, [np.zeros((8, 8), np.uint16)])
+    assert len(set(used)) == 2
+    _run_fake_cuda(native, [np.zeros((8, 8), np.uint16)])  # both buffers idle now: one is reused
+    assert set(used[2:]) <= set(used[:2]) and len(used) == 3
+    _preprocess_cuda._STAGING.acquire(mc_module(), 1, 10)  # another device: a buffer of its own
+    assert [e[2] for e in rec.events if e[0] == "staging_alloc"] == [0, 0, 1]
+
+
+def mc_module():
+    from medge.runtime import cuda as mc
+
+    return mc
+
+
+def test_staged_rows_are_padded_to_16_bytes_for_vector_loads(fake_cuda, monkeypatch):
+    from medge.runtime import cuda as mc
+
+    rec, native = fake_cuda
+    seen = {}
+    monkeypatch.setattr(native, "preprocess_cuda",
+                        lambda params, *a: seen.update(p=[(p.width, p.row_stride, p.buffer_bytes) for p in params]),
+                        raising=False)
+    copies = []
+    monkeypatch.setattr(mc, "host_to_device", lambda dst, src, stream=None, nbytes=None: copies.append(src.copy()))
+    odd = np.arange(5 * 7, dtype=np.uint16).reshape(5, 7)
+    _run_fake_cuda(native, [odd, np.zeros((3, 8), np.int16), np.zeros((2, 3), np.float32)])
+    assert seen["p"] == [(7, 8, 5 * 8 * 2), (8, 8, 3 * 8 * 2), (3, 4, 2 * 4 * 4)]
+    np.testing.assert_array_equal(copies[0][:, :7], odd)

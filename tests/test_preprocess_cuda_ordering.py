@@ -68,12 +68,15 @@ def fake_cuda(monkeypatch):
             rec("stream_close")
 
     class DeviceBuffer:
+        allocated = 0
+
         def __init__(self, nbytes, device=None):
-            self.ptr, self.nbytes = 0x9000, nbytes
-            rec("staging_alloc")
+            DeviceBuffer.allocated += 1
+            self.ptr, self.nbytes, self.device = 0x9000 * DeviceBuffer.allocated, nbytes, device
+            rec("staging_alloc", nbytes, device)
 
         def close(self):
-            rec("staging_free")
+            rec("staging_free", self.nbytes, self.device)
 
     class DeviceArray:
         def __init__(self, shape, dtype, device=None):
@@ -91,6 +94,7 @@ def fake_cuda(monkeypatch):
         def release(self):
             rec("release")
 
+    monkeypatch.setattr(_preprocess_cuda, "_STAGING", _preprocess_cuda._StagingPool())  # no buffers from other tests
     monkeypatch.setattr(mc, "Stream", Stream)
     monkeypatch.setattr(mc, "DeviceBuffer", DeviceBuffer)
     monkeypatch.setattr(mc, "DeviceArray", DeviceArray)
@@ -116,13 +120,13 @@ def run(native, images, stream=None, out=None):
     return _preprocess_cuda.run(native, images, SPEC, out, stream, 0)
 
 
-def test_host_inputs_are_staged_synchronised_then_freed(fake_cuda):
+def test_host_inputs_are_staged_synchronised_then_kept_for_reuse(fake_cuda):
     rec, native = fake_cuda
     result = run(native, [np.zeros((8, 8), np.uint16)])
     names = rec.names()
-    assert names.index("h2d") < names.index("launch") < names.index("staging_free")
-    # The staging buffer is freed only after a synchronise that follows the launch.
-    assert "sync" in names[names.index("launch"):names.index("staging_free")]
+    assert names.index("staging_alloc") < names.index("h2d") < names.index("launch") < names.index("sync")
+    # The staging buffer goes back to medge's pool (after the synchronise that follows the launch), not to cudaFree.
+    assert "staging_free" not in names
     assert names[-1] == "stream_close" and "mark_pending" not in names
     assert isinstance(result, mc.DeviceArray)
 
@@ -155,9 +159,10 @@ def test_failed_launch_still_synchronises_before_freeing_and_closes(fake_cuda):
     with pytest.raises(CudaError, match="fake"):
         run(native, [np.zeros((8, 8), np.uint16), FakeDeviceImage()])
     names = rec.names()
-    assert names.index("launch") < names.index("sync") < names.index("staging_free")
+    assert names.index("launch") < names.index("sync")  # before the staging buffer can be lent again
     assert names.index("launch") < names.index("release")
     assert "stream_close" in names
+    assert len(_preprocess_cuda._STAGING._free[0]) == 1  # the stream finished cleanly: the buffer is reusable
 
 
 def test_out_array_is_viewed_writable_and_shape_checked(fake_cuda):

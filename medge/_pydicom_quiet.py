@@ -83,11 +83,20 @@ def _route_warning(message, category, filename, lineno, file=None, line=None):
         warnings._showwarning_orig(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
 
 
+_logger_cache: tuple[int, list[logging.Logger]] = (-1, [])
+
+
 def _quiet_loggers() -> list[logging.Logger]:
-    names = [name for name in list(logging.Logger.manager.loggerDict)
-             if any(name == root or name.startswith(root + ".") for root in QUIET_LOGGERS)]
-    # The roots themselves, even if nothing created them yet (a codec imported later logs to them).
-    return [logging.getLogger(name) for name in sorted(set(names) | set(QUIET_LOGGERS))]
+    """The quiet loggers that exist now (children included); rescanned only when loggers were added."""
+    global _logger_cache
+    registry = logging.Logger.manager.loggerDict
+    if _logger_cache[0] != len(registry):
+        names = [name for name in list(registry)
+                 if any(name == root or name.startswith(root + ".") for root in QUIET_LOGGERS)]
+        # The roots themselves, even if nothing created them yet (a codec imported later logs to them).
+        loggers = [logging.getLogger(name) for name in sorted(set(names) | set(QUIET_LOGGERS))]
+        _logger_cache = (len(registry), loggers)  # counted after getLogger created any missing root
+    return _logger_cache[1]
 
 
 def _install() -> None:

@@ -10,15 +10,24 @@ those in one pass). What it adds to pydicom:
   and Per-frame Functional Groups), which pydicom's ``apply_modality_lut`` /
   ``apply_voi_lut`` ignore;
 - validation before decoding (pixel-count limit against decompression bombs,
-  truncated data, missing decoders) and after it (shape and dtype must agree
-  with the header);
+  truncated data, missing decoders, and each compressed frame's own header:
+  JPEG / JPEG-LS / JPEG 2000 dimensions, components and bit depth, RLE
+  segment tables, frame counts, all against the DICOM header, because a
+  decoder sizes its output from the codestream) and after it (shape and dtype
+  must agree with the header);
 - one error type, :class:`~medge.errors.DicomError`, whose messages carry
   tag keywords, numbers and UIDs of the image only, never a value that could
-  identify a patient (no string read from the file is ever quoted).
+  identify a patient (no string read from the file is ever quoted), and which
+  carries no exception chain (pydicom's messages can quote raw bytes);
+- silence: pydicom's warnings and log records (which quote values from the
+  file) are kept from the caller's logs while reading; one debug record on
+  ``medge.dicom`` says how many there were, by category only.
 
 Only Image Pixel, Modality LUT, VOI LUT, SOP Common and functional group
-elements are accessed, so pydicom's lazy value parsing never touches (or
-warns about) patient or study attributes.
+elements are accessed, so pydicom's lazy value parsing never touches patient
+or study attributes directly. A damaged length can still pull them into an
+element medge reads (a UID that swallows the Patient's Name), which is why
+pydicom's own messages are silenced and never chained.
 
 pydicom is imported lazily.
 """
@@ -137,9 +146,13 @@ def read_dicom(source: DicomSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, for
         DicomError: the source is not readable DICOM, has no (or truncated)
             pixel data, needs a decoder that is not installed (the message
             says what to pip install), uses an unknown transfer syntax, is not
-            single-sample greyscale (MONOCHROME1/2), exceeds ``max_pixels``,
-            carries an invalid rescale or window, or decodes to an array that
-            disagrees with its header.
+            single-sample greyscale (MONOCHROME1/2), exceeds ``max_pixels``
+            (also a deflated dataset that would inflate beyond it), has a
+            compressed frame whose own header disagrees with the DICOM header
+            (checked before decoding), carries an invalid rescale or window,
+            has a functional group of the wrong type, or decodes to an array
+            that disagrees with its header. No other exception type leaves
+            for any input; one that does is a bug.
         MissingDependency: pydicom is not installed.
         ValueError: ``max_pixels`` is not a positive integer.
     """

@@ -438,6 +438,26 @@ def test_configs_match_tritons_own_schema(serving, repository, demo_bundle, tmp_
 
 
 @pytest.mark.slow  # the serving environment (pip, ~30 s cold) and a server start
+def test_a_changed_graph_is_refused_when_triton_loads_it(serving, repository, tmp_path):
+    """Triton checks nothing: the medge network checks its graph's SHA-256 before serving."""
+    from medge.serve.triton import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository.repository, repo)
+    graph = repo / "medge_demo_lesion_fp32_net_medge" / "1" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 1
+    graph.write_bytes(bytes(data))
+    triton = TritonServer(repo, serving, models=[repository.medge_ensembles["fp32"]], log_path=tmp_path / "log")
+    try:
+        with pytest.raises(MedgeError, match="before it was ready"):
+            triton.start()
+    finally:
+        triton.stop()
+    assert "is not the fp32 graph that medge exported (SHA-256 differs)" in triton.log()
+
+
+@pytest.mark.slow  # the serving environment (pip, ~30 s cold) and a server start
 def test_the_server_stops_cleanly(server):
     """Last in this file: SIGTERM stops the server and its python stubs, with exit status 0."""
     started = time.monotonic()
@@ -445,3 +465,5 @@ def test_the_server_stops_cleanly(server):
     assert status == 0, server.log()[-3000:]
     assert time.monotonic() - started < 30
     assert "successfully unloaded" in server.log()
+    with pytest.raises(ProcessLookupError):  # no stub left behind in the server's process group
+        os.killpg(server.process.pid, 0)

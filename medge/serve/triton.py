@@ -405,7 +405,10 @@ def export_triton(bundle: Union[str, os.PathLike], repository: Union[str, os.Pat
     if execution_env:
         common_python["EXECUTION_ENV_PATH"] = execution_env
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.", suffix=".partial", dir=repository.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.", suffix=".partial", dir=repository.parent))
+    except OSError as exc:
+        raise MedgeError(f"cannot write in {repository.parent}: {exc.strerror}") from exc
     writer = _RepositoryWriter(staging)
     models: dict = {}
     ensembles: dict = {}
@@ -545,6 +548,9 @@ def export_triton(bundle: Union[str, os.PathLike], repository: Union[str, os.Pat
         export["files"] = dict(sorted(writer.files.items()))
         writer.write(EXPORT_RECORD, (json.dumps(export, indent=2, sort_keys=True) + "\n").encode())
         _move_into_place(staging, repository, overwrite)
+    except OSError as exc:  # disk full, permissions: a user's problem, said in one line
+        shutil.rmtree(staging, ignore_errors=True)
+        raise MedgeError(f"cannot write the repository {repository}: {exc.strerror or exc}") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -975,6 +981,17 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)  # its own session: the stubs go with it
                 process.wait()
+        # A server that died (or failed to load a model) may leave python stubs in its process group.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         return process.returncode
 
     def __enter__(self) -> "TritonServer":

@@ -1,17 +1,22 @@
-"""Tests of medge.runtime.cuda: stream normalisation, zero-copy views, DLPack in ctypes, device memory.
+"""Tests of medge.runtime.cuda: stream normalisation, zero-copy views, DLPack through cuda.core, device memory.
 
-The DLPack code is device-type agnostic, so it is tested for real on the CPU
-against numpy's own DLPack producer and consumer. Device arrays' exports are
-tested on wrapped fake pointers (nothing dereferences them). Tests that need a
-GPU carry the ``gpu`` marker and skip with a reason when none is visible.
+DLPack import goes through cuda.core's StridedMemoryView, which needs no
+driver for it: test producers hand out numpy's own capsules, rewritten (with a
+small ctypes view, test-only) to claim CUDA memory at a fake address that
+nothing dereferences. DLPack export needs the driver (cuda.core reads the
+pointer's CUDA attributes), so on the CPU only medge's decisions around it are
+checked, against a stand-in; the export itself is checked on a GPU. Tests that
+need a GPU carry the ``gpu`` marker and skip with a reason when none is visible.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import subprocess
 import sys
 import textwrap
+import types
 import weakref
 
 import numpy as np
@@ -25,9 +30,7 @@ from medge.runtime.cuda import (
     DeviceView,
     DLDeviceType,
     as_device_view,
-    from_dlpack_capsule,
     stream_handle,
-    to_dlpack_capsule,
 )
 
 FAKE_PTR = 0x7F00_0000_1000  # a "device address" nothing ever dereferences
@@ -48,13 +51,25 @@ def _has_cuda_python() -> bool:
     return True
 
 
+def _has_cuda_core() -> bool:
+    try:
+        cuda._core()
+    except MissingDependency:
+        return False
+    return True
+
+
 HAS_CUDA_PYTHON = _has_cuda_python()
+HAS_CUDA_CORE = _has_cuda_core()
 GPU_COUNT = _gpu_count()
+NO_CUDA_CORE = 'cuda-core >= 1.2 is not installed (pip install "medge[cuda]")'
 gpu = [
     pytest.mark.gpu,
     pytest.mark.skipif(GPU_COUNT == 0, reason="needs a CUDA GPU (none visible, no driver, or no cuda-python)"),
+    pytest.mark.skipif(not HAS_CUDA_CORE, reason=NO_CUDA_CORE),
 ]
 needs_cuda_python = pytest.mark.skipif(not HAS_CUDA_PYTHON, reason="cuda-python is not installed")
+needs_cuda_core = pytest.mark.skipif(not HAS_CUDA_CORE, reason=NO_CUDA_CORE)
 
 
 def _numpy_speaks_dlpack_1() -> bool:
@@ -69,10 +84,6 @@ NUMPY_DLPACK_1 = _numpy_speaks_dlpack_1()
 needs_numpy_dlpack_1 = pytest.mark.skipif(
     not NUMPY_DLPACK_1, reason=f"numpy {np.__version__} predates DLPack 1.0 (max_version); needs numpy >= 2.1"
 )
-
-
-def _capsule_name(capsule) -> bytes:
-    return cuda._PyCapsule_GetName(capsule)
 
 
 def _collect():
@@ -100,59 +111,83 @@ def stream_calls(monkeypatch):
 # ---------------------------------------------------------------------------
 
 
-class HostExporter:
-    """A DLPack producer for a numpy-owned host buffer, built on medge's exporter (device kDLCPU)."""
+class _DLTensor(ctypes.Structure):  # dlpack.h DLTensor, flattened; test-only
+    _fields_ = [
+        ("data", ctypes.c_void_p), ("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32), ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16),
+        ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p), ("byte_offset", ctypes.c_uint64),
+    ]
 
-    def __init__(self, array, *, legacy_only=False):
-        self.array = array
-        self.legacy_only = legacy_only
-        self.calls = []
 
-    def __dlpack_device__(self):
-        return (DLDeviceType.CPU, 0)
+assert ctypes.sizeof(_DLTensor) == 48
+_DL_TENSOR_OFFSET_VERSIONED = 32  # DLManagedTensorVersioned: version, manager_ctx, deleter, flags, dl_tensor
+_PyCapsule_GetPointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
 
-    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
-        self.calls.append(dict(stream=stream, max_version=max_version, dl_device=dl_device, copy=copy))
-        if copy:
-            raise BufferError("this test producer never copies")
-        a = self.array
-        return to_dlpack_capsule(
-            self,
-            ptr=a.ctypes.data,
-            shape=a.shape,
-            strides=a.strides,
-            dtype=a.dtype,
-            device=(DLDeviceType.CPU, 0),
-            max_version=None if self.legacy_only else max_version,
-            readonly=not a.flags.writeable,
-        )
+
+def cuda_capsule(array, max_version, device=(DLDeviceType.CUDA, 0), data=FAKE_PTR, byte_offset=0, dtype_code=None,
+                 null_strides=False):
+    """numpy's DLPack capsule of ``array``, rewritten to claim CUDA memory (nothing dereferences it).
+
+    numpy's deleter only drops its reference to ``array``, so the rewrite is safe.
+    """
+    versioned = max_version is not None and max_version[0] >= 1
+    capsule = array.__dlpack__(max_version=max_version) if versioned else array.__dlpack__()
+    name = b"dltensor_versioned" if versioned else b"dltensor"
+    offset = _DL_TENSOR_OFFSET_VERSIONED if versioned else 0
+    tensor = _DLTensor.from_address(_PyCapsule_GetPointer(capsule, name) + offset)
+    tensor.device_type, tensor.device_id = (int(v) for v in device)
+    if data is not None:
+        tensor.data = data
+    tensor.byte_offset = byte_offset
+    if dtype_code is not None:
+        tensor.code = dtype_code
+    if null_strides:  # legal for C-contiguous tensors (numpy allocates shape and strides with the struct)
+        tensor.strides = None
+    return capsule
 
 
 class FakeCudaDLPack:
-    """A CUDA DLPack producer with a fake pointer; records the stream it was asked to order before."""
+    """A CUDA DLPack producer at a fake address; records what it was asked for.
 
-    def __init__(self, shape=(2, 3), dtype=np.float32, device=(DLDeviceType.CUDA, 0), readonly=False, old_style=False):
-        self.shape, self.dtype, self.device, self.readonly = shape, np.dtype(dtype), device, readonly
+    Its capsules are numpy's, of ``self.array``: each unreleased one holds a
+    reference to it, which :meth:`unreleased` counts.
+    """
+
+    def __init__(self, shape=(2, 3), dtype=np.float32, device=(DLDeviceType.CUDA, 0), readonly=False,
+                 old_style=False, array=None, data=FAKE_PTR, byte_offset=0, dtype_code=None):
+        self.array = np.zeros(shape, dtype) if array is None else array
+        if readonly:
+            self.array.flags.writeable = False
+        self.device, self.data, self.byte_offset, self.dtype_code = device, data, byte_offset, dtype_code
         self.calls = []
+        self._refs = None  # references to self.array before the first export
         if old_style:
             self.__dlpack__ = self._old_dlpack
+
+    def unreleased(self) -> int:
+        return 0 if self._refs is None else sys.getrefcount(self.array) - self._refs
 
     def __dlpack_device__(self):
         return self.device
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
         self.calls.append(dict(stream=stream, max_version=max_version))
+        self._count_from_here()
         return self._capsule(max_version)
 
     def _old_dlpack(self, stream=None):
         self.calls.append(dict(stream=stream))
+        self._count_from_here()
         return self._capsule(None)
 
+    def _count_from_here(self):
+        if self._refs is None:
+            self._refs = sys.getrefcount(self.array)
+
     def _capsule(self, max_version):
-        return to_dlpack_capsule(
-            self, ptr=FAKE_PTR, shape=self.shape, strides=None, dtype=self.dtype,
-            device=self.device, max_version=max_version, readonly=self.readonly,
-        )
+        return cuda_capsule(self.array, max_version, self.device, self.data, self.byte_offset, self.dtype_code)
 
 
 class FakeCAI:
@@ -167,6 +202,10 @@ class FakeCAI:
             self.__cuda_array_interface__["stream"] = stream
 
 
+class Owner:
+    """Any weak-referenceable object."""
+
+
 def fake_device_array(shape=(2, 3), dtype=np.float32, *, readonly=False, device=0):
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buffer = DeviceBuffer.from_pointer(FAKE_PTR, nbytes, device=device)
@@ -174,237 +213,205 @@ def fake_device_array(shape=(2, 3), dtype=np.float32, *, readonly=False, device=
 
 
 # ---------------------------------------------------------------------------
-# DLPack export, consumed by numpy (CPU)
+# as_device_view: DLPack producers on CUDA (fake pointers, cuda.core reads the capsules)
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "max_version, expected",
-    [(None, b"dltensor"), ((0, 8), b"dltensor"), ((1, 0), b"dltensor_versioned"), ((1, 3), b"dltensor_versioned"),
-     ((2, 0), b"dltensor_versioned")],
-)
-def test_export_picks_capsule_version_from_max_version(max_version, expected):
-    exporter = HostExporter(np.arange(4.0))
-    capsule = exporter.__dlpack__(max_version=max_version)
-    assert _capsule_name(capsule) == expected
-    del capsule
-
-
-@pytest.mark.parametrize("legacy_only", [False, True], ids=["versioned", "legacy"])
-@pytest.mark.parametrize(
-    "array",
-    [
-        np.arange(12, dtype=np.float32).reshape(3, 4),
-        np.arange(24, dtype=np.int16).reshape(2, 3, 4)[:, ::2, 1:],  # strided view
-        np.arange(12, dtype=np.float64).reshape(3, 4).T,  # transposed
-        np.array(7, dtype=np.uint8),  # 0-d
-        np.zeros((0, 5), dtype=np.float16),  # empty
-        np.array([True, False, True]),
-        np.arange(6, dtype=np.complex64),
-        np.arange(-3, 3, dtype=np.int64),
-    ],
-    ids=["f32", "i16-strided", "f64-T", "u8-0d", "f16-empty", "bool", "c64", "i64"],
-)
-def test_numpy_consumes_our_capsule_without_copy(array, legacy_only):
-    exporter = HostExporter(array, legacy_only=legacy_only)
-    view = np.from_dlpack(exporter)
-    assert exporter.calls, "numpy did not call __dlpack__"
-    np.testing.assert_array_equal(view, array)
-    assert view.dtype == array.dtype and view.shape == array.shape
-    if array.size:
-        assert view.strides == array.strides
-        assert np.shares_memory(view, array)
-
-
-@needs_numpy_dlpack_1
-def test_numpy_asks_for_versioned_capsule():
-    exporter = HostExporter(np.arange(3.0))
-    np.from_dlpack(exporter)
-    assert exporter.calls[-1]["max_version"] is not None
-    assert tuple(exporter.calls[-1]["max_version"]) >= (1, 0)
-
-
-def test_owner_lives_while_consumer_holds_the_view_and_is_released_after():
-    base = cuda._live_exports[0]
-    exporter = HostExporter(np.arange(10, dtype=np.int32))
-    alive = weakref.ref(exporter)
-    view = np.from_dlpack(exporter)
-    del exporter
+@needs_cuda_core
+def test_view_from_cuda_dlpack_passes_the_consumer_stream():
+    producer = FakeCudaDLPack(shape=(2, 3), dtype=np.uint16, device=(DLDeviceType.CUDA, 1))
+    array = producer.array
+    refs = sys.getrefcount(array)
+    alive = weakref.ref(producer)
+    view = as_device_view(producer, stream=0x77)
+    assert [c["stream"] for c in producer.calls] == [0x77]
+    assert tuple(producer.calls[0]["max_version"]) >= (1, 0), "cuda.core asks for a versioned capsule"
+    assert (view.ptr, view.shape, view.strides, view.dtype, view.device_id) == (FAKE_PTR, (2, 3), (6, 2), np.uint16, 1)
+    assert view.stream_sync == 0x77 and not view.readonly
+    del producer
     _collect()
-    assert alive() is not None, "the producer was freed while numpy still views its memory"
-    assert cuda._live_exports[0] == base + 1
-    np.testing.assert_array_equal(view, np.arange(10))
-    del view
+    assert alive() is not None, "the view must keep the producer's memory alive"
+    assert sys.getrefcount(array) == refs + 1, "the producer's deleter ran while the view was alive"
+    view.release()
+    view.release()  # idempotent
     _collect()
-    assert alive() is None, "the deleter did not release the producer"
-    assert cuda._live_exports[0] == base
+    assert alive() is None
+    assert sys.getrefcount(array) == refs - 1, "the producer's deleter did not run"  # less the producer's reference
 
 
-@pytest.mark.parametrize("max_version", [None, (1, 0)], ids=["legacy", "versioned"])
-def test_unconsumed_capsule_releases_owner(max_version):
-    base = cuda._live_exports[0]
-    exporter = HostExporter(np.arange(5.0))
-    alive = weakref.ref(exporter)
-    capsule = exporter.__dlpack__(max_version=max_version)
-    del exporter
-    _collect()
-    assert alive() is not None
-    assert cuda._live_exports[0] == base + 1
-    del capsule
-    _collect()
-    assert alive() is None, "an unconsumed capsule leaked its producer"
-    assert cuda._live_exports[0] == base
-
-
-def test_many_exports_do_not_leak():
-    base = cuda._live_exports[0]
-    array = np.arange(100.0)
-    before = sys.getrefcount(array)
-    for i in range(200):
-        exporter = HostExporter(array)
-        if i % 2:
-            np.from_dlpack(exporter).sum()
-        else:
-            exporter.__dlpack__(max_version=(1, 0))
-    del exporter
-    _collect()
-    assert cuda._live_exports[0] == base
-    assert sys.getrefcount(array) == before
-
-
-def test_readonly_export_needs_versioned_capsule():
-    array = np.arange(4.0)
-    array.flags.writeable = False
-    exporter = HostExporter(array)
-    with pytest.raises(BufferError, match="read-only"):
-        exporter.__dlpack__()
-    with from_dlpack_capsule(exporter.__dlpack__(max_version=(1, 0))) as tensor:
-        assert tensor.readonly
-    if not NUMPY_DLPACK_1:
-        pytest.skip(f"numpy {np.__version__} cannot receive read-only arrays through DLPack")
-    view = np.from_dlpack(exporter)  # numpy asks for (1, 0): the flag travels
-    assert not view.flags.writeable
-
-
-def test_export_rejects_what_dlpack_cannot_express():
-    with pytest.raises(BufferError, match="dtype"):
-        to_dlpack_capsule(object(), ptr=1, shape=(2,), strides=None, dtype=np.dtype("i4,f4"), device=(1, 0))
-    with pytest.raises(BufferError, match="dtype"):
-        to_dlpack_capsule(object(), ptr=1, shape=(2,), strides=None, dtype=np.dtype(">f4"), device=(1, 0))
-    with pytest.raises(BufferError, match="multiples"):
-        to_dlpack_capsule(object(), ptr=1, shape=(2,), strides=(6,), dtype=np.float32, device=(1, 0))
-
-
-# ---------------------------------------------------------------------------
-# DLPack parsing (CPU): numpy's capsules and our own
-# ---------------------------------------------------------------------------
-
-
+@needs_cuda_core
 @pytest.mark.parametrize("max_version", [None, (1, 0)], ids=["legacy", "versioned"])
 @pytest.mark.parametrize(
     "make",
     [
         lambda: np.arange(12, dtype=np.float32).reshape(3, 4),
         lambda: np.arange(60, dtype=np.uint16).reshape(3, 4, 5)[1:, ::2, ::-1],
-        lambda: np.arange(12, dtype=np.int8).reshape(3, 4).T,
+        lambda: np.arange(12, dtype=np.int16).reshape(3, 4).T,
         lambda: np.array(2.5),
+        lambda: np.zeros((0, 5), dtype=np.float16),
         lambda: np.array([True, False]),
     ],
-    ids=["f32", "u16-negstride", "i8-T", "0d", "bool"],
+    ids=["f32", "u16-negstride", "i16-T", "0d", "f16-empty", "bool"],
 )
-def test_parse_numpy_capsules(make, max_version):
-    if max_version and not NUMPY_DLPACK_1:
-        pytest.skip(f"numpy {np.__version__} cannot export versioned DLPack capsules")
+def test_dlpack_layouts_reach_the_view_unchanged(make, max_version):
     array = make()
-    refs = sys.getrefcount(array)
-    capsule = array.__dlpack__(max_version=max_version) if max_version else array.__dlpack__()
-    tensor = from_dlpack_capsule(capsule)
-    assert _capsule_name(capsule) == (b"used_dltensor_versioned" if max_version else b"used_dltensor")
-    assert tensor.versioned == bool(max_version)
-    assert tensor.ptr == array.__array_interface__["data"][0]
-    assert tensor.shape == array.shape
-    assert tensor.strides == array.strides
-    assert tensor.dtype == array.dtype
-    assert (tensor.device_type, tensor.device_id) == (DLDeviceType.CPU, 0)
-    assert not tensor.readonly
-    del capsule  # renamed: its destructor must not call the deleter
+    producer = FakeCudaDLPack(array=array, data=None, old_style=max_version is None)  # keep numpy's own pointer
+    with as_device_view(producer, stream=3) as view:
+        if array.size:
+            assert view.ptr == array.__array_interface__["data"][0]
+        assert (view.shape, view.dtype) == (array.shape, array.dtype)
+        if array.size > 1:
+            assert view.strides == array.strides
+        assert view.is_c_contiguous == (array.flags.c_contiguous or array.size <= 1)
+    assert producer.unreleased() == 0
+
+
+@needs_cuda_core
+def test_dlpack_null_strides_mean_c_contiguous():
+    class NullStrides(FakeCudaDLPack):
+        def _capsule(self, max_version):
+            return cuda_capsule(self.array, max_version, null_strides=True)
+
+    with as_device_view(NullStrides(shape=(3, 4, 5), dtype=np.int16), stream=3) as view:
+        assert view.strides == (40, 10, 2) and view.is_c_contiguous
+
+
+@needs_cuda_core
+def test_dlpack_byte_offset_is_added_to_the_pointer():
+    """cuda-core < 1.2 dropped DLTensor.byte_offset (hence the version floor)."""
+    with as_device_view(FakeCudaDLPack(byte_offset=64), stream=3) as view:
+        assert view.ptr == FAKE_PTR + 64
+
+
+@needs_cuda_core
+@pytest.mark.parametrize("stream, sync, sent", [(0, True, 1), (2, True, 2), (0x77, False, -1)],
+                         ids=["legacy-as-1", "per-thread", "no-sync"])
+def test_dlpack_stream_values_follow_the_spec(stream, sync, sent):
+    producer = FakeCudaDLPack()
+    with as_device_view(producer, stream=stream, sync=sync) as view:
+        assert producer.calls[0]["stream"] == sent
+        assert view.stream_sync == (None if sent == -1 else sent)
+
+
+@needs_cuda_core
+def test_dlpack_without_consumer_stream_waits_on_the_host(stream_calls):
+    producer = FakeCudaDLPack()
+    with as_device_view(producer) as view:
+        assert producer.calls[0]["stream"] == 1
+        assert stream_calls == [("sync", 1)] and view.stream_sync is None
+
+
+@needs_cuda_core
+def test_dlpack_producer_without_new_keywords():
+    producer = FakeCudaDLPack(old_style=True)
+    with as_device_view(producer, stream=5) as view:
+        assert producer.calls == [dict(stream=5)] and view.shape == (2, 3)
+    assert producer.unreleased() == 0
+
+
+@needs_cuda_core
+@needs_numpy_dlpack_1
+def test_dlpack_readonly_flag_travels():
+    producer = FakeCudaDLPack(readonly=True)
+    with as_device_view(producer, stream=3) as view:
+        assert view.readonly
+    with pytest.raises(PreprocessError, match="read-only"):
+        as_device_view(FakeCudaDLPack(readonly=True), stream=3, require_writable=True)
+
+
+@needs_cuda_core
+def test_dlpack_managed_memory_is_accepted():
+    with as_device_view(FakeCudaDLPack(device=(DLDeviceType.CUDA_MANAGED, 0)), stream=3) as view:
+        assert view.device_id == 0
+
+
+@pytest.mark.parametrize("device, match", [((3, 0), "host memory.*pinned"), ((10, 0), "device type 10")],
+                         ids=["cuda-host", "rocm"])
+def test_dlpack_other_devices_are_refused(device, match):
+    producer = FakeCudaDLPack(device=device)
+    with pytest.raises(PreprocessError, match=match):
+        as_device_view(producer, stream=3)
+    assert producer.calls == []
+
+
+def test_host_dlpack_producer_is_refused_before_export():
+    producer = FakeCudaDLPack(device=(DLDeviceType.CPU, 0))
+    with pytest.raises(PreprocessError, match="host memory.*kDLCPU"):
+        as_device_view(producer)
+    assert producer.calls == [], "no capsule should be made for host memory"
+
+
+@needs_cuda_core
+def test_dlpack_capsule_on_another_device_type_is_refused_and_released():
+    class Liar(FakeCudaDLPack):  # says CUDA, hands out a CPU capsule
+        def _capsule(self, max_version):
+            return cuda_capsule(self.array, max_version, device=(DLDeviceType.CPU, 0))
+
+    producer = Liar()
+    with pytest.raises(PreprocessError, match="capsule says 1"):
+        as_device_view(producer, stream=3)
     _collect()
-    assert sys.getrefcount(array) == refs + 1, "numpy's export reference was dropped early"
-    tensor.release()
-    tensor.release()  # idempotent
-    assert tensor.released
+    assert producer.unreleased() == 0
+
+
+@needs_cuda_core
+def test_dlpack_validation_failure_releases_the_tensor():
+    producer = FakeCudaDLPack(dtype=np.complex64)
+    alive = weakref.ref(producer)
+    array = producer.array
+    refs = sys.getrefcount(array) - 1  # less the producer's own reference
+    with pytest.raises(PreprocessError, match="complex64"):
+        as_device_view(producer, stream=3)
+    with pytest.raises(PreprocessError, match="float32; expected uint16"):
+        as_device_view(FakeCudaDLPack(), stream=3, dtypes=[np.uint16])
+    del producer
+    _collect()
+    assert alive() is None
     assert sys.getrefcount(array) == refs
 
 
-@needs_numpy_dlpack_1
-def test_parsed_tensor_released_by_garbage_collection():
-    array = np.arange(8.0)
-    refs = sys.getrefcount(array)
-    tensor = from_dlpack_capsule(array.__dlpack__(max_version=(1, 0)))
-    assert sys.getrefcount(array) == refs + 1
-    del tensor
+@needs_cuda_core
+def test_dlpack_unparsable_dtype_is_refused_and_released():
+    producer = FakeCudaDLPack(dtype=np.float16, dtype_code=4)  # kDLBfloat
+    with pytest.raises(PreprocessError, match="bfloat16"):
+        as_device_view(producer, stream=3)
     _collect()
-    assert sys.getrefcount(array) == refs
+    assert producer.unreleased() == 0
 
 
-@needs_numpy_dlpack_1
-def test_parse_numpy_readonly_flag():
-    array = np.arange(3.0)
-    array.flags.writeable = False
-    with from_dlpack_capsule(array.__dlpack__(max_version=(1, 0))) as tensor:
-        assert tensor.readonly and tensor.version[0] == 1
-
-
-def test_capsule_cannot_be_consumed_twice():
+@needs_cuda_core
+@pytest.mark.parametrize("returned", ["object", "consumed"])
+def test_dlpack_producer_returning_no_unused_capsule_is_refused(returned):
     capsule = np.arange(3.0).__dlpack__()
-    with from_dlpack_capsule(capsule):
-        with pytest.raises(BufferError, match="consumed already"):
-            from_dlpack_capsule(capsule)
+    if returned == "consumed":
+        np.from_dlpack(types.SimpleNamespace(__dlpack__=lambda **kw: capsule, __dlpack_device__=lambda: (1, 0)))
+
+    class Broken(FakeCudaDLPack):
+        def _capsule(self, max_version):
+            return object() if returned == "object" else capsule
+
+    with pytest.raises(PreprocessError, match="no usable DLPack tensor"):
+        as_device_view(Broken(), stream=3)
 
 
-def test_parse_rejects_non_capsules():
-    with pytest.raises(BufferError, match="PyCapsule"):
-        from_dlpack_capsule(np.arange(3))
+def test_dlpack_without_cuda_core_names_the_extra(monkeypatch):
+    monkeypatch.setattr(cuda, "_CORE", None)
+    monkeypatch.setitem(sys.modules, "cuda.core", None)
+    with pytest.raises(MissingDependency, match=r"cuda-core>=1\.2.*medge\[cuda\]"):
+        as_device_view(FakeCudaDLPack(), stream=3)
 
 
-def test_round_trip_of_our_capsule_is_device_agnostic():
-    base = cuda._live_exports[0]
-    owner = HostExporter(np.empty(0))  # any weak-referenceable object
-    alive = weakref.ref(owner)
-    capsule = to_dlpack_capsule(
-        owner, ptr=FAKE_PTR, shape=(2, 3, 4), strides=(48, 4, 12), dtype=np.float32,
-        device=(DLDeviceType.CUDA, 3), max_version=(1, 0), readonly=True, copied=True,
-    )
-    del owner
-    tensor = from_dlpack_capsule(capsule)
-    del capsule
-    _collect()
-    assert alive() is not None
-    assert (tensor.ptr, tensor.shape, tensor.strides, tensor.dtype) == (FAKE_PTR, (2, 3, 4), (48, 4, 12), np.float32)
-    assert (tensor.device_type, tensor.device_id, tensor.readonly, tensor.copied) == (2, 3, True, True)
-    assert tensor.version == (1, 0)
-    tensor.release()
-    _collect()
-    assert alive() is None
-    assert cuda._live_exports[0] == base
-
-
-def test_unknown_major_version_is_refused_and_still_released():
-    base = cuda._live_exports[0]
-    owner = HostExporter(np.empty(0))
-    alive = weakref.ref(owner)
-    capsule = to_dlpack_capsule(owner, ptr=FAKE_PTR, shape=(2,), strides=None, dtype=np.float32,
-                                device=(1, 0), max_version=(1, 0))
-    del owner
-    address = cuda._PyCapsule_GetPointer(capsule, b"dltensor_versioned")
-    cuda._DLManagedTensorVersioned.from_address(address).version.major = 2
-    with pytest.raises(BufferError, match="DLPack 2.0"):
-        from_dlpack_capsule(capsule)
-    assert _capsule_name(capsule) == b"dltensor_versioned"  # left unconsumed
-    del capsule
-    _collect()
-    assert alive() is None
-    assert cuda._live_exports[0] == base
+def test_too_old_cuda_core_is_refused(monkeypatch):
+    old = types.ModuleType("cuda.core")
+    old.__version__ = "0.3.2"
+    old.Buffer = object
+    utils = types.ModuleType("cuda.core.utils")
+    utils.StridedMemoryView = object
+    monkeypatch.setattr(cuda, "_CORE", None)
+    monkeypatch.setitem(sys.modules, "cuda.core", old)
+    monkeypatch.setitem(sys.modules, "cuda.core.utils", utils)
+    with pytest.raises(MissingDependency, match=r"cuda-core>=1\.2"):
+        cuda._core()
 
 
 # ---------------------------------------------------------------------------
@@ -540,13 +547,6 @@ def test_numpy_array_is_refused_as_host_memory():
         as_device_view(np.zeros((2, 2), np.float32), name="input 'image'")
 
 
-def test_host_dlpack_producer_is_refused_before_export():
-    exporter = HostExporter(np.zeros(3))
-    with pytest.raises(PreprocessError, match="host memory.*kDLCPU"):
-        as_device_view(exporter)
-    assert exporter.calls == [], "no capsule should be made for host memory"
-
-
 def test_other_objects_are_refused_clearly():
     with pytest.raises(PreprocessError, match="__cuda_array_interface__ or DLPack"):
         as_device_view(object())
@@ -618,6 +618,7 @@ def test_cai_version_2_is_ordered_after_the_legacy_default_stream(no_pointer_que
     assert stream_calls == []
 
 
+@needs_cuda_core
 def test_dlpack_is_preferred_over_cai_when_both_are_offered(no_pointer_query):
     """torch and CuPy offer both; DLPack's __dlpack__(stream=...) carries the producer's ordering."""
 
@@ -626,99 +627,9 @@ def test_dlpack_is_preferred_over_cai_when_both_are_offered(no_pointer_query):
 
     producer = Both(shape=(2, 3), dtype=np.uint16, device=(DLDeviceType.CUDA, 0))
     view = as_device_view(producer, stream=0x77)
-    assert producer.calls == [dict(stream=0x77, max_version=(1, 0))]
+    assert [c["stream"] for c in producer.calls] == [0x77]
+    assert isinstance(view.owner, cuda._core().StridedMemoryView)
     view.release()
-
-
-# ---------------------------------------------------------------------------
-# as_device_view: DLPack producers on CUDA (fake pointers)
-# ---------------------------------------------------------------------------
-
-
-def test_view_from_cuda_dlpack_passes_the_consumer_stream():
-    base = cuda._live_exports[0]
-    producer = FakeCudaDLPack(shape=(2, 3), dtype=np.uint16, device=(DLDeviceType.CUDA, 1))
-    alive = weakref.ref(producer)
-    view = as_device_view(producer, stream=0x77)
-    assert producer.calls == [dict(stream=0x77, max_version=(1, 0))]
-    assert (view.ptr, view.shape, view.strides, view.dtype, view.device_id) == (FAKE_PTR, (2, 3), (6, 2), np.uint16, 1)
-    assert view.stream_sync == 0x77
-    del producer
-    _collect()
-    assert alive() is not None, "the view must keep the producer's memory alive"
-    view.release()
-    _collect()
-    assert alive() is None
-    assert cuda._live_exports[0] == base
-
-
-@pytest.mark.parametrize("stream, sync, sent", [(0, True, 1), (2, True, 2), (0x77, False, -1)],
-                         ids=["legacy-as-1", "per-thread", "no-sync"])
-def test_dlpack_stream_values_follow_the_spec(stream, sync, sent):
-    producer = FakeCudaDLPack()
-    with as_device_view(producer, stream=stream, sync=sync):
-        assert producer.calls[0]["stream"] == sent
-
-
-def test_dlpack_without_consumer_stream_waits_on_the_host(stream_calls):
-    producer = FakeCudaDLPack()
-    with as_device_view(producer) as view:
-        assert producer.calls[0]["stream"] == 1
-        assert stream_calls == [("sync", 1)] and view.stream_sync is None
-
-
-def test_dlpack_producer_without_new_keywords():
-    producer = FakeCudaDLPack(old_style=True)
-    with as_device_view(producer, stream=5) as view:
-        assert producer.calls == [dict(stream=5)] and view.shape == (2, 3)
-
-
-def test_dlpack_managed_memory_is_accepted():
-    with as_device_view(FakeCudaDLPack(device=(DLDeviceType.CUDA_MANAGED, 0)), stream=3) as view:
-        assert view.device_id == 0
-
-
-@pytest.mark.parametrize("device, match", [((3, 0), "host memory.*pinned"), ((10, 0), "device type 10")],
-                         ids=["cuda-host", "rocm"])
-def test_dlpack_other_devices_are_refused(device, match):
-    producer = FakeCudaDLPack(device=device)
-    with pytest.raises(PreprocessError, match=match):
-        as_device_view(producer, stream=3)
-    assert producer.calls == []
-
-
-def test_dlpack_validation_failure_releases_the_tensor():
-    base = cuda._live_exports[0]
-    producer = FakeCudaDLPack(dtype=np.complex64)
-    alive = weakref.ref(producer)
-    with pytest.raises(PreprocessError, match="complex64"):
-        as_device_view(producer, stream=3)
-    with pytest.raises(PreprocessError, match="read-only"):
-        as_device_view(FakeCudaDLPack(readonly=True), stream=3, require_writable=True)
-    del producer
-    _collect()
-    assert alive() is None
-    assert cuda._live_exports[0] == base
-
-
-def test_dlpack_unparsable_dtype_releases_the_capsule():
-    base = cuda._live_exports[0]
-
-    class BFloat16Producer(FakeCudaDLPack):
-        def _capsule(self, max_version):
-            capsule = super()._capsule(max_version)
-            address = cuda._PyCapsule_GetPointer(capsule, b"dltensor_versioned")
-            cuda._DLManagedTensorVersioned.from_address(address).dl_tensor.dtype.code = 4  # kDLBfloat
-            return capsule
-
-    producer = BFloat16Producer(dtype=np.float16)
-    alive = weakref.ref(producer)
-    with pytest.raises(PreprocessError, match="bfloat16"):
-        as_device_view(producer, stream=3)
-    del producer
-    _collect()
-    assert alive() is None
-    assert cuda._live_exports[0] == base
 
 
 # ---------------------------------------------------------------------------
@@ -743,34 +654,61 @@ def test_device_array_reports_its_pending_stream():
     assert legacy.__cuda_array_interface__["stream"] == 1
 
 
-def test_device_array_dlpack_export():
+@pytest.fixture
+def exports(monkeypatch):
+    """Stand in for cuda.core's capsule builder (it needs a driver): record the request, return a capsule."""
+    calls = []
+
+    def export(array, versioned):
+        calls.append((array, versioned))
+        return cuda_capsule(np.zeros(array.shape, array.dtype), (1, 0) if versioned else None,
+                            device=(DLDeviceType.CUDA, array.device), data=array.ptr)
+
+    monkeypatch.setattr(cuda, "_export_dlpack", export)
+    return calls
+
+
+def test_device_array_dlpack_export_asks_for_the_consumers_version(exports):
     array = fake_device_array((4, 2), np.int32, device=1)
     assert array.__dlpack_device__() == (DLDeviceType.CUDA, 1)
-    for max_version, versioned in [(None, False), ((1, 0), True)]:
-        with from_dlpack_capsule(array.__dlpack__(stream=-1, max_version=max_version)) as tensor:
-            assert tensor.versioned == versioned
-            assert (tensor.ptr, tensor.shape, tensor.strides, tensor.dtype) == (FAKE_PTR, (4, 2), (8, 4), np.int32)
-            assert (tensor.device_type, tensor.device_id) == (DLDeviceType.CUDA, 1)
+    array.__dlpack__(stream=-1)
+    array.__dlpack__(stream=-1, max_version=(0, 8))
+    array.__dlpack__(stream=-1, max_version=(1, 0))
+    array.__dlpack__(stream=-1, max_version=[2, 1])
+    assert exports == [(array, False), (array, False), (array, True), (array, True)]
+    with pytest.raises(TypeError, match="max_version"):
+        array.__dlpack__(stream=-1, max_version=3)
 
 
-def test_device_array_dlpack_export_keeps_the_array_alive():
-    array = fake_device_array()
-    alive = weakref.ref(array)
-    capsule = array.__dlpack__(stream=-1)
-    del array
-    _collect()
-    assert alive() is not None
-    del capsule
-    _collect()
-    assert alive() is None
+@needs_cuda_core
+def test_device_array_dlpack_export_reads_back_through_cuda_core(exports):
+    array = fake_device_array((4, 2), np.int32, device=1)
+
+    class DLPackOnly:
+        def __dlpack__(self, **kw):
+            return array.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return array.__dlpack_device__()
+
+    with as_device_view(DLPackOnly(), stream=5) as view:
+        assert (view.ptr, view.shape, view.strides, view.dtype) == (FAKE_PTR, (4, 2), (8, 4), np.int32)
+        assert view.device_id == 1
 
 
-def test_device_array_dlpack_readonly():
+def test_device_array_dlpack_readonly_needs_a_versioned_capsule(exports):
     array = fake_device_array(readonly=True)
     with pytest.raises(BufferError, match="read-only"):
         array.__dlpack__(stream=-1)
-    with from_dlpack_capsule(array.__dlpack__(stream=-1, max_version=(1, 0))) as tensor:
-        assert tensor.readonly
+    assert exports == []
+    array.__dlpack__(stream=-1, max_version=(1, 0))
+    assert exports == [(array, True)]
+
+
+def test_empty_device_array_is_not_exported_through_dlpack(exports):
+    with pytest.raises(BufferError, match="empty"):
+        DeviceArray((0, 3), np.float32, device=0).__dlpack__()
+    assert exports == []
 
 
 def test_device_array_dlpack_refusals():
@@ -783,7 +721,7 @@ def test_device_array_dlpack_refusals():
         array.__dlpack__(dl_device=(DLDeviceType.CPU, 0), copy=False)
 
 
-def test_device_array_dlpack_orders_the_consumer_stream(stream_calls):
+def test_device_array_dlpack_orders_the_consumer_stream(stream_calls, exports):
     array = fake_device_array()
     array.mark_pending(7)
     array.__dlpack__(stream=9)
@@ -820,7 +758,7 @@ def test_device_array_validation():
 
 
 def test_wrapped_buffer_keeps_its_owner_and_frees_nothing():
-    owner = HostExporter(np.empty(0))
+    owner = Owner()
     alive = weakref.ref(owner)
     buffer = DeviceBuffer.from_pointer(FAKE_PTR, 16, device=0, owner=owner)
     del owner
@@ -883,14 +821,30 @@ def test_module_works_without_cuda_python():
         from medge.errors import MissingDependency
         from medge.runtime import cuda
         assert cuda.stream_handle(None) == 0
-        view = np.from_dlpack(np.arange(3.0))
-        with cuda.from_dlpack_capsule(np.arange(3.0).__dlpack__()) as t:
-            assert t.shape == (3,)
-        for call in (cuda.device_count, lambda: cuda.DeviceBuffer(8), lambda: cuda.Stream()):
+        buffer = cuda.DeviceBuffer.from_pointer(0x7F0000001000, 24, device=0)
+        array = cuda.DeviceArray((2, 3), np.float32, buffer=buffer)
+        with cuda.as_device_view(array) as view:  # CAI v3, nothing pending: no CUDA call
+            assert view.ptr == array.ptr and view.device_id is None
+
+        class CudaDLPack:
+            def __dlpack_device__(self):
+                return (2, 0)
+
+            def __dlpack__(self, **kw):
+                raise AssertionError("not reached")
+
+        calls = [
+            (cuda.device_count, 'cuda-python'),
+            (lambda: cuda.DeviceBuffer(8), 'cuda-python'),
+            (lambda: cuda.Stream(), 'cuda-python'),
+            (lambda: cuda.as_device_view(CudaDLPack(), stream=3), 'cuda-core'),
+            (lambda: array.__dlpack__(stream=-1), 'cuda-core'),
+        ]
+        for call, package in calls:
             try:
                 call()
             except MissingDependency as exc:
-                assert 'medge[cuda]' in str(exc) and 'cuda-python' in str(exc), exc
+                assert 'medge[cuda]' in str(exc) and package in str(exc), exc
             else:
                 raise AssertionError("expected MissingDependency")
         print("ok")
@@ -1005,12 +959,46 @@ class TestOnGPU:
     def test_dlpack_copy_true_makes_a_device_copy(self, stream):
         host = np.arange(6, dtype=np.float32)
         array = DeviceArray.from_host(host, stream)
-        with from_dlpack_capsule(array.__dlpack__(stream=stream.handle, max_version=(1, 0), copy=True)) as tensor:
-            assert tensor.copied and tensor.ptr != array.ptr
+
+        class Copying:
+            def __dlpack__(self, **kw):
+                return array.__dlpack__(copy=True, **kw)
+
+            def __dlpack_device__(self):
+                return array.__dlpack_device__()
+
+        with as_device_view(Copying(), stream=stream) as view:
+            assert view.ptr != array.ptr and view.device_id == array.device
             back = np.empty_like(host)
-            cuda.device_to_host(back, tensor.ptr, stream=stream)
+            cuda.device_to_host(back, view.ptr, stream=stream)
             stream.synchronize()
             np.testing.assert_array_equal(back, host)
+
+    def test_dlpack_export_through_cuda_core(self, stream):
+        """cuda.core builds the capsule: device from the pointer, layout and read-only flag from the array."""
+        core = cuda._core()
+        array = DeviceArray.from_host(np.arange(12, dtype=np.int16).reshape(3, 4), stream)
+        readonly = DeviceArray((3, 4), np.int16, buffer=array.buffer, readonly=True)
+        for source, max_version in [(array, None), (array, (1, 0)), (readonly, (1, 0))]:
+            capsule = source.__dlpack__(stream=stream.handle, max_version=max_version)
+            holder = types.SimpleNamespace(__dlpack__=lambda capsule=capsule, **kw: capsule,
+                                           __dlpack_device__=source.__dlpack_device__)
+            smv = core.StridedMemoryView.from_dlpack(holder, -1)
+            assert smv.__dlpack_device__() == (DLDeviceType.CUDA, array.device)
+            assert (smv.ptr, tuple(smv.shape), smv.dtype) == (array.ptr, (3, 4), np.int16)
+            assert smv.strides in (None, (4, 1)) and smv.readonly == source.readonly
+            del smv, holder, capsule
+
+    def test_dlpack_export_keeps_the_array_alive(self):
+        array = DeviceArray((16,), np.float32)
+        alive = weakref.ref(array)
+        capsule = array.__dlpack__(stream=-1)
+        del array
+        _collect()
+        assert alive() is not None
+        del capsule
+        _collect()
+        assert alive() is None
 
     def test_cai_view_of_device_memory_knows_its_device(self, stream):
         array = DeviceArray((4,), np.float32)

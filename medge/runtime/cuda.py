@@ -1,9 +1,16 @@
 """CUDA objects owned from Python: streams, device and pinned buffers, device arrays, zero-copy views.
 
-Built on cuda-python's runtime bindings (``cuda.bindings.runtime``; ``cuda.cudart``
-on cuda-python < 12.6), imported lazily: importing this module needs only numpy,
-and anything that has to call CUDA raises ``MissingDependency`` naming the
-``cuda`` extra when cuda-python is missing.
+Two cuda-python packages, both imported lazily (importing this module needs
+only numpy; a missing one raises ``MissingDependency`` naming the ``cuda`` extra):
+
+- ``cuda.bindings.runtime`` (``cuda.cudart`` on cuda-python < 12.6) owns
+  streams, events, ``cudaMalloc`` / ``cudaMallocHost`` buffers and copies.
+  TensorRT's samples and medge's TensorRT backend (CUDA graphs) speak the same
+  runtime, and the backend's tests fake exactly this module (``_RT``).
+- ``cuda.core`` (>= 1.2) builds and reads DLPack capsules: exports through
+  ``Buffer`` + ``StridedMemoryView.__dlpack__``, imports through
+  ``StridedMemoryView.from_dlpack``, which passes the consumer's stream to the
+  producer and calls the producer's deleter when the view is dropped.
 
 Interchange, both directions:
 
@@ -13,17 +20,15 @@ Interchange, both directions:
 - in: :func:`as_device_view` accepts anything exporting either protocol (torch,
   CuPy, numba, pycuda, JAX, a DeviceArray) and returns a :class:`DeviceView`:
   pointer, shape, byte strides, dtype and an owner that keeps the memory alive.
-
-The DLPack side is implemented in pure Python with ctypes (``DLManagedTensor``
-and ``DLManagedTensorVersioned``, PyCapsules through ``ctypes.pythonapi``). It
-does not depend on the device type, so :func:`to_dlpack_capsule` and
-:func:`from_dlpack_capsule` work for host memory too; the tests exercise them
-on the CPU against numpy.
+  The CUDA Array Interface is read here in Python: cuda.core's reader needs a
+  driver for every view, refuses CAI v2 (torch) and cannot tell host pointers
+  from device ones.
 
 Stream conventions (the same in every function here): a stream argument may be
 None (the legacy default stream, handle 0), an int handle, or any stream object
 :func:`stream_handle` understands. Every copy is asynchronous on that stream
-unless its docstring says otherwise.
+unless its docstring says otherwise. docs/cuda-core.md says what cuda.core
+replaced here and what it could not.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import importlib
 import math
 import sys
+import types
 import weakref
 from typing import Any, Iterable, Optional, Sequence
 
@@ -55,9 +62,6 @@ __all__ = [
     "as_device_view",
     "host_to_device",
     "device_to_host",
-    "to_dlpack_capsule",
-    "from_dlpack_capsule",
-    "DLPackTensor",
 ]
 
 
@@ -110,15 +114,6 @@ def _runtime(purpose: str = "CUDA memory and streams") -> Any:
                 raise MissingDependency("cuda-python", "cuda", purpose) from None
         _RT = rt
     return _RT
-
-
-def _cuda_available() -> bool:
-    """True when cuda-python imports (says nothing about a driver or a GPU)."""
-    try:
-        _runtime()
-    except MissingDependency:
-        return False
-    return True
 
 
 def _error_text(err: Any) -> str:
@@ -690,202 +685,35 @@ def device_to_host(dst: np.ndarray, src_ptr: Any, nbytes: Optional[int] = None, 
 
 
 # ---------------------------------------------------------------------------
-# DLPack in pure ctypes (device-type agnostic)
+# DLPack, through cuda.core
 # ---------------------------------------------------------------------------
 
-
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
-class _DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+_CORE: Any = None
+_CORE_MIN = (1, 2)  # 1.2.0: StridedMemoryView.from_dlpack adds DLTensor.byte_offset to ptr
 
 
-class _DLTensor(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("device", _DLDevice),
-        ("ndim", ctypes.c_int32),
-        ("dtype", _DLDataType),
-        ("shape", ctypes.POINTER(ctypes.c_int64)),
-        ("strides", ctypes.POINTER(ctypes.c_int64)),  # in elements; NULL means C-contiguous (legacy)
-        ("byte_offset", ctypes.c_uint64),
-    ]
+def _core(purpose: str = "DLPack exchange") -> Any:
+    """Return cuda.core's ``Buffer`` and ``StridedMemoryView``, importing them on first use.
 
-
-_Deleter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-
-
-class _DLManagedTensor(ctypes.Structure):  # DLPack < 1.0, capsule "dltensor"
-    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter)]
-
-
-class _DLPackVersion(ctypes.Structure):
-    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
-
-
-class _DLManagedTensorVersioned(ctypes.Structure):  # DLPack >= 1.0, capsule "dltensor_versioned"
-    _fields_ = [
-        ("version", _DLPackVersion),
-        ("manager_ctx", ctypes.c_void_p),
-        ("deleter", _Deleter),
-        ("flags", ctypes.c_uint64),
-        ("dl_tensor", _DLTensor),
-    ]
-
-
-assert ctypes.sizeof(_DLTensor) == 48 and ctypes.sizeof(_DLManagedTensor) == 64
-assert ctypes.sizeof(_DLManagedTensorVersioned) == 80
-
-_DLPACK_VERSION = (1, 0)  # what medge writes into DLManagedTensorVersioned.version
-_FLAG_READ_ONLY = 1 << 0
-_FLAG_IS_COPIED = 1 << 1
-
-# DLDataTypeCode
-_kDLInt, _kDLUInt, _kDLFloat, _kDLBfloat, _kDLComplex, _kDLBool = 0, 1, 2, 4, 5, 6
-_DL_CODE_OF_KIND = {"i": _kDLInt, "u": _kDLUInt, "f": _kDLFloat, "c": _kDLComplex, "b": _kDLBool}
-_KIND_OF_DL_CODE = {v: k for k, v in _DL_CODE_OF_KIND.items()}
-_DL_CODE_NAMES = {0: "int", 1: "uint", 2: "float", 3: "opaque handle", 4: "bfloat", 5: "complex", 6: "bool"}
-
-# Python C-API entry points, as private prototypes (never mutate ctypes.pythonapi's shared ones).
-# PYFUNCTYPE keeps the GIL and turns a set Python error into an exception.
-_api = ctypes.pythonapi
-_Destructor = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_PyCapsule_New = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, _Destructor)(
-    ("PyCapsule_New", _api)
-)
-_PyCapsule_IsValid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_IsValid", _api))
-_PyCapsule_GetName = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", _api))
-_PyCapsule_GetPointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
-    ("PyCapsule_GetPointer", _api)
-)
-_PyCapsule_SetName = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_SetName", _api))
-# Raw-pointer variants for the capsule destructor: the capsule is being deallocated
-# (refcount 0) there, so it must not be wrapped in a new Python reference.
-_PyCapsule_IsValid_raw = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)(("PyCapsule_IsValid", _api))
-_PyCapsule_GetPointer_raw = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
-    ("PyCapsule_GetPointer", _api)
-)
-_Py_IncRef = ctypes.PYFUNCTYPE(None, ctypes.py_object)(("Py_IncRef", _api))
-_Py_DecRef = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(("Py_DecRef", _api))
-
-# Capsule names. PyCapsule keeps the char pointer, not a copy, so the strings must
-# outlive every capsule, including those destroyed during interpreter teardown.
-_NAME_LEGACY = b"dltensor"
-_NAME_VERSIONED = b"dltensor_versioned"
-_NAME_LEGACY_USED = b"used_dltensor"
-_NAME_VERSIONED_USED = b"used_dltensor_versioned"
-
-
-def _immortal(obj: Any) -> Any:
-    """Leak one reference so module teardown never frees ``obj`` (C code holds raw pointers to it)."""
-    _Py_IncRef(obj)
-    return obj
-
-
-for _name in (_NAME_LEGACY, _NAME_VERSIONED, _NAME_LEGACY_USED, _NAME_VERSIONED_USED):
-    _immortal(_name)
-
-#: Number of medge DLPack exports whose deleter has not run yet (for leak tests).
-_live_exports = [0]
-
-
-class _ExportContext:
-    """manager_ctx of an exported tensor: owns the struct, shape, strides and a reference to the owner."""
-
-    __slots__ = ("managed", "shape", "strides", "owner", "__weakref__")
-
-
-def _exported_deleter(addr: int, versioned: bool, _decref=_Py_DecRef, _live=_live_exports) -> None:
-    # Called by the consumer (from any thread; the ctypes thunk takes the GIL) exactly once.
-    # Releasing the context frees the struct at ``addr``, so read everything first.
-    try:
-        if not addr:
-            return
-        struct = _DLManagedTensorVersioned if versioned else _DLManagedTensor
-        ctx = struct.from_address(addr).manager_ctx
-        if ctx:
-            _live[0] -= 1
-            _decref(ctx)
-    except BaseException:  # never let an exception escape into C
-        pass
-
-
-def _legacy_deleter(addr, _impl=_exported_deleter):
-    _impl(addr, False)
-
-
-def _versioned_deleter(addr, _impl=_exported_deleter):
-    _impl(addr, True)
-
-
-def _deleter_of(
-    addr: int,
-    versioned: bool,
-    _offsets=(_DLManagedTensor.deleter.offset, _DLManagedTensorVersioned.deleter.offset),
-    _void_p=ctypes.c_void_p,
-    _make=_Deleter,
-) -> Any:
-    """The deleter of the managed tensor at ``addr`` as a callable, or None when NULL.
-
-    Copies the function address, so the callable does not alias the producer's struct.
+    Raises:
+        MissingDependency: cuda-core >= 1.2 is not installed (extra ``cuda``).
     """
-    fn = _void_p.from_address(addr + _offsets[1 if versioned else 0]).value
-    return _make(fn) if fn else None
-
-
-def _capsule_destructor(
-    capsule: int,
-    _valid=_PyCapsule_IsValid_raw,
-    _pointer=_PyCapsule_GetPointer_raw,
-    _deleter_of=_deleter_of,
-    _names=(_NAME_LEGACY, _NAME_VERSIONED),
-) -> None:
-    # A capsule still carrying its unused name was never consumed: release the tensor.
-    # A consumer renames it to "used_*" and then owns the deleter call itself.
-    try:
-        if _valid(capsule, _names[0]):
-            addr = _pointer(capsule, _names[0])
-            deleter = _deleter_of(addr, False)
-        elif _valid(capsule, _names[1]):
-            addr = _pointer(capsule, _names[1])
-            deleter = _deleter_of(addr, True)
-        else:
-            return
-        if deleter is not None:
-            deleter(addr)
-    except BaseException:
-        pass
-
-
-# The C thunks must outlive every capsule and tensor, so they are module-level and immortal.
-_LEGACY_DELETER = _immortal(_Deleter(_legacy_deleter))
-_VERSIONED_DELETER = _immortal(_Deleter(_versioned_deleter))
-_CAPSULE_DESTRUCTOR = _immortal(_Destructor(_capsule_destructor))
-
-
-def _dl_dtype(dtype: np.dtype) -> tuple[int, int]:
-    dtype = np.dtype(dtype)
-    code = _DL_CODE_OF_KIND.get(dtype.kind)
-    if code is None or not dtype.isnative or dtype.fields is not None or dtype.subdtype is not None:
-        raise BufferError(f"dtype {dtype} cannot be exported through DLPack")
-    return code, dtype.itemsize * 8
-
-
-def _np_dtype(code: int, bits: int, lanes: int) -> np.dtype:
-    kind = _KIND_OF_DL_CODE.get(code)
-    if kind is None or lanes != 1 or bits % 8:
-        name = _DL_CODE_NAMES.get(code, f"code {code}")
-        raise BufferError(f"DLPack dtype {name}{bits} (lanes={lanes}) has no numpy equivalent")
-    try:
-        return np.dtype("?") if kind == "b" else np.dtype(f"{kind}{bits // 8}")
-    except TypeError:
-        raise BufferError(f"DLPack dtype {_DL_CODE_NAMES[code]}{bits} has no numpy equivalent") from None
+    global _CORE
+    if _CORE is None:
+        try:
+            core = importlib.import_module("cuda.core")
+            StridedMemoryView = importlib.import_module("cuda.core.utils").StridedMemoryView
+            version = tuple(int(part) for part in core.__version__.split(".")[:2])
+        except (ImportError, AttributeError, ValueError):
+            version = None
+        if version is None or version < _CORE_MIN:
+            raise MissingDependency("cuda-core>=%d.%d" % _CORE_MIN, "cuda", purpose) from None
+        _CORE = types.SimpleNamespace(Buffer=core.Buffer, StridedMemoryView=StridedMemoryView)
+    return _CORE
 
 
 def _wants_versioned(max_version: Any) -> bool:
-    """DLPack 1.0 capsule iff the consumer passed max_version with major >= 1."""
+    """DLPack 1.x capsule iff the consumer passed max_version with major >= 1."""
     if max_version is None:
         return False
     try:
@@ -895,211 +723,17 @@ def _wants_versioned(max_version: Any) -> bool:
     return major >= 1
 
 
-def to_dlpack_capsule(
-    owner: object,
-    *,
-    ptr: int,
-    shape: Sequence[int],
-    strides: Optional[Sequence[int]],
-    dtype: Any,
-    device: tuple[int, int],
-    max_version: Optional[tuple[int, int]] = None,
-    readonly: bool = False,
-    copied: bool = False,
-) -> object:
-    """Build a DLPack PyCapsule describing memory that ``owner`` keeps alive.
+def _export_dlpack(array: "DeviceArray", versioned: bool) -> object:
+    """DLPack capsule of a non-empty device array, built by cuda.core.
 
-    Works for any device type. ``owner`` gets one extra reference (held through
-    the tensor's ``manager_ctx``) until the consumer calls the deleter, or until
-    the capsule is destroyed unconsumed (its destructor calls the deleter only
-    while it is still named ``dltensor``/``dltensor_versioned``).
-
-    Args:
-        owner: object keeping the memory alive.
-        ptr: address of element 0.
-        shape: dimensions.
-        strides: strides in bytes (None: C-contiguous); must be multiples of the itemsize.
-        dtype: numpy dtype of the elements.
-        device: ``(DLDeviceType, device_id)``.
-        max_version: the consumer's ``max_version``; a major >= 1 gets a
-            ``dltensor_versioned`` capsule (DLPack 1.0), None or major 0 the
-            legacy ``dltensor`` one.
-        readonly: set DLPACK_FLAG_BITMASK_READ_ONLY; the legacy format cannot
-            say so, hence BufferError there.
-        copied: set DLPACK_FLAG_BITMASK_IS_COPIED (versioned only).
-
-    Raises:
-        BufferError: the dtype, strides or read-only flag cannot be expressed.
+    ``Buffer.from_handle(..., owner=array)`` keeps the array alive until the
+    consumer calls the deleter; the device type and ordinal come from the
+    pointer's CUDA attributes (kDLCUDA for ``cudaMalloc`` memory).
     """
-    dtype = np.dtype(dtype)
-    code, bits = _dl_dtype(dtype)
-    shape = _as_shape(shape)
-    ndim = len(shape)
-    if strides is None:
-        strides = _c_strides(shape, dtype.itemsize)
-    strides = tuple(int(s) for s in strides)
-    if len(strides) != ndim:
-        raise BufferError(f"strides {strides} do not match shape {shape}")
-    if any(s % dtype.itemsize for s in strides):
-        raise BufferError(f"byte strides {strides} are not multiples of the itemsize {dtype.itemsize}")
-    versioned = _wants_versioned(max_version)
-    if readonly and not versioned:
-        raise BufferError(
-            "cannot export a read-only array as a legacy (unversioned) DLPack capsule, which cannot "
-            "signal read-only; the consumer must ask for max_version >= (1, 0)"
-        )
-
-    ctx = _ExportContext()
-    ctx.owner = owner
-    ctx.shape = (ctypes.c_int64 * max(ndim, 1))(*shape)
-    ctx.strides = (ctypes.c_int64 * max(ndim, 1))(*(s // dtype.itemsize for s in strides))
-    if versioned:
-        managed = _DLManagedTensorVersioned()
-        managed.version.major, managed.version.minor = _DLPACK_VERSION
-        managed.flags = (_FLAG_READ_ONLY if readonly else 0) | (_FLAG_IS_COPIED if copied else 0)
-        managed.deleter = _VERSIONED_DELETER
-        name = _NAME_VERSIONED
-    else:
-        managed = _DLManagedTensor()
-        managed.deleter = _LEGACY_DELETER
-        name = _NAME_LEGACY
-    ctx.managed = managed
-    t = managed.dl_tensor
-    t.data = int(ptr) or None
-    t.device.device_type, t.device.device_id = int(device[0]), int(device[1])
-    t.ndim = ndim
-    t.dtype.code, t.dtype.bits, t.dtype.lanes = code, bits, 1
-    t.shape = ctypes.cast(ctx.shape, ctypes.POINTER(ctypes.c_int64))
-    t.strides = ctypes.cast(ctx.strides, ctypes.POINTER(ctypes.c_int64))
-    t.byte_offset = 0
-
-    managed.manager_ctx = id(ctx)
-    _Py_IncRef(ctx)  # released by the deleter
-    _live_exports[0] += 1
-    try:
-        return _PyCapsule_New(ctypes.addressof(managed), name, _CAPSULE_DESTRUCTOR)
-    except BaseException:
-        _live_exports[0] -= 1
-        _Py_DecRef(id(ctx))
-        raise
-
-
-class DLPackTensor:
-    """A consumed DLPack capsule: the tensor's layout plus the duty to call its deleter once.
-
-    Produced by :func:`from_dlpack_capsule`. :meth:`release` (or garbage
-    collection, or leaving a ``with`` block) calls the producer's deleter;
-    ``ptr`` must not be used after that.
-
-    Attributes:
-        ptr: address of element 0 (data + byte_offset).
-        shape, strides: tuples; strides in bytes.
-        dtype: numpy dtype.
-        device_type, device_id: the DLPack device.
-        readonly: DLPACK_FLAG_BITMASK_READ_ONLY was set (versioned capsules only).
-        copied: DLPACK_FLAG_BITMASK_IS_COPIED was set.
-        versioned: the capsule was a DLPack >= 1.0 ``dltensor_versioned``.
-        version: ``(major, minor)`` of a versioned capsule, None for legacy.
-    """
-
-    def __init__(self, addr: int, deleter: Any, **layout: Any) -> None:
-        self.__dict__.update(layout)
-        self._finalizer = weakref.finalize(self, _call_deleter, deleter, addr)
-        self._finalizer.atexit = False
-
-    def release(self) -> None:
-        """Call the producer's deleter now (idempotent)."""
-        self._finalizer()
-
-    @property
-    def released(self) -> bool:
-        return not self._finalizer.alive
-
-    def __enter__(self) -> "DLPackTensor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return (
-            f"DLPackTensor(ptr=0x{self.ptr:x}, shape={self.shape}, dtype={self.dtype}, "
-            f"device=({self.device_type}, {self.device_id}){', released' if self.released else ''})"
-        )
-
-
-def _call_deleter(deleter: Any, addr: int, _finalizing=sys.is_finalizing) -> None:
-    if _finalizing():  # the producer may already be torn down; exit reclaims the memory
-        return
-    try:
-        if deleter is not None:
-            deleter(addr)
-    except Exception:
-        pass
-
-
-def from_dlpack_capsule(capsule: object) -> DLPackTensor:
-    """Consume a DLPack capsule (``dltensor`` or ``dltensor_versioned``) of any device type.
-
-    On success the capsule is renamed ``used_dltensor[_versioned]`` and the
-    returned :class:`DLPackTensor` owns the deleter call. On failure the capsule
-    is left unconsumed, so its own destructor releases the tensor.
-
-    Raises:
-        BufferError: not an unused DLPack capsule, an unsupported major version,
-            or a dtype numpy cannot represent.
-    """
-    try:
-        name = _PyCapsule_GetName(capsule)
-    except (ValueError, TypeError, SystemError):
-        raise BufferError(f"expected a DLPack PyCapsule, got {type(capsule).__name__}") from None
-    if name == _NAME_LEGACY:
-        versioned = False
-    elif name == _NAME_VERSIONED:
-        versioned = True
-    else:
-        raise BufferError(
-            f"expected a PyCapsule named 'dltensor' or 'dltensor_versioned', got {name!r}"
-            + (" (it was consumed already)" if name in (_NAME_LEGACY_USED, _NAME_VERSIONED_USED) else "")
-        )
-    addr = _PyCapsule_GetPointer(capsule, name)
-    if not addr:
-        raise BufferError("the DLPack capsule holds a NULL tensor")
-    if versioned:
-        managed = _DLManagedTensorVersioned.from_address(addr)
-        version = (int(managed.version.major), int(managed.version.minor))
-        if version[0] != _DLPACK_VERSION[0]:
-            # Only version, manager_ctx and deleter may be read at another major version;
-            # leave the capsule unconsumed so its destructor calls the deleter.
-            raise BufferError(f"DLPack {version[0]}.{version[1]} capsule: medge reads DLPack 1.x")
-        flags = int(managed.flags)
-    else:
-        managed = _DLManagedTensor.from_address(addr)
-        version, flags = None, 0
-    t = managed.dl_tensor
-    ndim = int(t.ndim)
-    dtype = _np_dtype(int(t.dtype.code), int(t.dtype.bits), int(t.dtype.lanes))
-    shape = tuple(int(t.shape[i]) for i in range(ndim)) if ndim else ()
-    if ndim and t.strides:
-        strides = tuple(int(t.strides[i]) * dtype.itemsize for i in range(ndim))
-    else:
-        strides = _c_strides(shape, dtype.itemsize)
-    layout = dict(
-        ptr=(int(t.data or 0) + int(t.byte_offset)),
-        shape=shape,
-        strides=strides,
-        dtype=dtype,
-        device_type=int(t.device.device_type),
-        device_id=int(t.device.device_id),
-        readonly=bool(flags & _FLAG_READ_ONLY),
-        copied=bool(flags & _FLAG_IS_COPIED),
-        versioned=versioned,
-        version=version,
-    )
-    deleter = _deleter_of(addr, versioned)
-    if _PyCapsule_SetName(capsule, _NAME_VERSIONED_USED if versioned else _NAME_LEGACY_USED) != 0:
-        raise BufferError("could not mark the DLPack capsule as consumed")
-    return DLPackTensor(addr, deleter, **layout)
+    core = _core("Exporting a DeviceArray through DLPack")
+    buffer = core.Buffer.from_handle(array.ptr, array.nbytes, owner=array)
+    view = core.StridedMemoryView.from_buffer(buffer, array.shape, dtype=array.dtype, is_readonly=array.readonly)
+    return view.__dlpack__(max_version=(1, 0) if versioned else None)
 
 
 # ---------------------------------------------------------------------------
@@ -1352,29 +986,39 @@ class DeviceArray:
                 the host does not block).
             max_version: the consumer's highest DLPack version; >= (1, 0) gets a
                 versioned capsule, None or (0, x) the legacy one.
-            dl_device: ``(kDLCPU, 0)`` exports a host copy (unless copy=False);
-                ``(kDLCUDA, self.device)`` is the default; anything else raises.
+            dl_device: ``(kDLCPU, 0)`` exports a host copy (unless copy=False),
+                as numpy's own capsule; ``(kDLCUDA, self.device)`` is the
+                default; anything else raises.
             copy: True exports a fresh device copy; False forbids copies.
 
         Raises:
-            BufferError: the request cannot be met without breaking ``copy`` or
-                is not supported.
+            BufferError: the request cannot be met without breaking ``copy``, is
+                not supported, or the array is empty (cuda.core exports no
+                NULL pointer).
+            MissingDependency: cuda-core is not installed.
         """
+        versioned = _wants_versioned(max_version)
         if dl_device is not None:
             want_type, want_id = int(dl_device[0]), int(dl_device[1])
             if want_type == DLDeviceType.CPU:
                 if copy is False:
                     raise BufferError("this array is in GPU memory: exporting it to the CPU needs a copy (copy=False)")
                 host = self.to_host()
-                return to_dlpack_capsule(
-                    host, ptr=host.ctypes.data, shape=host.shape, strides=host.strides, dtype=host.dtype,
-                    device=(DLDeviceType.CPU, 0), max_version=max_version, copied=True,
-                )
+                return host.__dlpack__(max_version=max_version) if versioned else host.__dlpack__()
             if (want_type, want_id) != (DLDeviceType.CUDA, self.device):
                 raise BufferError(
                     f"cannot export to DLPack device {(want_type, want_id)}: the array is on "
                     f"{(int(DLDeviceType.CUDA), self.device)}"
                 )
+        if self.readonly and not copy and not versioned:
+            raise BufferError(
+                "cannot export a read-only array as a legacy (unversioned) DLPack capsule, which cannot "
+                "signal read-only; the consumer must ask for max_version >= (1, 0)"
+            )
+        if not self.nbytes:
+            raise BufferError(
+                f"an empty DeviceArray (shape {self.shape}) has no device memory to export through DLPack"
+            )
         if stream is None:
             consumer: Optional[int] = 0  # "producer must assume the legacy default stream"
         elif isinstance(stream, (int, np.integer)) and not isinstance(stream, bool) and int(stream) == -1:
@@ -1392,20 +1036,15 @@ class DeviceArray:
         if copy:
             source = DeviceArray(self.shape, self.dtype, device=self.device)
             copy_stream = consumer if consumer is not None else (self._pending or 0)
-            if self.nbytes:
-                rt = _runtime("Copying on the GPU")
-                check(
-                    rt.cudaMemcpyAsync(source.ptr, self.ptr, self.nbytes,
-                                       rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, copy_stream),
-                    "cudaMemcpyAsync(device to device)",
-                )
-                if consumer is None:  # consumer asked for no synchronisation: hand over finished data
-                    _synchronize(copy_stream)
-        return to_dlpack_capsule(
-            source, ptr=source.ptr, shape=source.shape, strides=source.strides, dtype=source.dtype,
-            device=(DLDeviceType.CUDA, source.device), max_version=max_version,
-            readonly=source.readonly and not copy, copied=bool(copy),
-        )
+            rt = _runtime("Copying on the GPU")
+            check(
+                rt.cudaMemcpyAsync(source.ptr, self.ptr, self.nbytes,
+                                   rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, copy_stream),
+                "cudaMemcpyAsync(device to device)",
+            )
+            if consumer is None:  # consumer asked for no synchronisation: hand over finished data
+                _synchronize(copy_stream)
+        return _export_dlpack(source, versioned)
 
     def __repr__(self) -> str:
         return (
@@ -1429,8 +1068,9 @@ class DeviceView:
         dtype: numpy dtype.
         device_id: CUDA device ordinal, or None when it could not be determined
             (CUDA Array Interface without cuda-python or without a driver).
-        owner: keeps the memory alive: the source object (CAI) or the consumed
-            :class:`DLPackTensor` (DLPack).
+        owner: keeps the memory alive: the source object (CAI) or cuda.core's
+            ``StridedMemoryView`` of the consumed capsule (DLPack), which calls
+            the producer's deleter once it is dropped.
         stream_sync: the stream handle on which the data is safe to use, i.e.
             the one ordered after the producer's pending work; None when it is
             safe on any stream (nothing pending, or the host waited).
@@ -1472,10 +1112,8 @@ class DeviceView:
         )
 
     def release(self) -> None:
-        """Give the memory back: calls a DLPack producer's deleter; drops the owner reference."""
-        owner, self.owner = self.owner, None
-        if isinstance(owner, DLPackTensor):
-            owner.release()
+        """Drop the owner reference; for DLPack that calls the producer's deleter (unless you hold ``owner``)."""
+        self.owner = None
 
     def __enter__(self) -> "DeviceView":
         return self
@@ -1607,7 +1245,7 @@ def _view_from_cai(obj: Any, cai: Any, name: str, consumer: Optional[int], sync:
 
 def _view_from_dlpack(obj: Any, name: str, consumer: Optional[int], sync: bool) -> DeviceView:
     try:
-        device_type, device_id = (int(v) for v in obj.__dlpack_device__())
+        device_type, _ = (int(v) for v in obj.__dlpack_device__())
     except Exception as exc:
         raise PreprocessError(f"{name}: __dlpack_device__() of {_describe(obj)} failed: {exc}") from exc
     if device_type in (DLDeviceType.CPU, DLDeviceType.CUDA_HOST):
@@ -1627,34 +1265,34 @@ def _view_from_dlpack(obj: Any, name: str, consumer: Optional[int], sync: bool) 
         dl_stream = 1
     else:
         dl_stream = 1 if consumer == 0 else consumer
-    capsule = None
-    for kwargs in ({"stream": dl_stream, "max_version": _DLPACK_VERSION}, {"stream": dl_stream}):
-        try:
-            capsule = obj.__dlpack__(**kwargs)
-            break
-        except TypeError:  # producer predates the keyword
-            continue
-    if capsule is None:
-        raise PreprocessError(f"{name}: {_describe(obj)}.__dlpack__ accepts neither max_version nor stream")
+    core = _core(f"Reading {name} through DLPack")
+    smv = None
     try:
-        tensor = from_dlpack_capsule(capsule)
-    except BufferError as exc:
-        raise PreprocessError(f"{name}: {exc}") from None
+        # cuda.core calls obj.__dlpack__(stream=dl_stream, max_version=(1, x)), retries without
+        # max_version for older producers, and calls the producer's deleter when smv is dropped.
+        smv = core.StridedMemoryView.from_dlpack(obj, dl_stream)
+        shape, counts, dtype = tuple(smv.shape), smv.strides, np.dtype(smv.dtype)
+        capsule_device = int(smv.__dlpack_device__()[0])
+    except (BufferError, TypeError, ValueError, NotImplementedError, AssertionError) as exc:
+        # AssertionError is cuda.core's answer when __dlpack__ returns no unused capsule.
+        smv = None  # releases the tensor now, not when this traceback goes
+        raise PreprocessError(
+            f"{name}: {_describe(obj)}.__dlpack__ gave no usable DLPack tensor ({type(exc).__name__}: {exc})"
+        ) from None
     try:
-        if tensor.device_type != device_type:
+        if capsule_device != device_type:
             raise PreprocessError(
-                f"{name}: __dlpack_device__ says device type {device_type} but the capsule says {tensor.device_type}"
+                f"{name}: __dlpack_device__ says device type {device_type} but the capsule says {capsule_device}"
             )
         stream_sync: Optional[int] = None if dl_stream == -1 else dl_stream
         if sync and consumer is None:
             _synchronize(1)  # no consumer stream: wait on the host so any stream may use the data
             stream_sync = None
     except BaseException:
-        tensor.release()
+        smv = None
         raise
-    return DeviceView(
-        tensor.ptr, tensor.shape, tensor.strides, tensor.dtype, tensor.device_id, tensor, stream_sync, tensor.readonly
-    )
+    strides = _c_strides(shape, dtype.itemsize) if counts is None else tuple(c * dtype.itemsize for c in counts)
+    return DeviceView(smv.ptr, shape, strides, dtype, smv.device_id, smv, stream_sync, smv.readonly)
 
 
 def as_device_view(
@@ -1699,7 +1337,8 @@ def as_device_view(
         PreprocessError: host memory, an unsupported device or dtype, a
             read-only output, a non-contiguous layout when required, or an
             object exporting neither protocol.
-        MissingDependency: synchronisation is needed but cuda-python is missing.
+        MissingDependency: synchronisation is needed but cuda-python is
+            missing, or a DLPack producer is read without cuda-core.
         CudaError: a CUDA call failed.
     """
     consumer = None if stream is None else stream_handle(stream)

@@ -153,7 +153,8 @@ def inner(args: argparse.Namespace) -> None:
 
         for make in (triton_call, medge_call):  # warm-up: first loads, thread pools, caches
             closed_loop(max(args.clients), max(args.clients) * 2, payloads, make)
-        sides = [("Triton (ensemble, dynamic batching)", triton_call), ("medge.load + Batcher (in-process)", medge_call)]
+        sides = [("Triton (ensemble, dynamic batching)", triton_call),
+                 ("medge.load + Batcher (in-process)", medge_call)]
         runs: dict = {}
         load_before = os.getloadavg()[0]
         for round_index in range(args.rounds):  # interleaved, order alternating: drift hits both sides alike
@@ -177,8 +178,8 @@ def inner(args: argparse.Namespace) -> None:
     import onnxruntime
 
     machine = machine_name()
-    header = (f"{machine}; graph {args.precision}, {args.requests} requests per row and round over {args.files} demo CT "
-              f"slices (512x512), {args.protocol}; Triton 24.10 (pytriton 0.7.0 tritonserver, python backend), "
+    header = (f"{machine}; graph {args.precision}, {args.requests} requests per row and round over {args.files} "
+              f"demo CT slices (512x512), {args.protocol}; Triton 24.10 (pytriton 0.7.0 tritonserver, python backend), "
               f"max batch {model.max_batch}, queue delay {args.queue_delay_us} us; numpy {numpy.__version__}, "
               f"onnxruntime {onnxruntime.__version__}; {args.rounds} interleaved rounds (req/s: median of rounds); "
               f"1-min load average {load_before:.1f} before, {load_after:.1f} after")
@@ -209,7 +210,8 @@ def main(argv=None) -> None:
                                        log=lambda _: None).bundle_path)
     env = serving_environment(args.env, log=print)
     argv_inner = [str(env.python), os.path.abspath(__file__), args.bundle, "--precision", args.precision,
-                  "--clients", *map(str, args.clients), "--requests", str(args.requests), "--rounds", str(args.rounds), "--files", str(args.files),
+                  "--clients", *map(str, args.clients), "--requests", str(args.requests), "--rounds", str(args.rounds),
+                  "--files", str(args.files),
                   "--protocol", args.protocol, "--queue-delay-us", str(args.queue_delay_us)]
     argv_inner += ["--out", args.out] if args.out else []
     argv_inner += ["--env", args.env] if args.env else []

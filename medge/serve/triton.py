@@ -717,10 +717,11 @@ print(result.as_numpy("SCORES"), result.as_numpy("LABEL"))
 # ---------------------------------------------------------------------------
 # A local Triton for tests and benchmarks (pytriton's tritonserver, python backend only)
 
-#: What a serving environment holds: Triton 24.10's python backend needs numpy < 2 (with numpy 2 its
-#: outputs come back empty, with no error).
-SERVING_REQUIREMENTS = ("nvidia-pytriton==0.7.0", "numpy>=1.23,<2", "tritonclient[http,grpc]==2.73.0",
-                        "onnxruntime>=1.18", "pydicom>=3.0,<4")
+#: What a serving environment holds: pytriton for its tritonserver binary (Triton 24.10) and python backend,
+#: installed without its own dependencies (its Python API is not used); numpy < 2, which that python backend
+#: needs (with numpy 2 its outputs come back empty, with no error); the client; medge's run side.
+SERVING_SERVER = "nvidia-pytriton==0.7.0"
+SERVING_REQUIREMENTS = ("numpy>=1.23,<2", "tritonclient[http,grpc]==2.73.0", "onnxruntime>=1.18", "pydicom>=3.0,<4")
 
 
 @dataclass(frozen=True)
@@ -764,7 +765,7 @@ class ServingEnvironment:
 
 
 def _requirements_key() -> str:
-    text = "\n".join(SERVING_REQUIREMENTS) + f"\npy{sys.version_info[0]}.{sys.version_info[1]}"
+    text = "\n".join((SERVING_SERVER,) + SERVING_REQUIREMENTS) + f"\npy{sys.version_info[0]}.{sys.version_info[1]}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -772,10 +773,11 @@ def serving_environment(directory: Union[str, os.PathLike, None] = None, *,
                         log: Optional[Callable[[str], None]] = None) -> ServingEnvironment:
     """Create (once) or reuse a serving environment for a local Triton.
 
-    Made with ``python -m venv`` and pip (:data:`SERVING_REQUIREMENTS`), kept under ``directory``
-    (default ``$MEDGE_TRITON_ENV``, else ``~/.cache/medge/triton-env-<key>``, where the key changes with
-    the requirements and the Python version); later calls reuse it. medge itself is not installed there:
-    :attr:`ServingEnvironment.medge_path` points at the medge this process runs, compiled module included.
+    Made with ``python -m venv`` and pip (:data:`SERVING_SERVER`, :data:`SERVING_REQUIREMENTS`), kept
+    under ``directory`` (default ``$MEDGE_TRITON_ENV``, else ``~/.cache/medge/triton-env-<key>``, where
+    the key changes with the requirements and the Python version); later calls reuse it. medge itself is
+    not installed there: :attr:`ServingEnvironment.medge_path` points at the medge this process runs,
+    compiled module included.
 
     Raises:
         MedgeError: the environment cannot be created (pip's last lines say why).
@@ -790,11 +792,13 @@ def serving_environment(directory: Union[str, os.PathLike, None] = None, *,
     with _locked(root.with_name(root.name + ".lock")):
         if not (ready.is_file() and ready.read_text() == _requirements_key()):
             started = time.monotonic()
-            say(f"creating the Triton serving environment {root} (pip install {' '.join(SERVING_REQUIREMENTS)})")
+            say(f"creating the Triton serving environment {root} "
+                f"(pip install {SERVING_SERVER} {' '.join(SERVING_REQUIREMENTS)})")
             shutil.rmtree(root, ignore_errors=True)
             _run([sys.executable, "-m", "venv", str(root)], "python -m venv")
-            _run([str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                  *SERVING_REQUIREMENTS], "pip install")
+            pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+            _run(pip + ["--no-deps", SERVING_SERVER], f"pip install {SERVING_SERVER}")
+            _run(pip + list(SERVING_REQUIREMENTS), "pip install")
             site_packages = _site_packages(root)
             _prepare_backends(site_packages, root / "triton-backends")
             ready.write_text(_requirements_key())

@@ -417,7 +417,12 @@ def _as_images(images: Any) -> list[Image]:
 
 
 def _is_dataset(obj: Any) -> bool:
-    return type(obj).__name__ in ("Dataset", "FileDataset") and hasattr(obj, "PixelData")
+    """Any pydicom Dataset, with or without Pixel Data (read_dicom refuses one without it, with a DicomError;
+    treating it as a sequence would iterate its elements and leak pydicom's own exceptions)."""
+    import sys
+
+    pydicom_dataset = sys.modules.get("pydicom.dataset")  # a Dataset exists only if pydicom was imported
+    return pydicom_dataset is not None and isinstance(obj, pydicom_dataset.Dataset)
 
 
 def _frame_params(native, semantics: PixelSemantics, frame: int, spec: PreprocessSpec, where: str):

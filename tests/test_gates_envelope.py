@@ -280,3 +280,17 @@ def test_conversion_folders_are_read_by_content_like_medge_run(tmp_path):
                          what="validation", progress=False)
     assert len(inputs.array) == 3 and len(inputs.headers) == 3
     assert any("1.2.840.113619.2.55.3.4" in keys for keys in inputs.keys)
+
+
+def test_a_dataset_without_pixel_data_is_a_dicom_error_in_preprocess():
+    """It used to be iterated element by element and leak pydicom's own exceptions."""
+    from pydicom.dataset import Dataset
+
+    from medge.errors import DicomError
+    from medge.preprocess import PreprocessSpec
+
+    ds = Dataset()
+    ds.Modality = "CT"
+    ds.Rows = 4
+    with pytest.raises(DicomError):
+        medge.preprocess(ds, PreprocessSpec(8, 8, voi="range", value_range=(0, 1)))

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--activation", default="softmax", choices=["softmax", "sigmoid"],
                        help="how outputs become scores (default softmax; one sigmoid output is a binary classifier)")
     model.add_argument("--positive-class", help="class scored for AUC / sensitivity (default: the last)")
+    model.add_argument("--explain", action="store_true",
+                       help="add class activation maps (equal to Grad-CAM for global-average-pooling + linear "
+                            "heads) to every precision's graph: engines compute the map with the scores; "
+                            "Prediction.heatmap gives it on the original image grid")
     model.add_argument("--operating-point", metavar="TARGET",
                        help="binary tasks: choose the decision threshold on the labelled validation set: "
                             "sensitivity=0.95, specificity=0.9 or youden (with bootstrap 95%% intervals); the "
@@ -145,6 +149,7 @@ def run(args) -> int:
         timing_cache=Path(args.timing_cache) if args.timing_cache else None, sign_key=args.sign_key,
         overwrite=args.overwrite, max_auc_drop=args.max_auc_drop, min_top1_agreement=args.min_top1_agreement,
         max_abs_error=args.max_abs_error, gates=not args.no_gates, operating_point=args.operating_point,
+        explain=args.explain,
         progress=args.progress,
     )
     if args.demo:

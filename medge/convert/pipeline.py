@@ -13,6 +13,7 @@ Steps, each failing with a ConversionError that says what to fix:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -185,6 +186,7 @@ def convert(
     max_abs_error: Optional[float] = None,
     gates: bool = True,
     operating_point: Optional[str] = None,
+    explain: bool = False,
     check_inputs: Any = None,
     check_vector_count: int = DEFAULT_CHECK_VECTORS,
     progress: Optional[bool] = None,
@@ -220,6 +222,9 @@ def convert(
             "specificity=0.9" or "youden" chooses the decision threshold on
             FP32's validation scores (with bootstrap intervals); the runtime's
             label uses it, scores are unchanged.
+        explain: add class activation maps (CAM, equal to Grad-CAM for global
+            average pooling + linear heads) as a second output of every
+            precision's graph; other heads are refused.
         check_inputs: .npy / DICOM folder of check vectors (default: chosen
             from the validation set, else the calibration set).
         check_vector_count: how many check vectors the bundle carries.
@@ -273,7 +278,7 @@ def convert(
         raise ConversionError("gate limits were given together with --no-gates; give one or the other")
     options = _GateOptions(gates, {"max_auc_drop": max_auc_drop, "min_top1_agreement": min_top1_agreement,
                                    "max_abs_error": max_abs_error}, check_inputs, int(check_vector_count),
-                           operating_point)
+                           operating_point, explain)
     writer = BundleWriter(output, overwrite=overwrite)  # fail on an unwritable destination before the long work
     try:
         return _convert(writer, model, output, spec, calibration, validation, labels, precisions, batch, engine, name,
@@ -308,6 +313,19 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
         # quantisation, rather than flattened into a meaningless score vector later.
         task = ClassificationTask.for_outputs(imported.outputs[0].shape, labels=class_labels, activation=activation,
                                               positive_class=positive_class)
+        explanation = None
+        if options.explain:
+            from .explain import add_class_activation_maps
+            from .export import TensorSpec
+
+            explained = work / "model.explain.onnx"
+            explanation = add_class_activation_maps(imported.onnx_path, explained,
+                                                    input_size=(spec.height, spec.width))
+            imported.onnx_path = explained  # every precision graph is made from this one, so all carry the maps
+            imported.outputs.append(TensorSpec(explanation.output, ["batch", *explanation.output_shape], "float32"))
+            task = dataclasses.replace(task, heatmap_output=explanation.output)
+            log(f"    class activation maps from {explanation.feature_map} {explanation.feature_shape}, upsampled "
+                f"to {spec.height}x{spec.width}, as output {explanation.output!r}")
         if imported.torch_check:
             log(f"    ONNX Runtime vs PyTorch on {imported.torch_check['samples']} inputs: max abs error "
                 f"{imported.torch_check['max_abs_error']:.3g}")
@@ -398,6 +416,7 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
             "preprocess": spec.to_dict(),
             "task": task.to_manifest(),
             "operating_point": chosen_point.to_manifest() if chosen_point else None,
+            "explanation": explanation.to_manifest() if explanation else None,
             "labels": list(class_labels),
             "postprocess": {"activation": activation,
                             "positive_class": report.positive_class if report else positive_class},
@@ -429,6 +448,7 @@ class _GateOptions:
     check_inputs: Any
     check_vector_count: int
     operating_point: Optional[str] = None
+    explain: bool = False
 
 
 def _check_vectors(options, spec, val, calib, graphs, task, report, progress) -> CheckVectors:
@@ -455,8 +475,6 @@ def _check_vectors(options, spec, val, calib, graphs, task, report, progress) ->
 
 def _choose_operating_point(task, fp32_graph, inputs, labels, text, log):
     """The task with its decision threshold set from FP32's validation scores, and the operating point."""
-    import dataclasses
-
     from .operating_point import choose_operating_point, parse_operating_point
     from .validate import run_graph
 

@@ -55,6 +55,7 @@ class PrecisionResult:
     pr_auc: Optional[float] = None
     per_class_recall: Optional[list] = None
     confusion_matrix: Optional[list] = None  # rows: true class, columns: decided class
+    heatmap_correlation: Optional[float] = None  # --explain: mean correlation of the maps with FP32's
 
 
 @dataclass
@@ -77,7 +78,7 @@ class AccuracyReport:
     def table(self) -> str:
         """The report as an aligned text table."""
         header = ["precision", "batch", "max|err|", "mean|err|", "top-1 agr", "accuracy", "bal acc", "sens", "spec",
-                  "AUC", "AUC drop", "PR-AUC"]
+                  "AUC", "AUC drop", "PR-AUC", "CAM r"]
         rows = []
         for r in self.results:
             if not r.measured:
@@ -86,7 +87,7 @@ class AccuracyReport:
             rows.append([r.precision, str(r.batch_size), _fmt(r.max_abs_error, ".2e"), _fmt(r.mean_abs_error, ".2e"),
                          _fmt(r.top1_agreement, ".2%"), _fmt(r.accuracy, ".2%"), _fmt(r.balanced_accuracy, ".2%"),
                          _fmt(r.sensitivity, ".2%"), _fmt(r.specificity, ".2%"), _fmt(r.auc, ".4f"),
-                         _fmt(r.auc_drop, "+.4f"), _fmt(r.pr_auc, ".4f")])
+                         _fmt(r.auc_drop, "+.4f"), _fmt(r.pr_auc, ".4f"), _fmt(r.heatmap_correlation, ".4f")])
         widths = [max(len(header[i]), *(len(row[i]) for row in rows if len(row) > i and len(row) == len(header)))
                   for i in range(len(header))]
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -173,18 +174,26 @@ def read_labels(csv_path: Path, keys: Sequence[Sequence[str]], class_labels: Seq
 # Running
 
 
-def run_graph(path: Path, inputs: np.ndarray, batch_size: int, progress: Optional[Progress] = None) -> np.ndarray:
-    """Outputs of graph ``path`` on ``inputs`` in batches of ``batch_size`` (last batch may be smaller)."""
+def run_graph(path: Path, inputs: np.ndarray, batch_size: int, progress: Optional[Progress] = None, *,
+              extra_output: Optional[str] = None):
+    """Outputs of graph ``path`` on ``inputs`` in batches of ``batch_size`` (last batch may be smaller).
+
+    Returns the first output, float32; with ``extra_output`` (e.g. the class
+    activation maps), the pair (first output, that output).
+    """
     session = ort_session(path)
     meta = session.get_inputs()[0]
     dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
-    outputs = []
+    names = [session.get_outputs()[0].name] + ([extra_output] if extra_output else [])
+    outputs: list = [[] for _ in names]
     for start in range(0, len(inputs), batch_size):
         batch = np.ascontiguousarray(inputs[start : start + batch_size], dtype=dtype)
-        outputs.append(session.run(None, {meta.name: batch})[0].astype(np.float32))
+        for collected, value in zip(outputs, session.run(names, {meta.name: batch})):
+            collected.append(value.astype(np.float32))
         if progress is not None:
             progress.update(len(batch))
-    return np.concatenate(outputs)
+    joined = [np.concatenate(collected) for collected in outputs]
+    return (joined[0], joined[1]) if extra_output else joined[0]
 
 
 def evaluate(
@@ -221,14 +230,16 @@ def evaluate(
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
     order = [REFERENCE_PRECISION] + [p for p in graphs if p != REFERENCE_PRECISION]
     bar = Progress("validating", len(order) * len(batch_sizes) * len(inputs), enabled=progress)
-    reference = None
+    reference = reference_maps = None
     reference_metrics: dict = {}
     report = None
+    heatmap = getattr(task, "heatmap_output", None)
     try:
         for precision in order:
             for batch in batch_sizes:
                 try:
-                    outputs = run_graph(graphs[precision], inputs, batch, bar)
+                    outputs = run_graph(graphs[precision], inputs, batch, bar, extra_output=heatmap)
+                    outputs, maps = outputs if heatmap else (outputs, None)
                 except ConversionError as exc:
                     if precision == REFERENCE_PRECISION:
                         raise
@@ -239,7 +250,7 @@ def evaluate(
                     bar.update(len(inputs))
                     continue
                 if reference is None:
-                    reference = outputs
+                    reference, reference_maps = outputs, maps
                     if task is None:
                         task = ClassificationTask.for_outputs(outputs.shape, labels=class_labels,
                                                               activation=activation, positive_class=positive_class)
@@ -251,6 +262,8 @@ def evaluate(
                         reference_metrics = task.metrics(outputs, labels)
                 result = PrecisionResult(precision, batch, measured=True, executed_by="onnxruntime CPU",
                                          images=int(len(inputs)), **task.compare(outputs, reference))
+                if maps is not None:
+                    result.heatmap_correlation = task.heatmap_agreement(maps, reference_maps, reference)
                 if labels is not None:
                     metrics = task.metrics(outputs, labels)
                     result.accuracy = metrics["accuracy"]

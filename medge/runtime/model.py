@@ -27,6 +27,7 @@ from ..errors import BackendUnavailable, BundleError, MedgeError
 from ..image import Image
 from ..preprocess import PreprocessSpec, preprocess
 from ..tasks.base import DEFAULT_CHOICE_VERDICTS
+from ..tasks.geometry import to_image_grid
 from .backends.base import Backend
 
 _LOG = logging.getLogger("medge.runtime")
@@ -53,6 +54,9 @@ class Prediction:
         warnings: why this answer must be read with care (e.g. the input lies
             outside the validated envelope and the model was loaded with
             ``envelope="warn"``); empty when there is nothing to flag.
+        heatmap: for bundles converted with ``--explain``, the class activation
+            map explaining ``label``, float32 (rows, columns) on the original
+            image grid (the inverse of the resampling and letterbox); else None.
     """
 
     scores: np.ndarray
@@ -62,6 +66,7 @@ class Prediction:
     frame: int = 0
     timings_ms: dict = field(default_factory=dict)
     warnings: tuple = ()
+    heatmap: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"sop_instance_uid": self.sop_instance_uid, "frame": self.frame, "label": self.label,
@@ -210,10 +215,16 @@ class Model:
                            out=backend.input_buffer(len(ran)), stream=backend.stream)
         prep_ms = (time.perf_counter() - started) * 1e3
         n = len(ran)
-        outputs, infer_ms = None, 0.0
+        outputs, maps, infer_ms = None, None, 0.0
+        heatmap_output = getattr(self.task, "heatmap_output", None)
         if n:
             started = time.perf_counter()
-            outputs = backend.execute(n)
+            if heatmap_output:
+                every = backend.execute_all(n)
+                outputs = np.asarray(every[backend.outputs[0].name], dtype=np.float32)
+                maps = every[heatmap_output]
+            else:
+                outputs = backend.execute(n)
             infer_ms = (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
         interpreted = dict(zip(ran, self.task.interpret(outputs))) if n else {}
@@ -223,10 +234,14 @@ class Model:
                 results.append(failed[k])
                 continue
             scores, index, label = interpreted[k]
+            heatmap = None
+            if maps is not None:
+                heatmap = to_image_grid(np.asarray(maps[ran.index(k), self.task.heatmap_channel(index)], np.float32),
+                                        image.semantics.rows, image.semantics.columns, self.spec.fit)
             results.append(Prediction(
                 scores=scores, label=label, index=index, sop_instance_uid=image.sop_instance_uid, frame=f,
                 timings_ms={"read": read_ms[i], "preprocess": prep_ms, "infer": infer_ms, "batch_size": n},
-                warnings=flags[i]))
+                warnings=flags[i], heatmap=heatmap))
         post_ms = (time.perf_counter() - started) * 1e3
         for r in results:
             if isinstance(r, Prediction):

@@ -32,6 +32,8 @@ class ClassificationTask(Task):
         threshold: binary tasks: the positive class's score at or above which
             the label is positive (the operating point chosen at conversion);
             None: argmax (0.5 for a single sigmoid output). Scores are unchanged.
+        heatmap_output: the graph output holding class activation maps
+            (N, classes, H, W) when converted with ``--explain``; None otherwise.
     """
 
     classes: int
@@ -39,6 +41,7 @@ class ClassificationTask(Task):
     activation: str = "softmax"
     positive_class: Optional[str] = None
     threshold: Optional[float] = None
+    heatmap_output: Optional[str] = None
 
     kind: ClassVar[str] = "classification"
     default_gates: ClassVar[Mapping[str, Optional[float]]] = {
@@ -78,14 +81,18 @@ class ClassificationTask(Task):
         threshold = entry.get("threshold")
         if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
             raise BundleError("the manifest's task.threshold must be a number or null")
+        heatmap = entry.get("heatmap_output")
+        if heatmap is not None and not isinstance(heatmap, str):
+            raise BundleError("the manifest's task.heatmap_output must be a string or null")
         task = cls(classes=classes, labels=tuple(labels), activation=activation, positive_class=positive,
-                   threshold=None if threshold is None else float(threshold))
+                   threshold=None if threshold is None else float(threshold), heatmap_output=heatmap)
         task._check_consistent(BundleError)
         return task
 
     def to_manifest(self) -> dict:
         return {"kind": self.kind, "classes": self.classes, "labels": list(self.labels),
-                "activation": self.activation, "positive_class": self.positive_class, "threshold": self.threshold}
+                "activation": self.activation, "positive_class": self.positive_class, "threshold": self.threshold,
+                "heatmap_output": self.heatmap_output}
 
     def _check_consistent(self, error: type) -> None:
         if self.activation not in ACTIVATIONS:
@@ -158,6 +165,24 @@ class ClassificationTask(Task):
         return [(scores[k].astype(np.float32), int(indices[k]),
                  self.labels[int(indices[k])] if int(indices[k]) < len(self.labels) else None)
                 for k in range(len(scores))]
+
+    def heatmap_channel(self, index: int) -> int:
+        """The activation-map channel that explains decision ``index`` (a single sigmoid output has one)."""
+        return 0 if self.classes == 1 else int(index)
+
+    def heatmap_agreement(self, maps: np.ndarray, reference_maps: np.ndarray, reference: np.ndarray) -> Optional[float]:
+        """Mean Pearson correlation, over images, of the map explaining FP32's decision, against FP32's map
+        (images where either map is constant, e.g. all zero after the ReLU, are left out; None if all are)."""
+        decided = self.predicted_indices(reference)
+        values = []
+        for k, index in enumerate(decided):
+            channel = self.heatmap_channel(int(index))
+            a = np.asarray(maps[k, channel], dtype=np.float64).ravel()
+            b = np.asarray(reference_maps[k, channel], dtype=np.float64).ravel()
+            if a.std() == 0 or b.std() == 0:
+                continue
+            values.append(float(np.corrcoef(a, b)[0, 1]))
+        return float(np.mean(values)) if values else None
 
     # ------------------------------------------------------------------ measuring
 

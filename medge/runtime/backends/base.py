@@ -58,6 +58,10 @@ class Backend(abc.ABC):
     def execute(self, batch_size: int) -> np.ndarray:
         """Run the first ``batch_size`` images of the input buffer; the first output, on the host, float32."""
 
+    @abc.abstractmethod
+    def execute_all(self, batch_size: int) -> dict:
+        """Like ``execute``, but every output by name, on the host (scores and, e.g., class activation maps)."""
+
     def load_input(self, array: np.ndarray) -> None:
         """Copy a host (n, C, H, W) array of ``input.dtype`` into the input buffer (check vectors, tests).
 

@@ -310,7 +310,8 @@ def test_convert_writes_a_verified_bundle(tmp_path, dicom_sets):
         assert gates["verdicts"][graph]["verdict"] == ("failed" if bad else "passed")
         assert bool(gates["verdicts"][graph]["reasons"]) == bad
     assert manifest["task"] == {"kind": "classification", "classes": 2, "labels": ["no_lesion", "lesion"],
-                                "activation": "softmax", "positive_class": None, "threshold": None}
+                                "activation": "softmax", "positive_class": None, "threshold": None,
+                                "heatmap_output": None}
     assert manifest["envelope"]["modalities"] == ["CT"]
     assert manifest["envelope"]["rows"] == [64, 64] and manifest["envelope"]["images"] == 20 + 12
     assert manifest["check_vectors"]["source"] == "validation set" and manifest["check_vectors"]["count"] == 8

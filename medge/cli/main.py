@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_triton.add_parser(sub)
 
+    from . import serve_cmd
+
+    serve_cmd.add_parser(sub)
+
     keygen = sub.add_parser(
         "keygen", help="create an Ed25519 key pair for signing bundles (medge-convert --sign-key)",
         description="Create an Ed25519 key pair: the private key (PEM, mode 0600) signs bundles with "

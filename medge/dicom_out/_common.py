@@ -227,9 +227,11 @@ def read_source(source: Any) -> Any:
         return source
     with quiet_pydicom("reading a source image for results"):
         try:
+            # force: the caller predicted this source already, so it is DICOM; a bare data set (no File Meta,
+            # which medge run reads with force=True too) must not fail here.
             if isinstance(source, (bytes, bytearray, memoryview)):
-                return pydicom.dcmread(io.BytesIO(bytes(source)))
-            return pydicom.dcmread(source)
+                return pydicom.dcmread(io.BytesIO(bytes(source)), force=True)
+            return pydicom.dcmread(source, force=True)
         except Exception as exc:  # noqa: BLE001
             raise DicomError(f"a source image cannot be read again for its results ({type(exc).__name__})") from None
 

@@ -790,3 +790,276 @@ def write_samples(directory: Union[str, os.PathLike], *, size: int = 512, ct_cou
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return sorted(paths)
+
+
+# --------------------------------------------------------------------------- CT volume series (known geometry)
+
+
+#: Rescale patterns of :func:`ct_volume_series` with ``per_slice_rescale=True``: slice ``k`` uses ``k % 3``.
+VOLUME_RESCALES = ((1.0, -1024.0), (2.0, -2048.0), (0.5, -512.0))
+
+# HU of the synthetic volume: air, a body cylinder, a spherical "organ/lesion".
+_VOLUME_AIR_HU = -1000.0
+_VOLUME_BODY_HU = 40.0
+_VOLUME_SPHERE_HU = 120.0
+
+
+@dataclass(frozen=True, eq=False)
+class VolumeTruth:
+    """What :func:`ct_volume_series` wrote, in the order a reader should recover (ascending along the normal).
+
+    One entry per written slice (frame), duplicates included, sorted by
+    position along the slice normal, then by SOP Instance UID.
+
+    Attributes:
+        direction: 3x3, rows: row direction (Image Orientation (Patient)
+            values 1-3, the way the column index grows), column direction
+            (values 4-6, the way the row index grows), normal (their cross product).
+        spacing: (row spacing, column spacing, nominal slice spacing) in mm;
+            row spacing is Pixel Spacing value 1 (between rows, along the column direction).
+        image_positions: (slices, 3) Image Position (Patient) of each slice, mm.
+        slice_positions: (slices,) projection of each position on the normal, mm.
+        sop_instance_uids, frame_numbers: the instance (and 1-based frame) of each slice.
+        transforms: (slope, intercept) of each slice.
+        hu: (slices, rows, columns) float64 HU of each slice (what rescaled stored values give exactly).
+        mask: (slices, rows, columns) bool: pixel centres inside the sphere.
+        center_mm, radius_mm: the sphere in patient coordinates.
+        series_instance_uid, study_instance_uid, frame_of_reference_uid.
+    """
+
+    direction: np.ndarray
+    spacing: tuple[float, float, float]
+    image_positions: np.ndarray
+    slice_positions: np.ndarray
+    sop_instance_uids: tuple[str, ...]
+    frame_numbers: tuple[int, ...]
+    transforms: tuple[tuple[float, float], ...]
+    hu: np.ndarray
+    mask: np.ndarray
+    center_mm: np.ndarray
+    radius_mm: float
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+
+
+def _volume_slice(position: np.ndarray, row_dir: np.ndarray, col_dir: np.ndarray, rows: int, columns: int,
+                  pixel_spacing: tuple[float, float], body_center: np.ndarray, body_radius: float,
+                  center: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(HU, sphere mask) of one slice: pixel (r, c) lies at position + c*dc*row_dir + r*dr*col_dir (PS3.3 C.7.6.2.1.1)."""
+    r = np.arange(rows, dtype=np.float64)[:, None, None]
+    c = np.arange(columns, dtype=np.float64)[None, :, None]
+    points = position + c * pixel_spacing[1] * row_dir + r * pixel_spacing[0] * col_dir  # (rows, columns, 3)
+    normal = np.cross(row_dir, col_dir)
+    # The body: a cylinder along the normal (distance from its axis, ignoring the normal component).
+    offset = points - body_center
+    radial = offset - (offset @ normal)[..., None] * normal
+    body = np.sqrt((radial * radial).sum(-1)) <= body_radius
+    mask = np.sqrt(((points - center) ** 2).sum(-1)) <= radius
+    hu = np.full((rows, columns), _VOLUME_AIR_HU)
+    hu[body] = _VOLUME_BODY_HU
+    hu[mask] = _VOLUME_SPHERE_HU
+    return hu, mask
+
+
+def ct_volume_series(*, seed: int = 0, slices: int = 12, rows: int = 32, columns: int = 32,
+                     pixel_spacing: tuple[float, float] = (0.8, 0.6), slice_spacing: float = 2.5,
+                     orientation: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                     origin: Sequence[float] = (-12.0, -10.0, 30.0),
+                     sphere_center_mm: Optional[Sequence[float]] = None, sphere_radius_mm: Optional[float] = None,
+                     missing: Sequence[int] = (), duplicate: Sequence[int] = (),
+                     offsets_mm: Optional[dict] = None, shuffle: bool = False,
+                     per_slice_rescale: bool = False, enhanced: bool = False) -> tuple[list["Dataset"], VolumeTruth]:
+    """A CT series with known geometry and a known spherical "organ/lesion", for series -> volume tests.
+
+    The nominal grid has ``slices`` slices; slice ``k`` lies at ``origin + k *
+    slice_spacing * normal`` (normal = row direction x column direction)
+    plus ``offsets_mm.get(k, 0)`` along the normal. Pixels: air (-1000 HU)
+    outside a body cylinder (40 HU) along the normal, and a sphere (120 HU)
+    whose voxels (pixel centres within ``sphere_radius_mm`` of
+    ``sphere_center_mm``) are ``VolumeTruth.mask``. Stored values are int16
+    with Rescale Slope/Intercept 1/-1024, or, with ``per_slice_rescale``,
+    slice ``k`` uses ``VOLUME_RESCALES[k % 3]`` (the HU are the same; the
+    stored values differ) and a window that differs per pattern.
+
+    Args:
+        seed: sets the UIDs (and the file order when shuffled).
+        slices, rows, columns: nominal grid size (each >= 1; rows, columns >= 4).
+        pixel_spacing: (row spacing, column spacing) in mm, as Pixel Spacing.
+        slice_spacing: nominal distance between slices along the normal, mm (> 0).
+        orientation: Image Orientation (Patient), six direction cosines (normalised here).
+        origin: Image Position (Patient) of nominal slice 0, mm.
+        sphere_center_mm: default: the centre of the nominal grid.
+        sphere_radius_mm: default: 0.3 x the smallest extent of the nominal grid.
+        missing: nominal slice indices left out (a gap).
+        duplicate: nominal slice indices written twice (same position and
+            pixels, a second SOP Instance UID).
+        offsets_mm: nominal index -> displacement along the normal (uneven spacing).
+        shuffle: return the datasets (or, with ``enhanced``, the frames) in a seeded random order.
+        per_slice_rescale: vary Rescale Slope/Intercept and window per slice.
+        enhanced: one Enhanced CT Image object holding every slice as a frame
+            (Per-frame Plane Position and Pixel Value Transformation, Shared
+            Plane Orientation and Pixel Measures) instead of one CT Image per slice.
+
+    Returns:
+        (datasets in file order, truth in reading order).
+
+    Raises:
+        ValueError: invalid arguments.
+        MissingDependency: pydicom is not installed.
+    """
+    pydicom = _pydicom()
+    Dataset = pydicom.dataset.Dataset
+    for name, value, minimum in (("slices", slices, 1), ("rows", rows, 4), ("columns", columns, 4)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if not (len(pixel_spacing) == 2 and all(float(v) > 0 for v in pixel_spacing)) or not float(slice_spacing) > 0:
+        raise ValueError("pixel_spacing must be two positive numbers and slice_spacing positive")
+    cosines = np.asarray(orientation, dtype=np.float64)
+    if cosines.shape != (6,):
+        raise ValueError("orientation must be six direction cosines")
+    row_dir = cosines[:3] / np.linalg.norm(cosines[:3])
+    col_dir = cosines[3:] - (cosines[3:] @ row_dir) * row_dir
+    col_dir /= np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+    origin_v = np.asarray(origin, dtype=np.float64)
+    offsets_mm = dict(offsets_mm or {})
+    spacing = (float(pixel_spacing[0]), float(pixel_spacing[1]))
+    extent = np.array([(rows - 1) * spacing[0], (columns - 1) * spacing[1], (slices - 1) * float(slice_spacing)])
+    grid_center = (origin_v + extent[1] / 2 * row_dir + extent[0] / 2 * col_dir
+                   + extent[2] / 2 * normal)
+    center = grid_center if sphere_center_mm is None else np.asarray(sphere_center_mm, dtype=np.float64)
+    radius = 0.3 * float(min(e for e in extent if e > 0) if any(extent > 0) else 1.0) \
+        if sphere_radius_mm is None else float(sphere_radius_mm)
+    body_radius = 0.45 * float(min(extent[0], extent[1]))
+
+    study = _uid("volume", "study", seed)
+    series = _uid("volume", "series", seed, enhanced)
+    frame_of_reference = _uid("volume", "frame-of-reference", seed)
+
+    # (nominal index, copy) of every written slice, in nominal order.
+    written = [(k, 0) for k in range(slices) if k not in set(missing)]
+    written += [(k, 1) for k in duplicate if k not in set(missing)]
+    written.sort()
+    entries = []
+    for k, copy in written:
+        position = origin_v + (k * float(slice_spacing) + float(offsets_mm.get(k, 0.0))) * normal
+        hu, mask = _volume_slice(position, row_dir, col_dir, rows, columns, spacing, grid_center, body_radius,
+                                 center, radius)
+        slope, intercept = VOLUME_RESCALES[k % 3] if per_slice_rescale else VOLUME_RESCALES[0]
+        stored = np.rint((hu - intercept) / slope).astype(np.int16)
+        entries.append({"k": k, "copy": copy, "position": position, "hu": stored * slope + intercept, "mask": mask,
+                        "stored": stored, "slope": slope, "intercept": intercept,
+                        "window": CT_WINDOWS[k % 2] if per_slice_rescale else CT_WINDOWS[0]})
+    order = list(range(len(entries)))
+    if shuffle:
+        order = [int(i) for i in _rng(seed, 7).permutation(len(entries))]
+        if order == sorted(order) and len(order) > 1:  # a shuffle that changed nothing tests nothing
+            order = order[::-1]
+
+    def base(sop_class: str, sop_instance: str) -> "Dataset":
+        ds = _base_dataset(sop_class=sop_class, sop_instance=sop_instance, study=study, series=series,
+                           modality="CT", transfer_syntax=_EXPLICIT_VR_LITTLE_ENDIAN, patient_name="SYNTHETIC^CT")
+        ds.SeriesDescription = "synthetic CT volume"
+        ds.FrameOfReferenceUID = frame_of_reference
+        ds.PositionReferenceIndicator = ""
+        ds.BodyPartExamined = "CHEST"
+        _set_pixel_module(ds, rows=rows, columns=columns, bits_allocated=16, bits_stored=16,
+                          pixel_representation=1, photometric="MONOCHROME2")
+        return ds
+
+    datasets: list["Dataset"] = []
+    if not enhanced:
+        for e in entries:
+            ds = base(_CT_IMAGE_STORAGE, _uid("volume", "instance", seed, e["k"], e["copy"]))
+            ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+            ds.InstanceNumber = e["k"] + 1
+            ds.SliceThickness = float(slice_spacing)
+            ds.PixelSpacing = list(spacing)
+            ds.ImageOrientationPatient = [float(v) for v in np.concatenate([row_dir, col_dir])]
+            ds.ImagePositionPatient = [float(v) for v in e["position"]]
+            ds.SliceLocation = float(e["position"] @ normal)
+            ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = e["slope"], e["intercept"], "HU"
+            _set_windows(ds, (e["window"],))
+            ds.PixelData = e["stored"].astype("<i2").tobytes()
+            e["uid"], e["frame"] = str(ds.SOPInstanceUID), 1
+            datasets.append(ds)
+        datasets = [datasets[i] for i in order]
+    else:
+        uid = _uid("volume", "enhanced-instance", seed)
+        ds = base(_ENHANCED_CT_IMAGE_STORAGE, uid)
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL", "NONE"]
+        ds.NumberOfFrames = len(entries)
+        shared = Dataset()
+        measures = Dataset()
+        measures.PixelSpacing = list(spacing)
+        measures.SliceThickness = float(slice_spacing)
+        shared.PixelMeasuresSequence = [measures]
+        plane = Dataset()
+        plane.ImageOrientationPatient = [float(v) for v in np.concatenate([row_dir, col_dir])]
+        shared.PlaneOrientationSequence = [plane]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        per_frame = []
+        for frame, i in enumerate(order, start=1):
+            e = entries[i]
+            item = Dataset()
+            content = Dataset()
+            content.FrameAcquisitionNumber = 1
+            item.FrameContentSequence = [content]
+            position = Dataset()
+            position.ImagePositionPatient = [float(v) for v in e["position"]]
+            item.PlanePositionSequence = [position]
+            pvt = Dataset()
+            pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = e["slope"], e["intercept"], "HU"
+            item.PixelValueTransformationSequence = [pvt]
+            voi = Dataset()
+            _set_windows(voi, (e["window"],), "LINEAR")
+            item.FrameVOILUTSequence = [voi]
+            per_frame.append(item)
+            e["uid"], e["frame"] = uid, frame
+        ds.PerFrameFunctionalGroupsSequence = per_frame
+        ds.PixelData = np.stack([entries[i]["stored"] for i in order]).astype("<i2").tobytes()
+        datasets = [ds]
+
+    # Reading order: along the normal, ties (duplicates) by SOP Instance UID then frame.
+    entries.sort(key=lambda e: (float(e["position"] @ normal), e["uid"], e["frame"]))
+    truth = VolumeTruth(
+        direction=np.stack([row_dir, col_dir, normal]),
+        spacing=(spacing[0], spacing[1], float(slice_spacing)),
+        image_positions=np.stack([e["position"] for e in entries]),
+        slice_positions=np.array([float(e["position"] @ normal) for e in entries]),
+        sop_instance_uids=tuple(e["uid"] for e in entries),
+        frame_numbers=tuple(e["frame"] for e in entries),
+        transforms=tuple((e["slope"], e["intercept"]) for e in entries),
+        hu=np.stack([e["hu"] for e in entries]),
+        mask=np.stack([e["mask"] for e in entries]),
+        center_mm=center,
+        radius_mm=radius,
+        series_instance_uid=series,
+        study_instance_uid=study,
+        frame_of_reference_uid=frame_of_reference,
+    )
+    return datasets, truth
+
+
+def write_ct_volume_series(directory: Union[str, os.PathLike], **kwargs) -> tuple[list[Path], VolumeTruth]:
+    """Write :func:`ct_volume_series` (same keyword arguments) into ``directory``, one file per dataset.
+
+    File names (``vol_00000.dcm``...) follow the returned (possibly shuffled)
+    order, so a sorted directory listing is not the slice order either.
+
+    Returns:
+        (paths in file order, truth).
+    """
+    datasets, truth = ct_volume_series(**kwargs)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, ds in enumerate(datasets):
+        path = directory / f"vol_{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths, truth
+
+
+__all__ += ["VolumeTruth", "VOLUME_RESCALES", "ct_volume_series", "write_ct_volume_series"]

@@ -602,10 +602,12 @@ def _spacing_issues(along: np.ndarray, tolerance: float) -> tuple[Optional[float
         if abs(gap - nominal) <= tolerance * nominal:
             continue
         if steps >= 2 and abs(gap - steps * nominal) <= tolerance * nominal:
+            expected = [where[0] + j * gap / steps for j in range(1, steps)]
+            at = ", ".join(f"{p:.3f}" for p in expected[:5]) + (", ..." if len(expected) > 5 else "")
             issues.append(SeriesIssue("missing", pair, where,
-                                      f"{steps - 1} slice(s) missing between slices {k} and {k + 1} ({where[0]:.3f} "
-                                      f"and {where[1]:.3f} mm along the normal, {gap:.3f} mm apart where the "
-                                      f"series' spacing is {nominal:.3f} mm)"))
+                                      f"{steps - 1} slice(s) missing at {at} mm between slices {k} and {k + 1} "
+                                      f"({where[0]:.3f} and {where[1]:.3f} mm along the normal, {gap:.3f} mm apart "
+                                      f"where the series' spacing is {nominal:.3f} mm)"))
         else:
             issues.append(SeriesIssue("uneven", pair, where,
                                       f"slices {k} and {k + 1} are {gap:.3f} mm apart ({where[0]:.3f} and "

@@ -41,17 +41,16 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
 from ._pydicom_quiet import quiet_pydicom
-from .dicom import DEFAULT_MAX_PIXELS, read_dicom
+from .dicom import read_dicom
 from .errors import DicomError, MedgeError, MissingDependency
 from .image import Acquisition, FrameTransform, Image, PixelSemantics
 
@@ -572,8 +571,8 @@ def _fallback_slice_spacing(ds: Any) -> float:
 
 def _axes(orientation: np.ndarray, uid: str) -> np.ndarray:
     row, column = orientation[:3], orientation[3:]
-    if (abs(np.linalg.norm(row) - 1) > _ORTHONORMAL_TOLERANCE or abs(np.linalg.norm(column) - 1) > _ORTHONORMAL_TOLERANCE
-            or abs(row @ column) > _ORTHONORMAL_TOLERANCE):
+    lengths = (np.linalg.norm(row), np.linalg.norm(column))
+    if max(abs(n - 1) for n in lengths) > _ORTHONORMAL_TOLERANCE or abs(row @ column) > _ORTHONORMAL_TOLERANCE:
         raise SeriesError(f"instance {uid}: Image Orientation (Patient) is not two orthogonal unit vectors: the "
                           "file is damaged")
     row = row / np.linalg.norm(row)

@@ -453,6 +453,18 @@ def _is_slice(ds: Any) -> bool:
     return _get(ds, "Rows") is not None and not sop_class.startswith(_NON_SLICE_SOP_PREFIX)
 
 
+def _size(ds: Any, uid: str) -> tuple[int, int]:
+    """(Rows, Columns), each one positive integer, else SeriesError."""
+    size = []
+    for keyword in ("Rows", "Columns"):
+        value = _get(ds, keyword)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+            size.append(int(value))
+        else:
+            raise SeriesError(f"instance {uid}: {keyword} is missing or not one positive integer: the file is damaged")
+    return size[0], size[1]
+
+
 def _frame_count(ds: Any) -> int:
     value = _get(ds, "NumberOfFrames")
     try:
@@ -537,6 +549,15 @@ def _functional(ds: Any, per_frame: Any, macro: str, keyword: str) -> tuple[Any,
 
 
 def _slices_of(index: int, ds: Any, uid: str) -> list[_Slice]:
+    try:
+        return _slices_of_unchecked(index, ds, uid)
+    except (TypeError, AttributeError, IndexError, KeyError, ValueError):
+        # Functional groups of the wrong VR or shape (a damaged file): pydicom hands back text or bytes.
+        raise SeriesError(f"instance {uid}: its functional groups cannot be read (wrong type or shape): the file "
+                          "is damaged") from None
+
+
+def _slices_of_unchecked(index: int, ds: Any, uid: str) -> list[_Slice]:
     frames = _frame_count(ds)
     per_frame_items = _get(ds, "PerFrameFunctionalGroupsSequence")
     if frames > 1 and (per_frame_items is None or len(per_frame_items) != frames):
@@ -563,7 +584,10 @@ def _fallback_slice_spacing(ds: Any) -> float:
     per_frame = _item(ds, "PerFrameFunctionalGroupsSequence")
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
         holder, _ = _functional(ds, per_frame, "PixelMeasuresSequence", keyword)
-        values = _numbers(holder, keyword, 1, "", required=False) if _get(holder, keyword) is not None else None
+        try:
+            values = _numbers(holder, keyword, 1, "", required=False)
+        except SeriesError:  # a damaged optional attribute: try the next one
+            values = None
         if values is not None and values[0] > 0:
             return float(abs(values[0]))
     return 1.0
@@ -636,7 +660,7 @@ def _build_volume(instances: list[_Instance], policy: str, spacing_tolerance: fl
         uids = list(seen)
         series_uid = _uid(headers[0], "SeriesInstanceUID")
         slices = [s for index, ds in enumerate(headers) for s in _slices_of(index, ds, uids[index])]
-        rows_columns = {(_get(ds, "Rows"), _get(ds, "Columns")) for ds in headers}
+        rows_columns = {_size(ds, uid) for ds, uid in zip(headers, uids)}
         frames_of_reference = {_uid(ds, "FrameOfReferenceUID") for ds in headers}
         studies = {_uid(ds, "StudyInstanceUID") for ds in headers}
         fallback_spacing = _fallback_slice_spacing(headers[0]) if len(slices) == 1 else None
@@ -645,7 +669,7 @@ def _build_volume(instances: list[_Instance], policy: str, spacing_tolerance: fl
         sizes = ", ".join(f"{r} x {c}" for r, c in sorted(rows_columns, key=str))
         raise SeriesError(f"the slices of series {series_uid} differ in size ({sizes} rows x columns): they cannot "
                           "be stacked; pick the slices of one size (a localizer may be mixed in)")
-    rows, columns = (int(v) for v in next(iter(rows_columns)))
+    rows, columns = next(iter(rows_columns))
     if len(frames_of_reference) > 1:
         raise SeriesError(f"the slices of series {series_uid} have {len(frames_of_reference)} different Frame of "
                           "Reference UIDs: their positions are not in one coordinate system")

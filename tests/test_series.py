@@ -303,3 +303,51 @@ def test_messages_logs_and_repr_carry_no_patient_values(tmp_path, caplog):
             assert not any(value in text for text in texts), (value, texts)
     volume = read_series(_plant_phi(ct_volume_series(seed=24)[0]))
     assert not any(value in repr(volume) for value in PHI)
+
+
+_DAMAGE = [None, "garbage", [1, 2], 0, [float("nan")] * 6, [0] * 6, 5]
+_ATTRIBUTES = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+               "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "NumberOfFrames", "SOPClassUID",
+               "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_damaged_headers_end_in_a_medge_error_or_a_volume(enhanced):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    import copy
+
+    pristine, _ = ct_volume_series(enhanced=enhanced, slices=4, seed=40)
+    outcomes = set()
+    for keyword in _ATTRIBUTES:
+        damage = list(_DAMAGE)
+        if keyword.endswith("Sequence"):
+            damage = [None, Sequence([]), Sequence([Dataset()]), Sequence([Dataset()] * 4)]
+        for value in damage:
+            datasets = copy.deepcopy(pristine)
+            target = datasets[0] if enhanced else datasets[1]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns about the planted values themselves
+                try:
+                    if value is None:
+                        if keyword in target:
+                            del target[keyword]
+                    else:
+                        setattr(target, keyword, value)
+                except Exception:  # noqa: BLE001 - pydicom refuses some assignments outright
+                    continue
+            try:
+                read_series(datasets)
+                outcomes.add("volume")
+            except MedgeError:
+                outcomes.add("refused")
+    assert outcomes == {"volume", "refused"}
+
+
+def test_a_deflated_slice_is_read_after_read_dicom_bounds_its_inflation():
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    datasets, truth = ct_volume_series(seed=41, slices=3)
+    datasets[1].file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    _assert_matches(read_series([datasets[0], _bytes(datasets[1]), datasets[2]]), truth)

@@ -342,7 +342,8 @@ def test_cli_gate_failure_exits_3_and_user_error_exits_2(tmp_path, dicom_sets, c
     common = [str(model), "--calib", str(dicom_sets / "calib"), "--val", str(dicom_sets / "val"),
               "--labels", str(dicom_sets / "val" / "labels.csv"), "--labels-names", "no_lesion,lesion",
               "--size", "32", "32", "--window", "-600", "1500", "--engine", "none", "--min-calibration-images", "16"]
-    assert main([*common, "-o", str(tmp_path / "ok.medge")]) == 0
+    # An untrained tiny CNN: its AUC is near chance, so the default AUC gate is loosened to test exit 0.
+    assert main([*common, "-o", str(tmp_path / "ok.medge"), "--max-auc-drop", "1", "--min-top1-agreement", "0"]) == 0
     out = capsys.readouterr().out
     assert "int8" in out and "bundle:" in out
     assert main([*common, "-o", str(tmp_path / "gate.medge"), "--max-abs-error", "0"]) == 3

@@ -86,6 +86,8 @@ def test_oblique_stack_whose_normal_points_against_instance_order():
     # Row direction (0.8, 0.6, 0), column direction (0, 0, -1): the normal is (-0.6, 0.8, 0); slice order
     # follows the projection on it, whatever Instance Number or z say.
     datasets, truth = ct_volume_series(orientation=(0.8, 0.6, 0, 0, 0, -1), shuffle=True, seed=5)
+    for ds in datasets:  # numbering and Slice Location that contradict the geometry are not used
+        ds.InstanceNumber, ds.SliceLocation = 100 - ds.InstanceNumber, -float(ds.SliceLocation)
     _assert_matches(read_series(datasets), truth)
 
 

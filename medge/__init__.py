@@ -3,6 +3,7 @@
 Public API (everything else is private):
 
 - ``read_dicom`` -> ``Image`` (stored values + ``PixelSemantics``)
+- ``read_series`` -> ``Volume`` (a DICOM series ordered along its normal, with patient-space geometry)
 - ``PreprocessSpec`` and ``preprocess`` (fused C++ / CUDA preprocessing)
 - ``cuda_available``
 - ``load`` -> ``Model`` (``predict``, ``predict_batch`` -> ``Prediction``), ``Batcher``
@@ -60,6 +61,7 @@ from .image import FrameTransform, Image, PixelSemantics, Window  # noqa: E402
 from .preprocess import PreprocessSpec, cuda_available, preprocess  # noqa: E402
 from .runtime.batcher import Batcher  # noqa: E402
 from .runtime.model import Model, Prediction, load  # noqa: E402
+from .series import Volume, read_series  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -77,4 +79,6 @@ __all__ = [
     "Model",
     "Prediction",
     "Batcher",
+    "read_series",
+    "Volume",
 ]

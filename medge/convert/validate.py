@@ -8,11 +8,17 @@ labels, accuracy, sensitivity, specificity and ROC AUC (and its drop from
 FP32). A graph that nothing here can execute is reported as "not measured"
 with the reason, never guessed.
 
-Execution is ONNX Runtime's CPU provider. It runs the FP32 and the INT8 Q/DQ
-graphs on any machine. For the FP16 graph it executes float16 weights and
-float16 tensors between nodes, so rounding to fp16 is measured. Inside a
-node a CPU kernel may accumulate in float32, as GPU fp16 kernels usually
-do too.
+Execution is every CPU engine installed: ONNX Runtime's CPU provider (the
+reference, FP32 at batch 1, always runs on it) and OpenVINO when it is
+installed, each row saying which engine ran it (``executed_by``). ONNX
+Runtime runs the FP32 and the INT8 Q/DQ graphs on any machine. For the FP16
+graph it executes float16 weights and float16 tensors between nodes, so
+rounding to fp16 is measured. Inside a node a CPU kernel may accumulate in
+float32, as GPU fp16 kernels usually do too. OpenVINO runs each graph as
+medge's runtime does (the same backend class and settings: dynamic batch,
+f32 inference precision), so its rows are what ``medge.load`` will run; a
+graph it cannot compile (or that crashes it, in a child process) is "not
+measured" on it, with the reason.
 """
 
 from __future__ import annotations
@@ -174,13 +180,44 @@ def read_labels(csv_path: Path, keys: Sequence[Sequence[str]], class_labels: Seq
 # Running
 
 
+#: CPU engines the accuracy report can run graphs on, in report order (the first is the reference's).
+CPU_ENGINES = ("onnxruntime", "openvino")
+_EXECUTED_BY = {"onnxruntime": "onnxruntime CPU", "openvino": "openvino CPU"}
+
+
+def installed_cpu_engines() -> list[str]:
+    """The CPU engines installed here: ONNX Runtime, and OpenVINO when its package is present."""
+    import importlib.util
+
+    return [e for e in CPU_ENGINES if e == "onnxruntime" or importlib.util.find_spec(e) is not None]
+
+
+def openvino_runner(path: Path, max_batch: int):
+    """An OpenVINO backend for graph ``path`` set up as ``medge.load`` sets it up (its compile isolated).
+
+    Raises:
+        ConversionError: OpenVINO cannot read, compile or run it (with OpenVINO's reason).
+    """
+    from ..errors import BackendUnavailable
+    from ..runtime.backends.openvino import OpenVINOBackend
+
+    try:
+        return OpenVINOBackend(Path(path).read_bytes(), precision=Path(path).stem, max_batch=max_batch)
+    except BackendUnavailable as exc:
+        raise ConversionError(f"OpenVINO cannot run {Path(path).name}: {exc}") from None
+
+
 def run_graph(path: Path, inputs: np.ndarray, batch_size: int, progress: Optional[Progress] = None, *,
-              extra_output: Optional[str] = None):
+              extra_output: Optional[str] = None, runner=None):
     """Outputs of graph ``path`` on ``inputs`` in batches of ``batch_size`` (last batch may be smaller).
 
     Returns the first output, float32; with ``extra_output`` (e.g. the class
-    activation maps), the pair (first output, that output).
+    activation maps), the pair (first output, that output). ``runner``: a
+    runtime backend (e.g. from :func:`openvino_runner`) to run instead of
+    ONNX Runtime; its ``max_batch`` must be at least ``batch_size``.
     """
+    if runner is not None:
+        return _run_backend(runner, inputs, batch_size, progress, extra_output)
     session = ort_session(path)
     meta = session.get_inputs()[0]
     dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
@@ -196,6 +233,32 @@ def run_graph(path: Path, inputs: np.ndarray, batch_size: int, progress: Optiona
     return (joined[0], joined[1]) if extra_output else joined[0]
 
 
+def _run_backend(backend, inputs: np.ndarray, batch_size: int, progress: Optional[Progress],
+                 extra_output: Optional[str]):
+    first = backend.outputs[0].name
+    outputs: list = [[], []]
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        backend.load_input(np.ascontiguousarray(batch, dtype=backend.input.dtype))
+        try:
+            every = backend.execute_all(len(batch)) if extra_output else {first: backend.execute(len(batch))}
+        except ConversionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an engine's own error types: this graph is not measured on it
+            raise ConversionError(f"{backend.name} failed running it: {type(exc).__name__}: {exc}") from None
+        if extra_output and extra_output not in every:
+            raise ConversionError(f"the graph run by {backend.name} has no output {extra_output!r} "
+                                  f"(it has {', '.join(every)})")
+        outputs[0].append(every[first])
+        if extra_output:
+            outputs[1].append(every[extra_output])
+        if progress is not None:
+            progress.update(len(batch))
+    if extra_output:
+        return np.concatenate(outputs[0]), np.concatenate(outputs[1])
+    return np.concatenate(outputs[0])
+
+
 def evaluate(
     graphs: dict[str, Path],
     inputs: np.ndarray,
@@ -207,8 +270,9 @@ def evaluate(
     activation: str = "softmax",
     positive_class: Optional[str] = None,
     progress: Optional[bool] = None,
+    engines: Optional[Sequence[str]] = None,
 ) -> AccuracyReport:
-    """Run every precision graph at every batch size and compare with FP32 at batch 1.
+    """Run every precision graph at every batch size on every CPU engine, and compare with FP32 at batch 1.
 
     Args:
         graphs: precision name -> ONNX path; must include "fp32".
@@ -219,6 +283,10 @@ def evaluate(
             classification task built from the FP32 outputs, ``class_labels``,
             ``activation`` and ``positive_class``.
         progress: progress line (None: when stderr is a terminal).
+        engines: CPU engines to run every graph on, "onnxruntime" first (it
+            runs the reference); None: every one installed
+            (:func:`installed_cpu_engines`). Each row names its engine in
+            ``executed_by``.
 
     Returns:
         AccuracyReport.
@@ -228,25 +296,37 @@ def evaluate(
     if inputs.ndim != 4 or len(inputs) == 0:
         raise ConversionError(f"validation inputs must be a non-empty (N, C, H, W) array, got {inputs.shape}")
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
+    engines = installed_cpu_engines() if engines is None else list(dict.fromkeys(engines))
+    if not engines or engines[0] != CPU_ENGINES[0] or any(e not in CPU_ENGINES for e in engines):
+        raise ConversionError(f"engines must start with onnxruntime (the reference runs on it) and come from "
+                              f"{', '.join(CPU_ENGINES)}; got {engines}")
     order = [REFERENCE_PRECISION] + [p for p in graphs if p != REFERENCE_PRECISION]
-    bar = Progress("validating", len(order) * len(batch_sizes) * len(inputs), enabled=progress)
+    bar = Progress("validating", len(order) * len(engines) * len(batch_sizes) * len(inputs), enabled=progress)
     reference = reference_maps = None
     reference_metrics: dict = {}
     report = None
     heatmap = getattr(task, "heatmap_output", None)
     try:
-        for precision in order:
+        for precision, engine in ((p, e) for p in order for e in engines):
+            runner, unusable = None, None
+            if engine == "openvino":  # compiled once per graph (in a child first), run at every batch size
+                try:
+                    runner = openvino_runner(graphs[precision], max(batch_sizes))
+                except ConversionError as exc:
+                    unusable = exc
             for batch in batch_sizes:
                 try:
-                    outputs = run_graph(graphs[precision], inputs, batch, bar, extra_output=heatmap)
+                    if unusable is not None:
+                        raise unusable
+                    outputs = run_graph(graphs[precision], inputs, batch, bar, extra_output=heatmap, runner=runner)
                     outputs, maps = outputs if heatmap else (outputs, None)
                 except ConversionError as exc:
-                    if precision == REFERENCE_PRECISION:
+                    if precision == REFERENCE_PRECISION and engine == engines[0]:
                         raise
-                    report.results.append(PrecisionResult(
-                        precision, batch, measured=False, executed_by="onnxruntime CPU",
-                        reason=f"ONNX Runtime's CPU provider cannot run it here ({str(exc)[:300]}); "
-                               "it is measured where its engine runs"))
+                    reason = (f"ONNX Runtime's CPU provider cannot run it here ({str(exc)[:300]}); it is measured "
+                              "where its engine runs" if engine == "onnxruntime" else str(exc)[:400])
+                    report.results.append(PrecisionResult(precision, batch, measured=False,
+                                                          executed_by=_EXECUTED_BY[engine], reason=reason))
                     bar.update(len(inputs))
                     continue
                 if reference is None:
@@ -260,7 +340,7 @@ def evaluate(
                                             getattr(task, "activation", ""), positive)
                     if labels is not None:
                         reference_metrics = task.metrics(outputs, labels)
-                result = PrecisionResult(precision, batch, measured=True, executed_by="onnxruntime CPU",
+                result = PrecisionResult(precision, batch, measured=True, executed_by=_EXECUTED_BY[engine],
                                          images=int(len(inputs)), **task.compare(outputs, reference))
                 if maps is not None:
                     result.heatmap_correlation = task.heatmap_agreement(maps, reference_maps, reference)
@@ -277,6 +357,8 @@ def evaluate(
                     if result.auc is not None and reference_metrics.get("auc") is not None:
                         result.auc_drop = reference_metrics["auc"] - result.auc
                 report.results.append(result)
+            if runner is not None:
+                runner.close()
     finally:
         bar.close()
     return report

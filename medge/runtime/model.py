@@ -32,11 +32,13 @@ from .backends.base import Backend
 
 _LOG = logging.getLogger("medge.runtime")
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt_rtx")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "tensorrt_rtx")
 #: Graphs ONNX Runtime runs, best first, per precision asked for (the ORT-placed INT8 graph is the
 #: fast one on CPU; the TensorRT-placed one runs at half FP32 speed there).
 _ORT_DEFAULT_ORDER = ("int8-ort", "fp32", "fp16", "int8")
 _TENSORRT_ORDER = ("int8", "fp16", "fp32")
+#: Graphs OpenVINO runs, best first: it runs the TensorRT-placed INT8 graph with int8 kernels.
+_OPENVINO_ORDER = ("int8", "fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -386,10 +388,20 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
             raise BackendUnavailable("; ".join(reasons + selection.passed_over))
     if reasons:
         why = "TensorRT not usable here: " + "; ".join(reasons)
-    elif backend == "onnxruntime":
-        why = "ONNX Runtime requested"
+    elif backend in ("onnxruntime", "openvino"):
+        why = f"{'ONNX Runtime' if backend == 'onnxruntime' else 'OpenVINO'} requested"
     else:
         why = "device='cpu' requested"
+    if backend == "openvino" or (backend == "auto" and _openvino_preferred(device)):
+        noted = len(selection.passed_over)
+        try:
+            impl, choice = _load_openvino(opened, selection, max_batch, threads, why, engine_cache)
+            return _announce(Model(opened, impl, choice, task, envelope_check))
+        except BackendUnavailable as exc:  # MissingDependency included
+            if backend == "openvino":
+                raise
+            # ONNX Runtime is the fallback; the graphs OpenVINO passed over say why in the choice's note.
+            why += "; OpenVINO not usable" + ("" if len(selection.passed_over) > noted else f": {exc}")
     impl, choice = _load_onnxruntime(opened, selection, max_batch, threads, device, why)
     return _announce(Model(opened, impl, choice, task, envelope_check))
 
@@ -569,6 +581,54 @@ def _load_onnxruntime(bundle, selection: "_Selection", max_batch, threads, devic
         return impl, BackendChoice("onnxruntime", impl.precision, graph, where, f"{why}; graph {graph}"
                                    + selection.note(), impl.describe(), tuple(selection.passed_over))
     raise selection.nothing_left("ONNX Runtime")
+
+
+def _openvino_preferred(device) -> bool:
+    """Does ``auto`` try OpenVINO before ONNX Runtime? On x86 CPUs with openvino installed, unless ONNX Runtime
+    would run on a GPU (its CUDA provider, when a CUDA device was asked for)."""
+    import platform
+
+    from .backends import openvino
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686") or not openvino.available():
+        return False
+    if device != "cpu":
+        from .backends.onnxruntime import OnnxRuntimeBackend
+
+        return not OnnxRuntimeBackend.has_cuda()
+    return True
+
+
+def _load_openvino(bundle, selection: "_Selection", max_batch, threads, why, engine_cache):
+    from .backends.openvino import OpenVINOBackend
+    from .engine_cache import EngineCache
+
+    graphs = selection.graphs
+    order = [g for g in selection.precisions(_OPENVINO_ORDER) if g in graphs]
+    if not order:
+        raise BackendUnavailable(f"the bundle has no graph OpenVINO runs for {selection.precision or 'any precision'} "
+                                 f"(it has {', '.join(graphs)})")
+    # Graphs that compiled in an isolated child process are remembered beside the engine cache.
+    verdicts = EngineCache(engine_cache).directory / "openvino-compiled"
+    outputs = [o.get("name") for o in bundle.manifest.get("outputs") or [] if isinstance(o, dict)]
+    for graph in order:
+        if not selection.allowed(graph, "openvino"):
+            continue
+        try:
+            impl = OpenVINOBackend(_graph_bytes(bundle, graph), precision=graphs[graph].get("precision", graph),
+                                   max_batch=max_batch, threads=threads, output_names=outputs or None,
+                                   verdict_dir=verdicts)
+        except BackendUnavailable as exc:
+            if isinstance(exc, ImportError):  # MissingDependency: no graph will do better
+                raise
+            selection.passed_over.append(f"{graph} on openvino: {exc}")
+            continue
+        if not selection.self_test(impl, graph, "openvino cpu"):
+            impl.close()
+            continue
+        return impl, BackendChoice("openvino", impl.precision, graph, "cpu", f"{why}; graph {graph}" + selection.note(),
+                                   impl.describe(), tuple(selection.passed_over))
+    raise selection.nothing_left("OpenVINO")
 
 
 def _load_tensorrt(bundle, flavour, device, selection: "_Selection", max_batch, engine_cache, use_cuda_graphs):

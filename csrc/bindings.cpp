@@ -121,6 +121,181 @@ void set_float3(float (&dst)[3], const std::vector<float>& src, const char* name
 
 }  // namespace
 
+// ---------------------------------------------------------------- volume preprocessing (medge.volume)
+// Numpy (D, H, W) stored values + per-slice slopes / intercepts -> the (1, 1, D, H, W) or 2.5-D
+// (D, 2k + 1, H, W) output; CUDA takes device addresses and caller-owned launch tables (volume.h).
+#include "medge/volume.h"
+
+namespace {
+
+// Slopes / intercepts as float64 vectors of `depth` values, wired into `volume`.
+void wire_rescale(VolumeParams& volume, const py::array_t<double, py::array::c_style | py::array::forcecast>& slopes,
+                  const py::array_t<double, py::array::c_style | py::array::forcecast>& intercepts) {
+  if (slopes.ndim() != 1 || intercepts.ndim() != 1 || slopes.shape(0) != volume.depth ||
+      intercepts.shape(0) != volume.depth)
+    throw InvalidArgument("rescale slopes and intercepts need one value per slice (" + std::to_string(volume.depth) +
+                          ")");
+  volume.rescale_slopes = slopes.data();
+  volume.rescale_intercepts = intercepts.data();
+}
+
+// Memory fields of `volume` from a host (D, H, W) array whose rows are contiguous.
+void describe_host_volume(const py::array& array, VolumeParams& volume) {
+  if (array.ndim() != 3) throw InvalidArgument("volume pixels must be a 3-D (slices, rows, columns) array");
+  volume.pixel_type = pixel_type_of(array, 0);
+  const int64_t item = array.itemsize();
+  for (int d = 0; d < 3; ++d)
+    if (array.shape(d) <= 0) throw InvalidArgument("volume pixel array is empty");
+  const int64_t d = array.shape(0), h = array.shape(1), w = array.shape(2);
+  const int64_t ss = array.strides(0), rs = array.strides(1);
+  if (array.strides(2) != item || rs <= 0 || rs % item != 0 || (h > 1 && rs < w * item) || ss <= 0 ||
+      ss % item != 0 || (d > 1 && ss < ((h - 1) * (rs / item) + w) * item))
+    throw InvalidArgument("volume pixel rows must be contiguous with positive row and slice strides");
+  volume.pixels = array.data();
+  volume.depth = d;
+  volume.height = h;
+  volume.width = w;
+  volume.row_stride = h > 1 ? rs / item : w;
+  volume.slice_stride = d > 1 ? ss / item : (h - 1) * volume.row_stride + w;
+  volume.buffer_bytes = ((d - 1) * volume.slice_stride + (h - 1) * volume.row_stride + w) * item;
+}
+
+void check_volume_output(const py::array& output, const VolumeOutputParams& out) {
+  if (!output.writeable()) throw InvalidArgument("output array is read-only");
+  if (!(output.flags() & py::array::c_style)) throw InvalidArgument("output array must be C-contiguous");
+  const bool fp16 = out.output_type == OutputType::kFloat16;
+  const py::dtype want = fp16 ? py::dtype("float16") : py::dtype::of<float>();
+  if (!output.dtype().equal(want))
+    throw InvalidArgument("output dtype must be " + std::string(py::str(want)) + ", got " +
+                          std::string(py::str(output.dtype())));
+  if (output.nbytes() != volume_output_bytes(out))
+    throw InvalidArgument("output array has " + std::to_string(output.nbytes()) + " bytes but the volume needs " +
+                          std::to_string(volume_output_bytes(out)));
+}
+
+void run_volume_cpu(const py::array& pixels, const py::array_t<double, py::array::c_style | py::array::forcecast>& slopes,
+                    const py::array_t<double, py::array::c_style | py::array::forcecast>& intercepts,
+                    VolumeParams volume, py::array output, const VolumeOutputParams& out, int num_threads,
+                    bool emulate_cuda) {
+  describe_host_volume(pixels, volume);
+  wire_rescale(volume, slopes, intercepts);
+  check_volume_output(output, out);
+  void* data = output.mutable_data();
+  const int64_t bytes = output.nbytes();
+  py::gil_scoped_release release;
+  try {
+    if (emulate_cuda)
+      preprocess_volume_emulated(volume, out, data, bytes);
+    else
+      preprocess_volume_cpu(volume, out, data, bytes, num_threads);
+  } catch (const std::bad_alloc&) {
+    throw ResourceError("not enough memory for the native volume preprocessing; use fewer threads or a smaller "
+                        "volume / output");
+  }
+}
+
+py::array_t<uint8_t> volume_tables(VolumeParams volume,
+                                   const py::array_t<double, py::array::c_style | py::array::forcecast>& slopes,
+                                   const py::array_t<double, py::array::c_style | py::array::forcecast>& intercepts,
+                                   const VolumeOutputParams& out) {
+  wire_rescale(volume, slopes, intercepts);
+  const int64_t bytes = volume_cuda_table_bytes(volume, out);
+  // numpy's allocator aligns to at least 16 bytes; checked natively.
+  py::array_t<uint8_t> tables(static_cast<py::ssize_t>(bytes));
+  volume_cuda_tables(volume, out, tables.mutable_data(), bytes);
+  return tables;
+}
+
+void run_volume_cuda(VolumeParams volume, const VolumeOutputParams& out, std::uintptr_t tables, int64_t table_bytes,
+                     std::uintptr_t output, int64_t output_bytes, std::uintptr_t stream) {
+  py::gil_scoped_release release;
+  preprocess_volume_cuda(volume, out, reinterpret_cast<const void*>(tables), table_bytes,
+                         reinterpret_cast<void*>(output), output_bytes, reinterpret_cast<cudaStream_t>(stream));
+}
+
+std::vector<int64_t> get3(const int64_t (&v)[3]) { return {v[0], v[1], v[2]}; }
+void set3(int64_t (&dst)[3], const std::vector<int64_t>& src, const char* name) {
+  if (src.size() != 3) throw InvalidArgument(std::string(name) + " needs 3 values (slices, rows, columns)");
+  for (int i = 0; i < 3; ++i) dst[i] = src[static_cast<size_t>(i)];
+}
+
+void register_volume(py::module_& m) {
+  py::enum_<VolumeInterpolation>(m, "VolumeInterpolation")
+      .value("trilinear", VolumeInterpolation::kTrilinear)
+      .value("nearest", VolumeInterpolation::kNearest);
+  py::class_<VolumeParams>(m, "VolumeParams")
+      .def(py::init<>())
+      .def_property(
+          "pixels_address", [](const VolumeParams& p) { return reinterpret_cast<std::uintptr_t>(p.pixels); },
+          [](VolumeParams& p, std::uintptr_t v) { p.pixels = reinterpret_cast<const void*>(v); })
+      .def_readwrite("buffer_bytes", &VolumeParams::buffer_bytes)
+      .def_readwrite("depth", &VolumeParams::depth)
+      .def_readwrite("height", &VolumeParams::height)
+      .def_readwrite("width", &VolumeParams::width)
+      .def_readwrite("slice_stride", &VolumeParams::slice_stride)
+      .def_readwrite("row_stride", &VolumeParams::row_stride)
+      .def_readwrite("pixel_type", &VolumeParams::pixel_type)
+      .def_readwrite("bits_stored", &VolumeParams::bits_stored)
+      .def_readwrite("is_signed", &VolumeParams::is_signed)
+      .def_readwrite("voi_mode", &VolumeParams::voi_mode)
+      .def_readwrite("voi_function", &VolumeParams::voi_function)
+      .def_readwrite("window_center", &VolumeParams::window_center)
+      .def_readwrite("window_width", &VolumeParams::window_width)
+      .def_readwrite("range_low", &VolumeParams::range_low)
+      .def_readwrite("range_high", &VolumeParams::range_high)
+      .def_readwrite("invert", &VolumeParams::invert);
+  py::class_<VolumeOutputParams>(m, "VolumeOutputParams")
+      .def(py::init<>())
+      .def_property(
+          "resampled", [](const VolumeOutputParams& o) { return get3(o.resampled); },
+          [](VolumeOutputParams& o, const std::vector<int64_t>& v) { set3(o.resampled, v, "resampled"); })
+      .def_property(
+          "size", [](const VolumeOutputParams& o) { return get3(o.size); },
+          [](VolumeOutputParams& o, const std::vector<int64_t>& v) { set3(o.size, v, "size"); })
+      .def_property(
+          "offset", [](const VolumeOutputParams& o) { return get3(o.offset); },
+          [](VolumeOutputParams& o, const std::vector<int64_t>& v) { set3(o.offset, v, "offset"); })
+      .def_readwrite("interpolation", &VolumeOutputParams::interpolation)
+      .def_readwrite("neighbours", &VolumeOutputParams::neighbours)
+      .def_readwrite("pad_value", &VolumeOutputParams::pad_value)
+      .def_readwrite("mean", &VolumeOutputParams::mean)
+      .def_readwrite("std", &VolumeOutputParams::std)
+      .def_readwrite("output_type", &VolumeOutputParams::output_type);
+  m.attr("MAX_VOLUME_NEIGHBOURS") = kMaxNeighbours;
+  m.def("volume_output_bytes", &volume_output_bytes, py::arg("out_params"));
+  m.def(
+      "preprocess_volume_cpu",
+      [](const py::array& pixels, const py::array_t<double, py::array::c_style | py::array::forcecast>& slopes,
+         const py::array_t<double, py::array::c_style | py::array::forcecast>& intercepts, const VolumeParams& volume,
+         py::array output, const VolumeOutputParams& out, int num_threads) {
+        run_volume_cpu(pixels, slopes, intercepts, volume, output, out, num_threads, false);
+      },
+      py::arg("pixels"), py::arg("slopes"), py::arg("intercepts"), py::arg("params"), py::arg("output"),
+      py::arg("out_params"), py::arg("num_threads") = 0,
+      "Preprocess a host (D, H, W) volume into `output`; params' memory fields are filled from `pixels`. "
+      "Releases the GIL.");
+  m.def(
+      "_emulate_volume_cuda",
+      [](const py::array& pixels, const py::array_t<double, py::array::c_style | py::array::forcecast>& slopes,
+         const py::array_t<double, py::array::c_style | py::array::forcecast>& intercepts, const VolumeParams& volume,
+         py::array output, const VolumeOutputParams& out) {
+        run_volume_cpu(pixels, slopes, intercepts, volume, output, out, 1, true);
+      },
+      py::arg("pixels"), py::arg("slopes"), py::arg("intercepts"), py::arg("params"), py::arg("output"),
+      py::arg("out_params"),
+      "Tests only: the CUDA volume kernel's per-element function and launch tables run on the CPU.");
+  m.def("volume_cuda_tables", &volume_tables, py::arg("params"), py::arg("slopes"), py::arg("intercepts"),
+        py::arg("out_params"),
+        "Launch tables of the CUDA volume kernel (params carry the device address of the pixels), as host bytes "
+        "to copy to 16-byte-aligned device memory.");
+  m.def("preprocess_volume_cuda", &run_volume_cuda, py::arg("params"), py::arg("out_params"),
+        py::arg("tables_address"), py::arg("table_bytes"), py::arg("output_address"), py::arg("output_bytes"),
+        py::arg("stream"), "Enqueue the volume kernel on `stream` (device addresses); does not synchronise.");
+}
+
+}  // namespace
+// ---------------------------------------------------------------- end of volume preprocessing
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "medge native core (private: use medge.preprocess)";
 
@@ -213,4 +388,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &cuda_device_count, "Visible CUDA devices (0 without driver or GPU; never raises).");
   m.def("cuda_status", &cuda_status, "Why CUDA is or is not usable here, e.g. the driver error.");
   m.def("cuda_architectures", &cuda_architectures, "CUDA architectures embedded in this build.");
+
+  register_volume(m);  // volume preprocessing (medge.volume)
 }

@@ -38,8 +38,11 @@ import functools
 import io
 import logging
 import math
+import mmap
 import os
 import re
+import stat
+import struct
 import zlib
 from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Union
 
@@ -62,7 +65,7 @@ _LOG = logging.getLogger(__name__)
 #: a small compressed file that claims a huge image is refused cheaply.
 DEFAULT_MAX_PIXELS = 1 << 28
 
-DicomSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO, "Dataset"]
+DicomSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, mmap.mmap, BinaryIO, "Dataset"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_TAG_NAMES = {
@@ -159,12 +162,19 @@ def read_dicom(source: DicomSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, for
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     _import_pydicom()
+    max_pixels = int(max_pixels)
+    if _FAST_READER:
+        # The common case (uncompressed little endian, no functional groups) without pydicom;
+        # everything else, and any doubt, goes on to pydicom with what was already read.
+        image = _fast_read(source, max_pixels)
+        if image is not None:
+            return image
     # pydicom's warnings and log records quote values from the file (a damaged UID brings the
     # patient's name along): none of them may reach the caller's logs while medge reads.
     with quiet_pydicom():
         try:
-            dataset = _load_dataset(source, force, int(max_pixels))
-            return _image_from_dataset(dataset, int(max_pixels))
+            dataset = _load_dataset(source, force, max_pixels)
+            return _image_from_dataset(dataset, max_pixels)
         except MedgeError as exc:
             error = exc
     # Raised here, outside the except block, so that Python does not attach the exception being
@@ -200,7 +210,7 @@ def _load_dataset(source: Any, force: bool, max_pixels: int) -> "Dataset":
     if isinstance(source, Dataset):
         return source
     opened = None
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    if isinstance(source, (bytes, bytearray, memoryview, mmap.mmap)):
         stream: Any = _bytes_stream(source)
         what = "the data"
     elif isinstance(source, (str, os.PathLike)):
@@ -250,8 +260,13 @@ def _load_dataset(source: Any, force: bool, max_pixels: int) -> "Dataset":
             opened.close()
 
 
-def _bytes_stream(source: Union[bytes, bytearray, memoryview]) -> io.BytesIO:
+def _bytes_stream(source: Union[bytes, bytearray, memoryview, mmap.mmap]) -> io.BytesIO:
     """A stream over the bytes of ``source``, whatever its memory layout."""
+    if isinstance(source, mmap.mmap):
+        try:
+            return io.BytesIO(memoryview(source))  # the whole mapping (copied), wherever its position
+        except (ValueError, TypeError, BufferError) as exc:  # a closed mapping
+            raise DicomError(f"cannot read the data from this memory map ({type(exc).__name__})") from None
     if isinstance(source, memoryview):
         try:
             # BytesIO needs one contiguous run of bytes; tobytes() copies any layout (strided,
@@ -1093,3 +1108,443 @@ def _normalise_array(array: np.ndarray, expected: np.dtype, rows: int, columns: 
         if not np.isfinite(array).all():
             raise DicomError("the float pixel data contains NaN or infinite values")
     return array
+
+
+# --------------------------------------------------------------------------- fast reader
+#
+# Most images at the scanner are uncompressed little endian, single-frame or classic
+# multi-frame, with no functional groups. For those, pydicom's parse of every element is
+# most of read_dicom's time (issue 13). The fast reader:
+#
+# - reads the file into one buffer (paths) or takes the caller's buffer (bytes, bytearray,
+#   memoryview, mmap);
+# - has medge._C.scan_dicom walk the element headers (bounds-checked C++, no value is
+#   converted there) and say where the elements read_dicom needs lie;
+# - converts those few values here, replicating exactly what pydicom 3 and the full path
+#   above make of them;
+# - and hands the file to the full path (pydicom) whenever anything is outside that common
+#   case or merely unusual: another transfer syntax, a structure pydicom would read
+#   differently, a value that is not plainly valid, any condition the full path reports as
+#   an error, a non-default pydicom configuration. It never raises DicomError itself, so
+#   every error, message and log record comes from the full path as before.
+#
+# tests/test_reader_conformance.py proves the identity on every pydicom test file and on
+# synthetic variants; tests/test_fuzz_dicom.py runs both readers on mutated files.
+
+#: False: every read goes through pydicom (environment: MEDGE_DICOM_READER=pydicom).
+_FAST_READER = os.environ.get("MEDGE_DICOM_READER", "").strip().lower() != "pydicom"
+
+# What the fast reader asks the scanner about, sorted by tag: (tag, VR, kind). Kind 0: its value
+# is converted here, and an explicit VR must be this one (Implicit VR files are read with it,
+# which is pydicom's dictionary VR); kind 1: its mere presence sends the file to the full path
+# (LUT sequences, functional groups, other pixel data elements: the full path interprets or
+# refuses them); kind 2: Pixel Data (OB or OW).
+_FAST_ELEMENTS = (
+    (0x00020003, b"UI", 0),  # Media Storage SOP Instance UID
+    (0x00020010, b"UI", 0),  # Transfer Syntax UID (the scanner accepts only the two native LE ones)
+    (0x00080005, b"CS", 0),  # Specific Character Set
+    (0x00080018, b"UI", 0),  # SOP Instance UID
+    (0x00080060, b"CS", 0),  # Modality
+    (0x00180015, b"CS", 0),  # Body Part Examined
+    (0x00181164, b"DS", 0),  # Imager Pixel Spacing
+    (0x00280002, b"US", 0),  # Samples per Pixel
+    (0x00280004, b"CS", 0),  # Photometric Interpretation
+    (0x00280008, b"IS", 0),  # Number of Frames
+    (0x00280010, b"US", 0),  # Rows
+    (0x00280011, b"US", 0),  # Columns
+    (0x00280030, b"DS", 0),  # Pixel Spacing
+    (0x00280100, b"US", 0),  # Bits Allocated
+    (0x00280101, b"US", 0),  # Bits Stored
+    (0x00280103, b"US", 0),  # Pixel Representation
+    (0x00281050, b"DS", 0),  # Window Center
+    (0x00281051, b"DS", 0),  # Window Width
+    (0x00281052, b"DS", 0),  # Rescale Intercept
+    (0x00281053, b"DS", 0),  # Rescale Slope
+    (0x00281055, b"LO", 0),  # Window Center & Width Explanation
+    (0x00281056, b"CS", 0),  # VOI LUT Function
+    (0x00283000, b"SQ", 1),  # Modality LUT Sequence
+    (0x00283010, b"SQ", 1),  # VOI LUT Sequence
+    (0x52009229, b"SQ", 1),  # Shared Functional Groups Sequence
+    (0x52009230, b"SQ", 1),  # Per-frame Functional Groups Sequence
+    (0x7FE00008, b"OF", 1),  # Float Pixel Data
+    (0x7FE00009, b"OD", 1),  # Double Float Pixel Data
+    (0x7FE00010, b"OB", 2),  # Pixel Data
+)
+_FAST_SPEC = b"".join(struct.pack("<I2sBx", tag, vr, kind) for tag, vr, kind in _FAST_ELEMENTS)
+_FAST_INDEX = {tag: index for index, (tag, _, _) in enumerate(_FAST_ELEMENTS)}
+_I_MEDIA_STORAGE_SOP_INSTANCE_UID = _FAST_INDEX[0x00020003]
+_I_SPECIFIC_CHARACTER_SET = _FAST_INDEX[0x00080005]
+_I_SOP_INSTANCE_UID = _FAST_INDEX[0x00080018]
+_I_MODALITY = _FAST_INDEX[0x00080060]
+_I_BODY_PART_EXAMINED = _FAST_INDEX[0x00180015]
+_I_IMAGER_PIXEL_SPACING = _FAST_INDEX[0x00181164]
+_I_SAMPLES_PER_PIXEL = _FAST_INDEX[0x00280002]
+_I_PHOTOMETRIC_INTERPRETATION = _FAST_INDEX[0x00280004]
+_I_NUMBER_OF_FRAMES = _FAST_INDEX[0x00280008]
+_I_ROWS = _FAST_INDEX[0x00280010]
+_I_COLUMNS = _FAST_INDEX[0x00280011]
+_I_PIXEL_SPACING = _FAST_INDEX[0x00280030]
+_I_BITS_ALLOCATED = _FAST_INDEX[0x00280100]
+_I_BITS_STORED = _FAST_INDEX[0x00280101]
+_I_PIXEL_REPRESENTATION = _FAST_INDEX[0x00280103]
+_I_WINDOW_CENTER = _FAST_INDEX[0x00281050]
+_I_WINDOW_WIDTH = _FAST_INDEX[0x00281051]
+_I_RESCALE_INTERCEPT = _FAST_INDEX[0x00281052]
+_I_RESCALE_SLOPE = _FAST_INDEX[0x00281053]
+_I_WINDOW_EXPLANATION = _FAST_INDEX[0x00281055]
+_I_VOI_LUT_FUNCTION = _FAST_INDEX[0x00281056]
+
+# Decimal strings (DS) as Python's float() reads them identically to pydicom's DSfloat, and
+# integer strings (IS); anything else (inf, nan, underscores, other white space) is left to
+# pydicom.
+#: (Pixel Representation, bytes per sample) -> (the dtype, the file's little-endian dtype).
+_FAST_DTYPES = {(representation, size): (np.dtype(f"{'iu'[representation == 0]}{size}"),
+                                         np.dtype(f"<{'iu'[representation == 0]}{size}"))
+                for representation in (0, 1) for size in (1, 2, 4)}
+_DS_VALUE = re.compile(rb" *[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")
+_IS_VALUE = re.compile(rb" *[0-9]{1,10}")
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
+
+
+class _Fallback(Exception):
+    """The fast reader hands the file to the full path (internal; never leaves this module)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _scanner():
+    """medge._C.scan_dicom, or None when this build has no scanner (every read uses pydicom)."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return getattr(_C, "scan_dicom", None)
+
+
+@functools.lru_cache(maxsize=1)
+def _pydicom_defaults():
+    """pydicom's default configuration objects, captured once: the fast reader replicates them only."""
+    from pydicom import config, hooks
+    from pydicom.charset import python_encoding
+    from pydicom.datadict import _dictionary_vr_fast
+
+    return (config, hooks.hooks, hooks.raw_element_vr, hooks.raw_element_value, frozenset(python_encoding),
+            _dictionary_vr_fast)
+
+
+def _pydicom_configured_as_default() -> bool:
+    """True when no pydicom setting that changes how values convert differs from its default."""
+    config, hooks, raw_vr, raw_value, _, _ = _pydicom_defaults()
+    return (config.settings.reading_validation_mode == config.WARN and not config.use_DS_decimal
+            and not config.use_DS_numpy and not config.use_IS_numpy and config.assume_implicit_vr_switch
+            and config.data_element_callback is None and hooks.raw_element_vr is raw_vr
+            and hooks.raw_element_value is raw_value and not hooks.raw_element_kwargs)
+
+
+def _fast_read(source: Any, max_pixels: int) -> Optional[Image]:
+    """The Image when the fast reader handles ``source``, else None (the full path reads it).
+
+    Never raises for any input: whatever it cannot vouch for goes to the full path. A file it
+    read and hands back is read again there (from the page cache), rather than kept twice in
+    memory while pydicom parses a copy.
+    """
+    scan = _scanner()
+    if scan is None:
+        return None
+    owned = False  # the buffer is ours (a path read here): its header is wiped once converted
+    try:
+        if isinstance(source, bytes):
+            buffer = source
+        elif isinstance(source, (str, os.PathLike)):
+            buffer = _read_file(source)
+            if buffer is None:
+                return None
+            owned = True
+        elif isinstance(source, (bytearray, memoryview, mmap.mmap)):
+            buffer = memoryview(source)
+            if buffer.ndim != 1 or buffer.itemsize != 1 or not buffer.contiguous:
+                return None
+        else:
+            return None  # a Dataset, a stream, anything else: the full path
+        if not _pydicom_configured_as_default():
+            return None
+        status, _reason, _at, implicit, values, pixel_offset, pixel_length, undefined = scan(buffer, _FAST_SPEC)
+        if status != 0:
+            return None
+        return _fast_image(buffer, owned, source, implicit, values, pixel_offset, pixel_length, undefined,
+                           max_pixels)
+    except _Fallback:
+        return None
+    except Exception as exc:  # noqa: BLE001 - a surprise is a fallback, never a failure (the full path decides)
+        _LOG.debug("fast DICOM reader: unexpected %s, reading with pydicom", type(exc).__name__)
+        return None
+
+
+def _read_file(path: Any) -> Optional[np.ndarray]:
+    """The whole regular file at ``path`` as a uint8 array (one allocation, one read); None to fall back."""
+    try:
+        with open(os.fspath(path), "rb", buffering=0) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size < 132:
+                return None
+            size = info.st_size
+            buffer = np.empty(size, dtype=np.uint8)
+            view = memoryview(buffer)
+            done = 0
+            while done < size:  # the read syscall runs without the GIL
+                got = handle.readinto(view[done:])
+                if not got:
+                    return None  # the file shrank while being read: pydicom reads it again
+                done += got
+            return buffer
+    except (OSError, ValueError, TypeError):  # the full path reports it in its own words
+        return None
+
+
+class _FastHeader:
+    """What a header's values mean, independent of the pixels and of the SOP Instance UID.
+
+    Immutable once built (its semantics and acquisition are frozen dataclasses), so one
+    instance serves every slice of a series whose headers hold the same values.
+    """
+
+    __slots__ = ("semantics", "acquisition", "frames", "rows", "columns", "count", "expected_bytes",
+                 "bits_stored", "pixel_representation", "dtype", "stored_dtype")
+
+    def __init__(self, values: tuple) -> None:
+        samples = _fast_us(values[_I_SAMPLES_PER_PIXEL])
+        photometric = _fast_code_string(values[_I_PHOTOMETRIC_INTERPRETATION])
+        if photometric not in GREYSCALE_PHOTOMETRICS or samples != 1:
+            raise _Fallback
+        rows = _fast_us(values[_I_ROWS])
+        columns = _fast_us(values[_I_COLUMNS])
+        frames = _fast_is(values[_I_NUMBER_OF_FRAMES])
+        bits_allocated = _fast_us(values[_I_BITS_ALLOCATED])
+        bits_stored = _fast_us(values[_I_BITS_STORED])
+        pixel_representation = _fast_us(values[_I_PIXEL_REPRESENTATION])
+        if frames is None:
+            frames = 1
+        if (rows < 1 or columns < 1 or frames < 1 or bits_allocated not in (8, 16, 32)
+                or not 1 <= bits_stored <= bits_allocated or pixel_representation not in (0, 1)):
+            raise _Fallback
+        charset = values[_I_SPECIFIC_CHARACTER_SET]
+        if charset is not None:
+            # pydicom converts it while reading; only its own terms are known to do so quietly.
+            encodings = _pydicom_defaults()[4]
+            if not all(name in encodings for name in charset.decode("latin-1").rstrip(" \x00").split("\\")):
+                raise _Fallback
+        # The container _normalise_array leaves: int8 widened to int16, uint32 viewed as int32.
+        container = 16 if (bits_allocated, pixel_representation) == (8, 1) else bits_allocated
+        self.semantics = PixelSemantics(rows=rows, columns=columns, number_of_frames=frames,
+                                        bits_allocated=container, bits_stored=min(bits_stored, container),
+                                        pixel_representation=pixel_representation,
+                                        photometric_interpretation=photometric, frames=(_fast_transform(values),))
+        try:
+            # The transform and each window against its VOI function, as the full path checks them.
+            self.semantics.validate()
+        except DicomError:
+            raise _Fallback from None
+        self.acquisition = Acquisition(modality=_fast_defined_term(values[_I_MODALITY], _MODALITIES),
+                                       body_part=_fast_defined_term(values[_I_BODY_PART_EXAMINED], _BODY_PARTS),
+                                       pixel_spacing_mm=_fast_spacing(values))
+        self.frames, self.rows, self.columns = frames, rows, columns
+        self.count = rows * columns * frames
+        self.expected_bytes = self.count * (bits_allocated // 8)
+        self.bits_stored = bits_stored
+        self.pixel_representation = pixel_representation
+        self.dtype, self.stored_dtype = _FAST_DTYPES[pixel_representation, bits_allocated // 8]
+
+
+#: Header values (all but the SOP Instance UIDs) -> their _FastHeader. Bounded: cleared when full.
+_FAST_HEADERS: dict = {}
+_FAST_HEADERS_MAX = 256
+
+
+def _fast_image(buffer, owned: bool, source: Any, implicit: bool, values: tuple, pixel_offset: int,
+                pixel_length: int, undefined: list, max_pixels: int) -> Image:
+    if undefined:
+        dictionary_vr = _pydicom_defaults()[5]
+        for tag, starts_with_item in undefined:
+            # The scanner read an undefined-length element as a sequence; pydicom does the same only
+            # when its dictionary says SQ, or for an unknown tag whose value starts with an item.
+            try:
+                if dictionary_vr(tag) != "SQ":
+                    raise _Fallback
+            except KeyError:
+                if not starts_with_item:
+                    raise _Fallback from None
+    key = values[1:_I_SOP_INSTANCE_UID] + values[_I_SOP_INSTANCE_UID + 1:]
+    header = _FAST_HEADERS.get(key)
+    if header is None:
+        header = _FastHeader(values)
+        if len(_FAST_HEADERS) >= _FAST_HEADERS_MAX:
+            _FAST_HEADERS.clear()
+        _FAST_HEADERS[key] = header
+    count = header.count
+    expected_bytes = header.expected_bytes
+    if count > max_pixels or pixel_offset < 0 or pixel_length == 0 or pixel_length < expected_bytes:
+        raise _Fallback
+
+    sop_instance_uid = _fast_uid(values[_I_SOP_INSTANCE_UID])
+    if sop_instance_uid is None:
+        sop_instance_uid = _fast_uid(values[_I_MEDIA_STORAGE_SOP_INSTANCE_UID])
+    frames, rows, columns = header.frames, header.rows, header.columns
+    array = np.frombuffer(buffer, dtype=header.stored_dtype, count=count,
+                          offset=pixel_offset).reshape(frames, rows, columns)
+    if not owned and not isinstance(source, bytes):
+        # The caller's bytearray, memoryview or mapping can change or close later: the Image
+        # keeps its own copy of the pixels, as the full path does.
+        array = array.copy()
+    flags = array.flags
+    if not flags.aligned:
+        # Bytes at an address the dtype does not divide (a file whose pixel data starts at an odd
+        # offset): the kernels read whole elements. The full path's pixels come from a separate,
+        # aligned bytes object; both hand out read-only arrays.
+        array = array.copy()
+        flags = array.flags
+    flags.writeable = False
+    try:
+        array = _normalise_array(array, header.dtype, rows, columns, frames, header.bits_stored,
+                                 header.pixel_representation)
+        image = Image(array, header.semantics, sop_instance_uid, header.acquisition)
+    except DicomError:
+        raise _Fallback from None
+    if owned and np.may_share_memory(array, buffer):
+        # The pixels are a view of the file's buffer: blank everything else in it (the header
+        # holds the patient's name), so the Image keeps no patient attribute alive.
+        buffer[:pixel_offset] = 0
+        buffer[pixel_offset + expected_bytes:] = 0
+    _LOG.debug(
+        "read %s: %d frame(s) of %d x %d %s (bits stored %d), transfer syntax %s, %d frame transform(s)",
+        sop_instance_uid or "(no SOP Instance UID)", frames, rows, columns, array.dtype, header.bits_stored,
+        _NATIVE_LITTLE_ENDIAN[0] if implicit else _NATIVE_LITTLE_ENDIAN[1], 1,
+    )
+    return image
+
+
+# Each converter below gives what the full path's accessor (_int, _floats, _code_string,
+# _valid_uid, _defined_term) gives for the same element as pydicom 3 converts it, or raises
+# _Fallback where that accessor would raise DicomError or where the value is not plainly valid.
+
+
+def _fast_us(value: Optional[bytes]) -> int:
+    if value is None or len(value) != 2:  # absent (required here), empty or several values
+        raise _Fallback
+    return value[0] | (value[1] << 8)
+
+
+def _fast_is(value: Optional[bytes]) -> Optional[int]:
+    if value is None:
+        return None
+    text = value.rstrip(b" \x00")  # pydicom's multi_string
+    if not text:
+        return None  # empty: absent
+    if not _IS_VALUE.fullmatch(text):
+        raise _Fallback
+    return int(text)
+
+
+def _fast_floats(value: Optional[bytes]) -> Optional[list]:
+    if value is None:
+        return None
+    text = value.strip().rstrip(b" \x00")  # convert_DS_string, then multi_string
+    if not text:
+        return None
+    numbers = []
+    for piece in text.split(b"\\"):
+        if not _DS_VALUE.fullmatch(piece):
+            raise _Fallback
+        numbers.append(float(piece))
+    return numbers
+
+
+def _fast_one_float(values: Optional[list], default: float) -> float:
+    if values is None:
+        return default
+    if len(values) != 1 or not math.isfinite(values[0]):
+        raise _Fallback
+    return values[0]
+
+
+def _fast_cs(value: Optional[bytes]) -> Any:
+    """pydicom's value of a CS element: None when empty, a str, or a list for several values."""
+    if value is None:
+        return None
+    text = value.decode("latin-1").rstrip(" \x00")  # convert_string -> multi_string
+    if "\\" in text:
+        return text.split("\\")
+    return None if not text.strip(" \x00") else text
+
+
+def _fast_code_string(value: Optional[bytes]) -> Optional[str]:
+    text = _fast_cs(value)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise _Fallback
+    return text.strip(" \x00")
+
+
+def _fast_defined_term(value: Optional[bytes], terms: frozenset) -> Optional[str]:
+    text = _fast_cs(value)
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.strip().upper()
+    return text if text in terms else "non-standard"
+
+
+def _fast_uid(value: Optional[bytes]) -> Optional[str]:
+    if value is None:
+        return None
+    text = value.decode("latin-1").rstrip("\x00 ")  # convert_UI -> multi_string -> UID(val.strip())
+    if "\\" in text:
+        return None  # several values: never a valid UID
+    return _valid_uid(text.strip())
+
+
+def _fast_spacing(values: tuple) -> Optional[tuple[float, float]]:
+    for index in (_I_PIXEL_SPACING, _I_IMAGER_PIXEL_SPACING):
+        spacing = _fast_floats(values[index])
+        if spacing and len(spacing) == 2 and all(math.isfinite(v) and v > 0 for v in spacing):
+            return (float(spacing[0]), float(spacing[1]))
+    return None
+
+
+def _fast_transform(values: tuple) -> FrameTransform:
+    """The one FrameTransform of an image without functional groups (_transform_at + _make_transform).
+
+    Not validated here: the Image validates it (and each window against the function).
+    """
+    slope = _fast_floats(values[_I_RESCALE_SLOPE])
+    intercept = _fast_floats(values[_I_RESCALE_INTERCEPT])
+    centers = _fast_floats(values[_I_WINDOW_CENTER])
+    widths = _fast_floats(values[_I_WINDOW_WIDTH])
+    function = _fast_code_string(values[_I_VOI_LUT_FUNCTION])
+    windows: tuple = ()
+    if centers is not None or widths is not None:
+        if centers is None or widths is None or len(centers) != len(widths):
+            raise _Fallback
+        if function is None:
+            function = "LINEAR"
+        explanations: list = [None] * len(centers)
+        text = values[_I_WINDOW_EXPLANATION]
+        if text is not None:
+            texts = _fast_explanations(text)
+            if texts is not None and len(texts) == len(centers):
+                explanations = texts
+        windows = tuple(Window(c, w, e) for c, w, e in zip(centers, widths, explanations))
+    else:
+        function = "LINEAR"
+    return FrameTransform(rescale_slope=_fast_one_float(slope, 1.0), rescale_intercept=_fast_one_float(intercept, 0.0),
+                          windows=windows, voi_function=function)
+
+
+def _fast_explanations(value: bytes) -> Optional[list]:
+    """Window Center & Width Explanation (LO) as the full path reads it; None when it is empty."""
+    if not _PRINTABLE_ASCII.fullmatch(value):
+        # Text in another character set: pydicom's decoding (escape sequences, replacements) is
+        # not replicated here.
+        raise _Fallback
+    parts = [part.rstrip("\x00 ") for part in value.decode("ascii").split("\\")]  # convert_text
+    if len(parts) == 1 and not parts[0].strip(" \x00"):
+        return None
+    return [part.strip(" \x00") or None for part in parts]

@@ -19,10 +19,15 @@ from .errors import DicomError
 
 def _is_number(value: object) -> bool:
     """A real number (bool excluded): what Modality/VOI parameters must be before any arithmetic."""
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, first (validation runs on every read)
+        return True
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_integer(value: object) -> bool:
+    if type(value) is int:
+        return True
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 __all__ = ["Window", "FrameTransform", "PixelSemantics", "Acquisition", "Image", "VOI_FUNCTIONS"]
@@ -155,10 +160,13 @@ class PixelSemantics:
 
     def validate(self) -> None:
         """Raise DicomError when these semantics cannot be applied."""
-        names = ("rows", "columns", "number_of_frames", "bits_allocated", "bits_stored", "pixel_representation")
-        wrong = [name for name in names if not _is_integer(getattr(self, name))]
-        if wrong:
-            raise DicomError(f"PixelSemantics: {', '.join(wrong)} must be integers")
+        if not (type(self.rows) is int and type(self.columns) is int and type(self.number_of_frames) is int
+                and type(self.bits_allocated) is int and type(self.bits_stored) is int
+                and type(self.pixel_representation) is int):
+            names = ("rows", "columns", "number_of_frames", "bits_allocated", "bits_stored", "pixel_representation")
+            wrong = [name for name in names if not _is_integer(getattr(self, name))]
+            if wrong:
+                raise DicomError(f"PixelSemantics: {', '.join(wrong)} must be integers")
         if not isinstance(self.frames, tuple) or not all(isinstance(t, FrameTransform) for t in self.frames):
             raise DicomError("PixelSemantics.frames must be a tuple of FrameTransform")
         if self.photometric_interpretation not in GREYSCALE_PHOTOMETRICS:

@@ -86,18 +86,14 @@ class OnnxRuntimeBackend(Backend):
         return self._input[: self._check_batch(batch_size)]
 
     def execute(self, batch_size: int) -> np.ndarray:
-        n = self._check_batch(batch_size)
-        binding = self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
-        binding.bind_cpu_input(self.input.name, self._input[:n])
-        for name in self._output_names:
-            binding.bind_output(name, "cpu")
-        self._session.run_with_iobinding(binding)
-        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+        return np.asarray(self._run(batch_size)[0], dtype=np.float32)
 
     def execute_all(self, batch_size: int) -> dict:
         """Like :meth:`execute`, but every output, by name, float32 (e.g. scores and class activation maps)."""
+        return {name: np.asarray(value, dtype=np.float32)
+                for name, value in zip(self._output_names, self._run(batch_size))}
+
+    def _run(self, batch_size: int) -> list:
         n = self._check_batch(batch_size)
         binding = self._binding
         binding.clear_binding_inputs()
@@ -106,8 +102,7 @@ class OnnxRuntimeBackend(Backend):
         for name in self._output_names:
             binding.bind_output(name, "cpu")
         self._session.run_with_iobinding(binding)
-        return {name: np.asarray(value, dtype=np.float32)
-                for name, value in zip(self._output_names, binding.copy_outputs_to_cpu())}
+        return binding.copy_outputs_to_cpu()
 
     def describe(self) -> str:
         return f"onnxruntime ({', '.join(self.providers)}), {self.precision}, batch up to {self.max_batch}"

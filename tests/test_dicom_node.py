@@ -153,6 +153,7 @@ def node_factory(model, tmp_path):
         kwargs.setdefault("spool", tmp_path / "spool")
         kwargs.setdefault("port", 0)
         kwargs.setdefault("settle_s", 0.2)
+        kwargs.setdefault("sr_workers", 0)  # SRs in-process: no worker start per test (the main test uses them)
         node = DicomNode(model, **kwargs).start()
         made.append(node)
         return node
@@ -183,7 +184,7 @@ def test_four_associations_500_instances_each_result_arrives_once(node_factory, 
     """4 concurrent associations, 500 instances (one corrupt): 499 results exactly once, the corrupt one refused."""
     caplog.set_level(logging.DEBUG)
     dest = destination()
-    node = node_factory(forward=f"127.0.0.1:{dest.port}:DEST", metrics_port=0)
+    node = node_factory(forward=f"127.0.0.1:{dest.port}:DEST", metrics_port=0, sr_workers=None)  # default workers
     series = [generate_uid(), generate_uid()]  # two associations feed each series at the same time
     batches = [instances(base_slices, 125, series=series[k % 2], start=125 * k) for k in range(4)]
     corrupt = batches[2][60]
@@ -234,6 +235,21 @@ def test_one_sr_per_instance_at_once(node_factory, destination, base_slices):
     assert send(node.port, batch) == [0] * 6
     assert node.wait_idle(30)
     assert len(dest.srs()) == 6 and set(dest.referenced().values()) == {1}
+
+
+def test_a_dead_sr_worker_is_replaced_by_building_in_process(node_factory, destination, base_slices, caplog):
+    dest = destination()
+    node = node_factory(forward=f"127.0.0.1:{dest.port}:DEST", max_per_sr=1, sr_workers=1)
+    batch = instances(base_slices, 5, series=generate_uid())
+    assert send(node.port, batch[:2]) == [0, 0]
+    assert node.wait_idle(60)
+    for process in list(node._pool._processes.values()):
+        process.kill()
+    assert send(node.port, batch[2:]) == [0, 0, 0]
+    assert node.wait_idle(60)
+    counts = dest.referenced()
+    assert set(counts) == {str(ds.SOPInstanceUID) for ds in batch} and set(counts.values()) == {1}
+    assert "building SRs in this process" in caplog.text
 
 
 def test_overlays_are_sent_for_heatmaps(node_factory, destination, base_slices, model, monkeypatch):
@@ -342,14 +358,14 @@ def test_results_left_in_the_outbox_at_stop_go_out_at_the_next_start(model, tmp_
 
     port = free_port()
     spool = tmp_path / "spool"
-    first = DicomNode(model, port=0, forward=f"127.0.0.1:{port}:DEST", spool=spool, settle_s=0.1,
+    first = DicomNode(model, port=0, forward=f"127.0.0.1:{port}:DEST", spool=spool, settle_s=0.1, sr_workers=0,
                       retry_initial_s=0.05, retry_max_s=0.2).start()
     batch = instances(base_slices, 8, series=generate_uid())
     assert send(first.port, batch) == [0] * 8
     stats = first.stop(grace_s=1, deliver_timeout_s=0.5)  # destination still down
     assert stats["received"] == 8 and stats["outbox_files"] >= 1
     dest = destination(port=port)
-    second = DicomNode(model, port=0, forward=f"127.0.0.1:{port}:DEST", spool=spool).start()
+    second = DicomNode(model, port=0, forward=f"127.0.0.1:{port}:DEST", spool=spool, sr_workers=0).start()
     try:
         assert second.wait_idle(30)
     finally:
@@ -498,6 +514,11 @@ def test_pynetdicom_records_are_dropped_or_scrubbed():
     assert keep.filter(warning) and MARKER not in warning.getMessage()
     network = logging.LogRecord("pynetdicom.transport", logging.WARNING, __file__, 1, "connection refused", (), None)
     assert keep.filter(network) and network.getMessage() == "connection refused"  # network layers pass as they are
+    try:
+        raise ValueError("Invalid value for VR PN: 'PLANTED^X'")
+    except ValueError as exc:
+        decoding = logging.LogRecord("pynetdicom.association", logging.ERROR, __file__, 1, exc, (), sys.exc_info())
+    assert keep.filter(decoding) and MARKER not in decoding.getMessage() and decoding.exc_info is None
 
 
 def test_node_refuses_a_task_without_dicom_results(model, tmp_path, monkeypatch):

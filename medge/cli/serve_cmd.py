@@ -75,8 +75,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="write a series' SR once none of its images arrived for S seconds, even if its "
                           "association is still open (default: 5; it is written sooner when every association "
                           "that sent it has closed)")
-    ops.add_argument("--sr-max-instances", type=int, default=500, metavar="N",
-                     help="at most N images per SR (default: 500); 1 gives one SR per image, at once")
+    ops.add_argument("--sr-max-instances", type=int, default=100, metavar="N",
+                     help="at most N images per SR (default: 100): a longer series gets several SRs in one SR "
+                          "series, the first written while the rest still arrives; 1 gives one SR per image, at once")
+    ops.add_argument("--sr-workers", type=int, default=None, metavar="N",
+                     help="processes building SRs beside the node (default: CPU count - 1, at most 4; 0: in the "
+                          "node's own process)")
     ops.add_argument("--outbox-max-files", type=int, default=10000,
                      help="refuse new images (0xA700) while this many results wait for delivery (default: 10000)")
     ops.add_argument("--outbox-max-mb", type=int, default=2048,
@@ -139,6 +143,8 @@ def run(args) -> int:
         raise MedgeError("--port and --metrics-port must be within 0..65535")
     if args.sr_max_instances < 1 or args.outbox_max_files < 1 or args.outbox_max_mb < 1:
         raise MedgeError("--sr-max-instances, --outbox-max-files and --outbox-max-mb must be positive")
+    if args.sr_workers is not None and args.sr_workers < 0:
+        raise MedgeError("--sr-workers must be >= 0")
     if args.series_idle < 0 or args.drain_timeout < 0 or args.retry_max <= 0 or args.max_delay_ms < 0:
         raise MedgeError("--series-idle, --drain-timeout and --max-delay-ms must be >= 0, --retry-max > 0")
     device = parse_device(args.device)
@@ -159,7 +165,7 @@ def run(args) -> int:
                              max_delay_ms=args.max_delay_ms, series_idle_s=args.series_idle,
                              max_per_sr=args.sr_max_instances, outbox_max_files=args.outbox_max_files,
                              outbox_max_bytes=args.outbox_max_mb << 20, retry_max_s=args.retry_max,
-                             overlays=not args.no_overlays)
+                             overlays=not args.no_overlays, sr_workers=args.sr_workers)
             node.start()
             # Ready line on stderr for supervisors and scripts (the port is the bound one when --port 0).
             print(f"medge serve: ready on {args.host}:{node.port} as {args.ae_title}"

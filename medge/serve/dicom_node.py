@@ -35,11 +35,17 @@ across all associations).
 Results: one Comprehensive SR (TID 1500) per source series, written once the
 series is complete as far as the node can tell: every association that sent
 it has closed (and ``settle_s`` passed without a new one), or no instance of
-it arrived for ``series_idle_s``, or it reached ``max_per_sr`` images (then the
-rest go into another SR of the same SR series). ``max_per_sr=1`` gives one SR
-per instance at once. Heatmaps, when the bundle gives them, become Secondary
-Captures (see ``medge.dicom_out.overlay``). Every instance's result appears in
-exactly one SR.
+it arrived for ``series_idle_s``. A long series is written in parts of
+``max_per_sr`` images (default 100, all in one SR series), each as soon as it
+is full, so results flow while the series still arrives; ``max_per_sr=1``
+gives one SR per instance at once. Every instance's result appears in exactly
+one SR. SRs are built in ``sr_workers`` processes (highdicom is pure Python,
+about 15 ms per image: in the node's own process it would compete with the
+receiving threads for the GIL); if a worker dies, the node builds them itself
+from then on. An application embedding DicomNode with ``sr_workers > 0`` must
+guard its entry point (``if __name__ == "__main__":``), as for any
+multiprocessing spawn. Heatmaps, when the bundle gives them, become Secondary
+Captures (see ``medge.dicom_out.overlay``).
 
 Delivering: each result object is first written to the on-disk outbox (file +
 JSON sidecar, atomic rename), then sent by C-STORE SCU to ``forward``. A
@@ -77,6 +83,8 @@ to prediction; C-STORE received to its SR's delivery).
 
 from __future__ import annotations
 
+import concurrent.futures
+import io
 import itertools
 import json
 import logging
@@ -317,10 +325,11 @@ class _PynetdicomLogFilter(logging.Filter):
     """Keeps pynetdicom's records out of the node's logs unless they can carry no data set value.
 
     pynetdicom logs DIMSE messages and, for some services, data set contents
-    at INFO/DEBUG, and handler exceptions with their text. Records below
-    WARNING are dropped; WARNING and above from the network layers (transport,
-    association, ACSE, DUL, state machine, AE, timer) pass unchanged, others
-    are replaced by a fixed line naming only their module.
+    at INFO/DEBUG, and decoding exceptions with their text (pydicom's can
+    quote values). Records below WARNING are dropped; WARNING and above from
+    the network layers (transport, association, ACSE, DUL, state machine, AE,
+    timer) pass unchanged when they are a plain message without an exception;
+    everything else is replaced by a fixed line naming only its module.
     """
 
     NETWORK = ("pynetdicom.transport", "pynetdicom.association", "pynetdicom.acse", "pynetdicom.dul",
@@ -329,7 +338,7 @@ class _PynetdicomLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return False
-        if record.name in self.NETWORK:
+        if record.name in self.NETWORK and record.exc_info is None and isinstance(record.msg, str):
             return True
         record.msg = "pynetdicom reported a %s in %s (text withheld: it can quote data set values)"
         record.args = (record.levelname.lower(), record.name)
@@ -443,7 +452,8 @@ class Outbox:
         return None
 
     def put(self, dataset: Any, meta: dict) -> Path:
-        """Write ``dataset`` and its sidecar ``meta``; returns the .dcm path.
+        """Write ``dataset`` (a pydicom Dataset, or the bytes of a DICOM file) and its sidecar ``meta``;
+        returns the .dcm path.
 
         Raises:
             MedgeError: it cannot be written (disk full, permissions).
@@ -461,7 +471,16 @@ class Outbox:
             tmp.unlink(missing_ok=True)
             raise MedgeError(f"cannot write to the outbox {self.directory}: {exc.strerror or exc}") from None
         try:
-            save_dataset(dataset, path)
+            if isinstance(dataset, (bytes, bytearray)):
+                partial = path.with_name(path.name + ".partial")
+                try:
+                    partial.write_bytes(dataset)
+                    os.replace(partial, path)
+                except OSError as exc:
+                    partial.unlink(missing_ok=True)
+                    raise MedgeError(f"cannot write to the outbox {self.directory}: {exc.strerror or exc}") from None
+            else:
+                save_dataset(dataset, path)
         except MedgeError:
             sidecar.unlink(missing_ok=True)
             raise
@@ -556,6 +575,9 @@ class DicomNode:
         retry_initial_s, retry_max_s: delivery backoff.
         max_associations: concurrent associations.
         overlays: write heatmap overlays (Secondary Capture) when predictions carry a heatmap.
+        sr_workers: processes that build SRs (highdicom is pure Python: about 15 ms per image on one core,
+            the node's bottleneck on a CPU, so it runs beside the receiving and predicting threads instead of
+            competing with them for the GIL). Default: CPU count - 1, at most 4; 0 builds them in-process.
 
     Raises:
         MedgeError: the bundle's task has no DICOM result writer yet, or a setting is out of range.
@@ -567,9 +589,9 @@ class DicomNode:
                  ssl_context: Optional[ssl.SSLContext] = None, forward_tls: Optional[ssl.SSLContext] = None,
                  metrics_port: Optional[int] = None, metrics_host: str = "127.0.0.1", max_delay_ms: float = 5.0,
                  max_queue: int = 1024, queue_timeout_s: float = 30.0, series_idle_s: float = 5.0,
-                 settle_s: float = 0.5, max_per_sr: int = 500, outbox_max_files: int = 10000,
+                 settle_s: float = 0.5, max_per_sr: int = 100, outbox_max_files: int = 10000,
                  outbox_max_bytes: int = 2 << 30, retry_initial_s: float = 0.5, retry_max_s: float = 30.0,
-                 max_associations: int = 16, overlays: bool = True) -> None:
+                 max_associations: int = 16, overlays: bool = True, sr_workers: Optional[int] = None) -> None:
         _pynetdicom()
         from ..dicom_out import Provenance
         from ..dicom_out._common import import_highdicom
@@ -606,6 +628,11 @@ class DicomNode:
         self.retry_max_s = float(retry_max_s)
         self.max_associations = int(max_associations)
         self.overlays = bool(overlays)
+        if sr_workers is None:
+            sr_workers = max(1, min(4, (os.cpu_count() or 1) - 1))
+        if not isinstance(sr_workers, int) or sr_workers < 0:
+            raise MedgeError(f"sr_workers must be an integer >= 0, got {sr_workers!r}")
+        self.sr_workers = sr_workers
         self.sop_classes = allowed_sop_classes(getattr(model, "envelope", None))
         self.transfer_syntaxes = decodable_transfer_syntaxes()
         # Without a destination the results folder is where results end: files there are not "waiting".
@@ -627,7 +654,8 @@ class DicomNode:
         self._deliver_deadline: Optional[float] = None
         self._send_wakeup = threading.Condition()
         self._attempts: dict[str, int] = {}
-        self._sr_numbers = itertools.count(1)
+        self._pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+        self._jobs: list = []  # (future, instances) of SRs being built in the pool
         self._full_logged = False
         self._server = None
         self._batcher = None
@@ -655,6 +683,14 @@ class DicomNode:
         _install_log_filter()
         self._batcher = Batcher(self.model, max_delay_ms=self.max_delay_ms, max_queue=self.max_queue,
                                 name="medge-serve-batcher")
+        if self.sr_workers:
+            import multiprocessing
+
+            # spawn, not fork: this process has threads (the Batcher, the backend's own pools).
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.sr_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_sr_worker_init)
+            self._pool.submit(int)  # start a worker now: it imports highdicom while the node starts
         self.metrics.queue_depth.set_function(lambda: self._batcher.stats().queue_depth if self._batcher else 0)
         self._update_outbox_gauges()
         for target, name in ((self._results_main, "medge-serve-results"), (self._deliver_main, "medge-serve-send")):
@@ -716,6 +752,8 @@ class DicomNode:
             self._send_wakeup.notify_all()
         for thread in self._threads:
             thread.join(5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -741,6 +779,8 @@ class DicomNode:
             self._flush_all = True
             self._lock.notify_all()
         self._threads[0].join()  # results thread: every SR written to the outbox
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._deliver_deadline = time.monotonic() + max(0.0, deliver_timeout_s)
         with self._send_wakeup:
             self._send_wakeup.notify_all()
@@ -926,6 +966,8 @@ class DicomNode:
             with self._lock:
                 if not self._completed and not self._closed and not self._flush_all:
                     self._lock.wait(0.1)
+                elif self._flush_all and self._jobs and not self._completed:
+                    self._lock.wait(0.05)  # draining: wait for the pool's SRs without spinning
                 completed = list(self._completed)
                 self._completed.clear()
                 closed = list(self._closed)
@@ -950,11 +992,13 @@ class DicomNode:
                             del self._series[series.key]
                 for series, instances in parts:
                     self._write_sr(series, instances)
+                self._reap_jobs()
             except Exception:  # noqa: BLE001 - a bug here must not stop the node's results
                 _LOG.exception("medge serve: internal error in the results thread")
             if final:
                 with self._lock:
-                    if not self._completed and not any(s.done or s.pending for s in self._series.values()):
+                    if (not self._completed and not self._jobs
+                            and not any(s.done or s.pending for s in self._series.values())):
                         self._results_done = True
                         break
 
@@ -1016,20 +1060,65 @@ class DicomNode:
         self._after_put(path, meta)
 
     def _write_sr(self, series: _Series, instances: list) -> None:
-        from ..dicom_out import build_sr
-
+        """Build the SR of ``instances`` (in the pool when there is one) and put it in the outbox."""
         series.parts += 1
-        try:
-            sr = build_sr([(i.header, i.predictions) for i in instances], self.provenance,
-                          instance_number=series.parts)
-            meta = {"kind": "sr", "instances": [i.uid for i in instances],
-                    "received": [i.received_wall for i in instances]}
-            path = self.outbox.put(sr, meta)
-        except MedgeError as exc:
+        entries = [(i.header, _sr_predictions(i.predictions)) for i in instances]
+        if self._pool is not None:
+            try:
+                future = self._pool.submit(_encode_sr, entries, self.provenance, series.parts)
+            except RuntimeError:  # BrokenProcessPool (a worker died) or shut down: build here from now on
+                self._pool_broken()
+            else:
+                future.add_done_callback(self._wake)
+                self._jobs.append((future, entries, series.parts, instances))
+                return
+        self._finish_sr(instances, lambda: _encode_sr(entries, self.provenance, series.parts))
+
+    def _wake(self, _future: Any) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _pool_broken(self) -> None:
+        if self._pool is not None:
+            _LOG.warning("medge serve: the SR worker process stopped; building SRs in this process from now on")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _reap_jobs(self) -> None:
+        """Put the SRs the pool finished into the outbox."""
+        waiting = []
+        for job in self._jobs:
+            future, entries, number, instances = job
+            if not future.done():
+                waiting.append(job)
+                continue
+            try:
+                encoded = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                self._pool_broken()
+                self._finish_sr(instances, lambda e=entries, n=number: _encode_sr(e, self.provenance, n))
+                continue
+            except BaseException as exc:  # noqa: BLE001 - a MedgeError from build_sr, or a bug in it
+                self._finish_sr(instances, None, exc)
+                continue
+            self._finish_sr(instances, lambda e=encoded: e)
+        self._jobs = waiting
+
+    def _finish_sr(self, instances: list, encode, error: Optional[BaseException] = None) -> None:
+        if error is None:
+            try:
+                uid, data = encode()
+                meta = {"kind": "sr", "sop_instance_uid": uid, "instances": [i.uid for i in instances],
+                        "received": [i.received_wall for i in instances]}
+                path = self.outbox.put(data, meta)
+            except MedgeError as exc:
+                error = exc
+        if error is not None:
             self.metrics.failed.labels("write").inc(len(instances))
             with self._lock:
                 self._finished += len(instances)
-            _LOG.error("medge serve: the SR for %d instances could not be written: %s", len(instances), exc)
+            message = str(error) if isinstance(error, MedgeError) else f"a bug: {type(error).__name__}"
+            _LOG.error("medge serve: the SR for %d instances could not be written: %s", len(instances), message)
             return
         _LOG.debug("medge serve: SR for %d instances in the outbox", len(instances))
         self._after_put(path, meta)
@@ -1193,6 +1282,40 @@ class DicomNode:
         self._update_outbox_gauges()
         _LOG.error("medge serve: %s set aside as undeliverable (%s): %s", path.name, reason, target)
         return None
+
+
+def _sr_worker_init() -> None:
+    """In an SR worker process: nothing it logs reaches a terminal (the node logs outcomes itself)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the node stops us
+    logging.getLogger().addHandler(logging.NullHandler())
+    logging.getLogger("highdicom").setLevel(logging.ERROR)
+    import highdicom  # noqa: F401 - imported once, while the node starts
+
+    from .. import dicom_out  # noqa: F401
+
+
+def _sr_predictions(predictions: Any) -> list:
+    """What an SR needs of each frame's Prediction, as plain Predictions (picklable; no heatmap)."""
+    from ..dicom_out._common import frame_predictions
+    from ..runtime.model import Prediction
+
+    return [Prediction(scores=p.scores, label=p.label, index=int(p.index), sop_instance_uid=p.sop_instance_uid,
+                       frame=int(getattr(p, "frame", 0) or 0), warnings=tuple(getattr(p, "warnings", ()) or ()))
+            for p in frame_predictions(predictions)]
+
+
+def _encode_sr(entries: list, provenance: Any, instance_number: int) -> tuple[str, bytes]:
+    """(SOP Instance UID, DICOM file bytes) of the SR for ``entries``; runs in an SR worker or in the node."""
+    from .._pydicom_quiet import quiet_pydicom
+    from ..dicom_out import build_sr
+
+    sr = build_sr(entries, provenance, instance_number=instance_number)
+    buffer = io.BytesIO()
+    with quiet_pydicom("encoding a DICOM SR"):
+        sr.save_as(buffer, enforce_file_format=True)
+    return str(sr.SOPInstanceUID), buffer.getvalue()
 
 
 def _short(exc: BaseException) -> str:

@@ -97,7 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ..errors import DicomError, MedgeError, MissingDependency, OutsideEnvelope
+from ..errors import MedgeError, MissingDependency, OutsideEnvelope
 
 __all__ = ["DicomNode", "Destination", "server_tls_context", "client_tls_context", "make_self_signed_certificate",
            "allowed_sop_classes", "STATUS_SUCCESS", "STATUS_OUT_OF_RESOURCES", "STATUS_SOP_CLASS_MISMATCH",
@@ -136,6 +136,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
                     1800.0, 3600.0)
 # A file refused this many times with a permanent status moves to outbox/undeliverable.
 _PERMANENT_ATTEMPTS = 3
+# How long an idle association to the destination is kept for the next result.
+_KEEP_ASSOCIATION_S = 1.0
 
 
 def _pynetdicom():
@@ -269,8 +271,8 @@ def client_tls_context(ca: Union[str, os.PathLike], *, cert: Union[str, os.PathL
         if cert is not None:
             context.load_cert_chain(os.fspath(cert), os.fspath(key) if key is not None else None)
     except (OSError, ssl.SSLError) as exc:
-        raise MedgeError(f"cannot use the TLS CA {os.fspath(ca)}" + (f" / certificate {os.fspath(cert)}" if cert else "")
-                         + f": {exc}") from None
+        which = f"the TLS CA {os.fspath(ca)}" + (f" / certificate {os.fspath(cert)}" if cert else "")
+        raise MedgeError(f"cannot use {which}: {exc}") from None
     return context
 
 
@@ -353,12 +355,17 @@ _filter_lock = threading.Lock()
 _filter_users = 0
 
 
+def _pynetdicom_loggers() -> list:
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.startswith("pynetdicom.")]
+    return [logging.getLogger(name) for name in ["pynetdicom", *names]]
+
+
 def _install_log_filter() -> None:
     global _filter_users
     with _filter_lock:
         _filter_users += 1
-        for name in ["pynetdicom"] + [n for n in list(logging.Logger.manager.loggerDict) if n.startswith("pynetdicom.")]:
-            logging.getLogger(name).addFilter(_FILTER)
+        for logger in _pynetdicom_loggers():
+            logger.addFilter(_FILTER)
 
 
 def _remove_log_filter() -> None:
@@ -367,8 +374,8 @@ def _remove_log_filter() -> None:
         _filter_users -= 1
         if _filter_users > 0:
             return
-        for name in ["pynetdicom"] + [n for n in list(logging.Logger.manager.loggerDict) if n.startswith("pynetdicom.")]:
-            logging.getLogger(name).removeFilter(_FILTER)
+        for logger in _pynetdicom_loggers():
+            logger.removeFilter(_FILTER)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -1216,10 +1223,11 @@ class DicomNode:
             while True:
                 entries = self.outbox.entries()
                 if not entries:
-                    # Keep the association a moment for results about to arrive, then release it.
+                    # Keep the association a moment for results about to arrive (setting one up costs more
+                    # than a small SR's C-STORE), then release it.
                     if idle_since is None:
                         idle_since = time.monotonic()
-                    if time.monotonic() - idle_since > 0.2 or self._deliver_deadline is not None:
+                    if time.monotonic() - idle_since > _KEEP_ASSOCIATION_S or self._deliver_deadline is not None:
                         return True
                     with self._send_wakeup:
                         self._send_wakeup.wait(0.05)

@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""medge serve throughput and latency, C-STORE in to result delivered, on loopback.
+
+The node is the real command (``python -m medge serve BUNDLE``) in its own
+process, as deployed. This script plays the scanner and the PACS: pynetdicom
+storage SCUs (one association per series, ``--associations`` at once, as
+modalities send) and a pynetdicom storage SCP as the ``--forward``
+destination, recording when each SR arrives and which instances it reports.
+
+Per instance, latency = from the moment its C-STORE request is issued to the
+moment the destination has received the SR that carries its result (an upper
+bound of "received by medge serve -> result delivered": on loopback the
+transfer of a 64 KiB or 512 KiB instance takes well under a millisecond).
+Throughput = instances / (first C-STORE issued -> last SR received).
+
+Two result modes, run alternately in every round (a fresh node per run, one
+warm-up series first):
+
+- ``instance``: ``--sr-max-instances 1``, an SR per instance as soon as it is
+  predicted: the latency of the pipeline itself;
+- ``series``: the default, an SR per series (in parts of 100), written when
+  the sender closes its association: each result then waits for the end of
+  its series, which is what the median shows.
+
+The 1-minute load average is printed before and after: on a shared machine
+every absolute number moves with it. Absolute times are for the machine named
+in the output.
+
+Usage: python tools/bench_dicom_node.py [--bundle demo|tiny|PATH] [--instances 500] [--associations 4]
+       [--rounds 3] [--size 512] [--out bench/results/dicom_node_cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", default="demo",
+                        help="demo (the demo bundle, 512x512 CT, converted first), tiny (a 2-class CNN on 32x32, "
+                             "64x64 CT), or a bundle path (default: demo)")
+    parser.add_argument("--instances", type=int, default=500, help="instances per run (default: 500)")
+    parser.add_argument("--associations", type=int, default=4, help="concurrent associations = series (default: 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every mode once (default: 3)")
+    parser.add_argument("--modes", nargs="+", default=["instance", "series"], choices=["instance", "series"],
+                        help="result modes to run (default: both)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="rows = columns of the synthetic CT instances (default: 512 for demo, 64 for tiny; "
+                             "the bundle's envelope must accept it)")
+    parser.add_argument("--sr-workers", type=int, default=None, help="the node's --sr-workers (default: its own)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="instances per second per association (default: 0, as fast as the node answers: "
+                             "throughput at saturation; a rate the node keeps up with shows the pipeline's own "
+                             "latency)")
+    parser.add_argument("--out", help="folder for dicom_node.json and dicom_node.md")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def make_bundle(which: str, work: Path) -> Path:
+    if which not in ("demo", "tiny"):
+        return Path(which)
+    if which == "demo":
+        from medge.convert.demo import convert_demo
+
+        return Path(convert_demo(work / "demo.medge", engine="none", precisions=["fp32"], log=lambda _: None)
+                    .bundle_path)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.test_dicom_out import build_tiny_bundle
+
+    return build_tiny_bundle(work / "tiny")
+
+
+def make_series(count: int, associations: int, size: int) -> list:
+    """``associations`` series of synthetic CT instances (8 distinct slices, cloned with new UIDs)."""
+    from pydicom.uid import generate_uid
+
+    from medge.synthetic import ct_slice
+
+    base = [ct_slice(seed=s, size=size, lesion=bool(s % 2)) for s in range(8)]
+    study = generate_uid()
+    per = [count // associations + (1 if k < count % associations else 0) for k in range(associations)]
+    out = []
+    for n in per:
+        series = generate_uid()
+        batch = []
+        for i in range(n):
+            ds = copy.deepcopy(base[i % len(base)])
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = i + 1
+            batch.append(ds)
+        out.append(batch)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+
+class Destination:
+    """Storage SCP recording (arrival time, referenced SOP Instance UIDs) of every SR."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, evt
+
+        self.lock = threading.Lock()
+        self.arrivals: dict = {}
+        self.srs = 0
+        ae = AE(ae_title="DEST")
+        for uid in ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"):
+            ae.add_supported_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.server = ae.start_server(("127.0.0.1", 0), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+        self.port = self.server.server_address[1]
+
+    def on_store(self, event):
+        now = time.monotonic()
+        ds = event.dataset
+        if ds.SOPClassUID != "1.2.840.10008.5.1.4.1.1.88.33":
+            return 0
+        uids = []
+
+        def walk(items):
+            for item in items:
+                if item.get("ValueType") == "IMAGE":
+                    uids.append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+                if "ContentSequence" in item:
+                    walk(item.ContentSequence)
+
+        walk(ds.ContentSequence)
+        with self.lock:
+            self.srs += 1
+            for uid in uids:
+                self.arrivals.setdefault(uid, now)
+        return 0
+
+    def reset(self) -> None:
+        with self.lock:
+            self.arrivals.clear()
+            self.srs = 0
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def send_series(port: int, batch: list, issued: dict, rate: float = 0.0) -> list:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    association = ae.associate("127.0.0.1", port, ae_title="MEDGE")
+    if not association.is_established:
+        raise SystemExit("the node refused the association")
+    statuses = []
+    started = time.monotonic()
+    for i, ds in enumerate(batch):
+        if rate > 0:
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        issued[str(ds.SOPInstanceUID)] = time.monotonic()
+        answer = association.send_c_store(ds)
+        statuses.append(int(answer.Status) if answer is not None and "Status" in answer else None)
+    association.release()
+    return statuses
+
+
+class Node:
+    """``python -m medge serve`` in a child process."""
+
+    def __init__(self, bundle: Path, destination_port: int, spool: Path, mode: str, sr_workers) -> None:
+        command = [sys.executable, "-m", "medge", "serve", str(bundle), "--port", "0", "--host", "127.0.0.1",
+                   "--forward", f"127.0.0.1:{destination_port}:DEST", "--spool", str(spool), "--metrics-port", "0",
+                   "--device", "cpu", "--log-level", "warning"]
+        if mode == "instance":
+            command += ["--sr-max-instances", "1"]
+        if sr_workers is not None:
+            command += ["--sr-workers", str(sr_workers)]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.lines: list = []
+        ready = threading.Event()
+
+        def read():
+            for line in self.process.stderr:
+                self.lines.append(line)
+                if "ready on" in line:
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(180):
+            self.process.kill()
+            raise SystemExit("medge serve did not start:\n" + "".join(self.lines))
+        self.port = int(re.search(r"ready on 127\.0\.0\.1:(\d+)", "".join(self.lines)).group(1))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(120)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def run_once(bundle: Path, destination: Destination, series: list, warmup: list, mode: str, sr_workers,
+             work: Path, rate: float) -> dict:
+    spool = Path(tempfile.mkdtemp(prefix="spool-", dir=work))
+    node = Node(bundle, destination.port, spool, mode, sr_workers)
+    try:
+        issued: dict = {}
+        send_series(node.port, warmup, issued)  # loads the worker, fills caches
+        _wait_for(destination, set(issued), 120)
+        destination.reset()
+        issued.clear()
+        expected = {str(ds.SOPInstanceUID) for batch in series for ds in batch}
+        started = time.monotonic()
+        results: dict = {}
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(
+                       k, send_series(node.port, series[k], issued, rate))) for k in range(len(series))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        sent = time.monotonic()
+        _wait_for(destination, expected, 600)
+        with destination.lock:
+            arrivals = dict(destination.arrivals)
+            srs = destination.srs
+    finally:
+        node.stop()
+    refused = sum(1 for statuses in results.values() for s in statuses if s != 0)
+    latencies = sorted((arrivals[uid] - issued[uid]) * 1e3 for uid in expected)
+    finished = max(arrivals[uid] for uid in expected)
+    return {"mode": mode, "instances": len(expected), "refused": refused, "srs": srs,
+            "send_s": sent - started, "total_s": finished - started,
+            "throughput_per_s": len(expected) / (finished - started),
+            "p50_ms": _percentile(latencies, 50), "p99_ms": _percentile(latencies, 99),
+            "max_ms": latencies[-1], "latencies_ms": latencies}
+
+
+def _wait_for(destination: Destination, uids: set, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with destination.lock:
+            if uids <= set(destination.arrivals):
+                return
+        time.sleep(0.01)
+    raise SystemExit(f"results missing after {timeout} s")
+
+
+def _percentile(sorted_values: list, p: float) -> float:
+    index = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[index]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _machine import machine_name  # tools/_machine.py
+
+    work = Path(tempfile.mkdtemp(prefix="medge-bench-node-"))
+    bundle = make_bundle(args.bundle, work)
+    size = args.size or (64 if args.bundle == "tiny" else 512)
+    series = make_series(args.instances, args.associations, size)
+    warmup = make_series(8, 1, size)[0]
+    destination = Destination()
+    load_before = os.getloadavg()[0]
+    runs = []
+    try:
+        for round_index in range(args.rounds):
+            for mode in args.modes:
+                run = run_once(bundle, destination, series, warmup, mode, args.sr_workers, work, args.rate)
+                run["round"] = round_index
+                runs.append(run)
+                print(f"round {round_index + 1} {mode:8s}: {run['throughput_per_s']:6.1f} instances/s, "
+                      f"p50 {run['p50_ms']:8.1f} ms, p99 {run['p99_ms']:8.1f} ms, {run['srs']} SRs, "
+                      f"{run['refused']} refused", flush=True)
+    finally:
+        destination.stop()
+    load_after = os.getloadavg()[0]
+    summary = []
+    for mode in args.modes:
+        mine = [r for r in runs if r["mode"] == mode]
+        everything = sorted(v for r in mine for v in r["latencies_ms"])
+        summary.append({"mode": mode, "throughput_per_s": statistics.median(r["throughput_per_s"] for r in mine),
+                        "p50_ms": _percentile(everything, 50), "p99_ms": _percentile(everything, 99),
+                        "srs_per_run": statistics.median(r["srs"] for r in mine)})
+    header = (f"medge serve on {machine_name()}; bundle {bundle.name}; {args.instances} CT instances "
+              f"{size}x{size} over {args.associations} concurrent associations (one series each"
+              + (f", {args.rate:g} instances/s each" if args.rate else ", as fast as answered") + f"), {args.rounds} "
+              f"rounds; sender, node and destination on this machine (loopback); 1-min load average "
+              f"{load_before:.1f} before, {load_after:.1f} after")
+    table = ["| mode | instances/s (median of rounds) | p50 latency ms | p99 latency ms | SRs per run |",
+             "|---|---:|---:|---:|---:|"]
+    for row in summary:
+        table.append(f"| {row['mode']} | {row['throughput_per_s']:.1f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | "
+                     f"{row['srs_per_run']:.0f} |")
+    print("\n" + header + "\n" + "\n".join(table))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for run in runs:
+            run.pop("latencies_ms")
+        (out / "dicom_node.json").write_text(json.dumps({"machine": machine_name(), "header": header,
+                                                         "summary": summary, "runs": runs}, indent=2))
+        (out / "dicom_node.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

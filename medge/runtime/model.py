@@ -308,8 +308,12 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
     2. else an engine built here from the bundle's ONNX graph when TensorRT is
        installed, kept in the engine cache (keyed by flavour + version, GPU,
        compute capability, SM count, model hash, precision, profile);
-    3. else ONNX Runtime (CUDA provider when present, else CPU), on the INT8
-       graph placed for ONNX Runtime when the bundle has one.
+    3. else, on an x86 CPU with openvino installed (``medge[openvino]``) and
+       no CUDA provider for ONNX Runtime to use, OpenVINO: the TensorRT-placed
+       INT8 graph (int8 kernels), then FP32, then FP16;
+    4. else ONNX Runtime (CUDA provider when present, else CPU), on the INT8
+       graph placed for ONNX Runtime when the bundle has one. It is also the
+       fallback when OpenVINO is missing, crashes or fails its check vectors.
 
     Within each, precisions are tried fastest first, and a precision is used
     only when (a) its accuracy gates passed at conversion (a "failed" or "not
@@ -320,12 +324,13 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
 
     Args:
         bundle: path of a NAME.medge bundle.
-        backend: "auto", "onnxruntime", "tensorrt" or "tensorrt_rtx".
+        backend: "auto", "onnxruntime", "openvino", "tensorrt" or "tensorrt_rtx".
         device: CUDA device index (or "cuda", "cuda:N") for GPU backends, or "cpu" to stay on the CPU.
         trusted_key: Ed25519 public key (PEM path / bytes / key) the bundle must be signed with.
         precision: "fp32", "fp16" or "int8" (default: the fastest that passed its gates and self-test).
-        engine_cache: folder of the engine cache (default: $MEDGE_ENGINE_CACHE or ~/.cache/medge/engines).
-        threads: CPU threads for ONNX Runtime (0: all cores).
+        engine_cache: folder of the engine cache (default: $MEDGE_ENGINE_CACHE or ~/.cache/medge/engines);
+            OpenVINO remembers there (``openvino-compiled/``) which graphs compiled safely in a child process.
+        threads: CPU threads for ONNX Runtime and OpenVINO (0: all cores).
         use_cuda_graphs: replay CUDA graphs per batch size on TensorRT (falls back when capture fails).
         allow_failed_gates: with ``precision``, run it even though it failed
             (or never ran) its accuracy gates at conversion; logs a warning.

@@ -382,11 +382,12 @@ def _slice_semantics(semantics: Any, depth: int) -> _SliceSemantics:
     if semantics is None:
         return _SliceSemantics(np.ones(depth), np.zeros(depth), None, None, False)
     if isinstance(semantics, PixelSemantics):
-        frames = semantics.number_of_frames
-        if frames not in (1, depth) and len(semantics.frames) != 1:
-            raise PreprocessError(f"the semantics describe {frames} frames but the volume has {depth} slices")
-        transforms = [semantics.frames[0] if len(semantics.frames) == 1 else semantics.frame_transform(z)
-                      for z in range(depth)]
+        frames = semantics.frames
+        if not isinstance(frames, tuple) or len(frames) not in (1, depth):
+            count = len(frames) if isinstance(frames, tuple) else "no"
+            raise PreprocessError(f"the semantics carry {count} frame transforms but the volume has {depth} slices: "
+                                  "give one per slice, or one for all")
+        transforms = [frames[0] if len(frames) == 1 else frames[z] for z in range(depth)]
         return _from_transforms(transforms, semantics.bits_stored, semantics.pixel_representation == 1,
                                 semantics.inverted)
     if isinstance(semantics, (list, tuple)) and len(semantics) == 2 and not any(

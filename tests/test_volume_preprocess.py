@@ -351,8 +351,12 @@ def test_every_semantics_form_gives_the_same_result():
         semantics = one
         spacing = (1.0, 1.0, 1.0)
 
+    image = medge.Image(raw, PixelSemantics(rows=10, columns=12, number_of_frames=4, bits_allocated=16,
+                                            bits_stored=16, pixel_representation=1, frames=tuple(transforms)))
+    # (a multi-frame Image is a volume too)
     results = [
         preprocess_volume(raw, (slopes, intercepts), None, spec),
+        preprocess_volume(image, spec=spec),
         preprocess_volume(raw, (list(slopes), list(intercepts)), None, spec),
         preprocess_volume(raw, per_slice, None, spec),
         preprocess_volume(raw, transforms, None, spec),
@@ -481,6 +485,9 @@ def test_spec_json_errors():
     (lambda s: preprocess_volume(np.zeros((2, 4, 4), np.int16), (np.array([1.0, 0.0]), 0.0), None, s),
      "slice 1: Rescale Slope"),
     (lambda s: preprocess_volume(np.zeros((2, 4, 4), np.int16), [FrameTransform()], None, s), "1 slice semantics"),
+    (lambda s: preprocess_volume(np.zeros((2, 4, 4), np.int16), semantics_for(3, 16, True, [1] * 3, [0] * 3, False,
+                                                                              np.int16), None, s),
+     "3 frame transforms but the volume has 2 slices"),
     (lambda s: preprocess_volume(np.full((2, 4, 4), np.nan, np.float32), None, None, s), "NaN"),
     (lambda s: preprocess_volume(np.zeros((2, 4, 4), np.complex64), None, None, s), "not supported"),
     (lambda s: preprocess_volume(np.zeros((2, 4, 4), np.int16), None, None, s.replace(target_spacing=(1, 1, 1))),

@@ -217,6 +217,7 @@ def test_sr_per_series_reports_finding_score_threshold_and_provenance(tmp_path, 
             text = all_text(group)
             assert f"medge bundle manifest SHA-256 {model.bundle.manifest_sha256}" in text
             assert "tiny-nodule" in text and "operating point youden" in text and model.backend.name in text
+            assert "Artificial Intelligence" in text  # Algorithm Family (DCM 123110), as medge's SEG writes
         assert "tiny-nodule 3" in all_text(ds)  # the device observer's model name
     assert sorted(seen) == sorted(by_uid)  # every image exactly once
     # Deterministic UIDs: the same predictions written again give the same SR instances.
@@ -282,7 +283,7 @@ def test_envelope_warning_is_flagged_in_the_sr(model, two_series):
     prediction = dataclasses.replace(model.predict(two_series[0]), warnings=("outside the validated envelope: x",))
     sr = build_sr([(reference_header(two_series[0]), prediction)], model)
     (group,) = hd.sr.srread(io.BytesIO(_encode(sr))).content.get_image_measurement_groups()
-    (evaluation,) = group.get_qualitative_evaluations()
+    (evaluation,) = group.get_qualitative_evaluations(hd.sr.CodedConcept("ENVELOPE", "99MEDGE", "x"))
     assert evaluation.name.meaning == "Input within the validated envelope" and evaluation.value.meaning == "No"
 
 

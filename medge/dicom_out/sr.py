@@ -9,8 +9,9 @@ SR when its sender is done with it). Its content tree::
       Imaging Measurements
         Measurement Group (TID 1501), one per source image (per frame of a multi-frame image)
           Tracking Identifier "<bundle name> image <n>" + Tracking UID
-          Algorithm Identification (TID 4019): name, version, parameters = manifest SHA-256,
-              decision rule, operating point (sensitivity / specificity and their 95% intervals), runtime
+          Algorithm Identification (TID 4019): family Artificial Intelligence (DCM 123110), name,
+              version, parameters = manifest SHA-256, decision rule, operating point (sensitivity /
+              specificity and their 95% intervals), runtime
           Source image: the source SOP Instance (and frame)
           Finding (DCM 121071, TID 1501's finding type) = the predicted class, coded (label, 99MEDGE, label)
           Score of <class> (99MEDGE SCORE-k) = the model's score, unit "no units"
@@ -102,7 +103,8 @@ def build_sr(results: Sequence[tuple[Any, Any]], provenance: Any, *, instance_nu
     labels = provenance.labels
     with quiet_pydicom("writing a DICOM SR"):
         algorithm = hd.sr.AlgorithmIdentification(name=provenance.name[:64], version=provenance.version[:64],
-                                                  parameters=provenance.parameters())
+                                                  parameters=provenance.parameters(),
+                                                  family=codes.DCM.ArtificialIntelligence)
         no_units = codes.UCUM.NoUnits
         groups = []
         referenced = []

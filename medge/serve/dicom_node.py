@@ -1327,6 +1327,9 @@ def _encode_sr(entries: list, provenance: Any, instance_number: int) -> tuple[st
 
 
 def _short(exc: BaseException) -> str:
-    """A MedgeError's message for Error Comment (64 characters): its first clause."""
+    """A MedgeError's message for Error Comment (64 characters; the status code already says the kind)."""
     text = str(exc).replace("\n", " ")
+    if isinstance(exc, OutsideEnvelope):
+        text = text.replace("input outside the model's validated envelope: ", "").replace(
+            "this model was validated on", "validated on")
     return text if len(text) <= 64 else text[:61] + "..."

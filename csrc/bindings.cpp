@@ -14,8 +14,10 @@
 #include <vector>
 
 #include "medge/dicom_scan.h"
+#include "medge/emulation.h"
 #include "medge/pixel_math.h"
 #include "medge/preprocess.h"
+#include "medge/preprocess_kernels.h"
 
 namespace py = pybind11;
 using namespace medge;
@@ -97,6 +99,87 @@ void run_cpu(const py::list& arrays, std::vector<ImageParams> params, py::array 
     throw ResourceError("not enough memory for the native preprocessing of " + std::to_string(count) +
                         " image(s); preprocess fewer images at a time or use fewer threads");
   }
+}
+
+// The CUDA kernels emulated on the CPU (tests): host arrays as for run_cpu.
+void run_emulated(const py::list& arrays, std::vector<ImageParams> params, py::array output, const OutputParams& out,
+                  int images_per_launch, int max_blocks, const std::string& fault) {
+  if (static_cast<size_t>(py::len(arrays)) != params.size())
+    throw InvalidArgument("got " + std::to_string(py::len(arrays)) + " arrays but " +
+                          std::to_string(params.size()) + " parameter sets");
+  std::vector<py::array> keep;
+  keep.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!py::isinstance<py::array>(arrays[i]))
+      throw InvalidArgument("image " + std::to_string(i) + ": not a numpy array");
+    keep.push_back(py::reinterpret_borrow<py::array>(arrays[i]));
+    describe_host_array(keep.back(), params[i], static_cast<int64_t>(i));
+  }
+  const int64_t count = static_cast<int64_t>(params.size());
+  check_output_array(output, out, count);
+  void* data = output.mutable_data();
+  const int64_t bytes = output.nbytes();
+  py::gil_scoped_release release;
+  preprocess_cuda_emulated(params.data(), count, out, data, bytes, images_per_launch, max_blocks, fault);
+}
+
+// The CUDA path's launch plan for host arrays (tests, docs): which kernel takes
+// which images, with what tiles and shared memory.
+py::list launch_plan(const py::list& arrays, std::vector<ImageParams> params, const OutputParams& out) {
+  std::vector<py::array> keep;
+  std::vector<detail::PreparedImage> prepared;
+  detail::validate_output(out);
+  for (size_t i = 0; i < params.size(); ++i) {
+    keep.push_back(py::reinterpret_borrow<py::array>(arrays[i]));
+    describe_host_array(keep.back(), params[i], static_cast<int64_t>(i));
+    prepared.push_back(detail::prepare_image(params[i], out, static_cast<int64_t>(i)));
+  }
+  static float dummy_output[4];
+  py::list result;
+  for (const kernels::Launch& l : kernels::plan_launches(prepared.data(), static_cast<int64_t>(prepared.size()), out,
+                                                         dummy_output, 0)) {
+    py::dict d;
+    py::list images, taps_x, taps_y, push_rows, vector_rows;
+    const int32_t n = l.tiled ? l.tiled_params.count : l.gather_params.count;
+    for (int32_t i = 0; i < n; ++i) {
+      const kernels::KernelImage& k = l.tiled ? l.tiled_params.images[i] : l.gather_params.images[i];
+      images.append(k.batch_index);
+      taps_x.append(k.taps_x);
+      taps_y.append(k.taps_y);
+      push_rows.append((k.flags & kernels::kPushRows) != 0);
+      vector_rows.append((k.flags & kernels::kVectorRows) != 0);
+    }
+    d["kernel"] = l.tiled ? "tiled" : "gather";
+    d["images"] = images;
+    d["taps_x"] = taps_x;
+    d["taps_y"] = taps_y;
+    d["push_rows"] = push_rows;
+    d["vector_rows"] = vector_rows;
+    if (l.tiled) {
+      d["pixel_type"] = l.pixel_type;
+      d["tile_w"] = l.tiled_params.tile_w;
+      d["tiles"] = l.tiled_params.total_tiles;
+      d["smem_bytes"] = l.smem_bytes;
+      d["vbuf_cols"] = l.tiled_params.vbuf_cols;
+    }
+    result.append(d);
+  }
+  return result;
+}
+
+// Every output coordinate of one axis gets the same taps from the GPU's 32-bit
+// axis_taps32 as from the 64-bit axis_taps (tests).
+bool axis_taps32_matches(int32_t in_size, int32_t region, bool antialias) {
+  if (in_size < 1 || in_size > kMaxImageSide || region < 1 || region > kMaxOutputSide)
+    throw InvalidArgument("sizes out of range");
+  for (int32_t d = 0; d < region; ++d) {
+    const detail::AxisTaps a = detail::axis_taps(d, region, in_size, antialias);
+    const detail::AxisTaps b = detail::axis_taps32(d, region, in_size, antialias);
+    if (a.first != b.first || a.count != b.count || a.center_i != b.center_i || a.center_f != b.center_f ||
+        a.inv_support != b.inv_support)
+      return false;
+  }
+  return true;
 }
 
 void run_cuda(std::vector<ImageParams> params, std::uintptr_t output, int64_t output_bytes, const OutputParams& out,
@@ -435,6 +518,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("preprocess_cuda", &run_cuda, py::arg("params"), py::arg("output_address"), py::arg("output_bytes"),
         py::arg("out_params"), py::arg("stream"),
         "Enqueue preprocessing of device images (params carry device addresses) on `stream`; does not synchronise.");
+  m.def("_emulate_cuda_preprocess", &run_emulated, py::arg("arrays"), py::arg("params"), py::arg("output"),
+        py::arg("out_params"), py::arg("images_per_launch") = 0, py::arg("max_blocks") = 0, py::arg("fault") = "",
+        "Tests only: the CUDA kernels run on the CPU (host arrays as for preprocess_cpu), with the CUDA path's "
+        "launch plan; images_per_launch / max_blocks shrink launches and grids. A violated kernel invariant "
+        "(read outside an image, shared memory out of range, misaligned vector access) raises RuntimeError; "
+        "fault='wide_image' / 'small_vbuf' plants one to show that the checks work.");
+  m.def("_cuda_launch_plan", &launch_plan, py::arg("arrays"), py::arg("params"), py::arg("out_params"),
+        "Tests and docs: the CUDA path's launch plan for these images (host arrays stand in for device ones).");
+  m.def("_axis_taps32_matches", &axis_taps32_matches, py::arg("in_size"), py::arg("region"), py::arg("antialias"),
+        "Tests only: the kernels' 32-bit tap arithmetic agrees with the 64-bit one on every output coordinate.");
   m.def("validate_params", &validate_params, py::arg("params"), py::arg("out_params"),
         "Native validation of image and output parameters; raises PreprocessError. Reads no pixels.");
   m.def("output_bytes_required", &output_bytes_required, py::arg("out_params"), py::arg("count"));

@@ -32,33 +32,7 @@ namespace {
 using detail::AxisTaps;
 using detail::PreparedImage;
 
-// float -> IEEE half, round to nearest even, with subnormals, inf and NaN
-// (F. Giesen's float_to_half_fast3_rtne, public domain). Portable where
-// _Float16 / F16C are not.
-inline uint16_t float_to_half(float value) {
-  uint32_t x;
-  std::memcpy(&x, &value, 4);
-  const uint32_t sign = x & 0x80000000u;
-  x ^= sign;
-  uint16_t h;
-  if (x >= 0x47800000u) {  // >= 65536: inf, or NaN (kept quiet)
-    h = x > 0x7F800000u ? 0x7E00 : 0x7C00;
-  } else if (x < 0x38800000u) {  // below the smallest normal half: let the FPU round into a subnormal
-    const uint32_t magic_bits = ((127 - 15) + (23 - 10) + 1) << 23;
-    float magic, f;
-    std::memcpy(&magic, &magic_bits, 4);
-    std::memcpy(&f, &x, 4);
-    f += magic;
-    std::memcpy(&x, &f, 4);
-    h = static_cast<uint16_t>(x - magic_bits);
-  } else {
-    const uint32_t mantissa_odd = (x >> 13) & 1u;
-    x += (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu;
-    x += mantissa_odd;
-    h = static_cast<uint16_t>(x >> 13);
-  }
-  return static_cast<uint16_t>(h | (sign >> 16));
-}
+inline uint16_t float_to_half(float value) { return detail::float_to_half_bits(value); }
 
 // Tap table of one axis for one image: every output coordinate gets the
 // same number of taps (`taps`, zero-padded, shifted to stay inside the
@@ -80,13 +54,11 @@ AxisTable build_axis(int32_t dst_size, int32_t in_size, bool antialias) {
   t.weights.assign(static_cast<size_t>(dst_size) * t.taps, 0.0f);
   for (int32_t d = 0; d < dst_size; ++d) {
     const AxisTaps& taps = all[d];
-    const int32_t first = std::max(0, std::min(taps.first, in_size - t.taps));
+    const int32_t first = detail::fixed_window_first(taps, in_size, t.taps);
     t.first[d] = first;
-    float total = 0.0f;
-    for (int32_t k = 0; k < taps.count; ++k) total += detail::tap_weight(taps, k);
+    const float total = detail::taps_total(taps);
     float* w = t.weights.data() + static_cast<size_t>(d) * t.taps;
-    for (int32_t k = 0; k < taps.count; ++k)
-      w[taps.first - first + k] = total > 0.0f ? detail::tap_weight(taps, k) / total : 0.0f;
+    for (int32_t k = 0; k < t.taps; ++k) w[k] = detail::window_weight(taps, first, k, total);
   }
   return t;
 }

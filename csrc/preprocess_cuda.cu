@@ -1,19 +1,23 @@
-// CUDA implementation of the fused preprocessing: one launch per chunk of up
-// to kImagesPerLaunch images, one thread per output pixel. Each thread
-// gathers its resampling taps straight from the stored values, applies the
-// Modality LUT / VOI / polarity per tap (pixel_math.h, shared with the CPU
-// path), normalises and writes every channel. Per-image parameters travel by
-// value in the kernel's parameter space (no device allocation, no H2D copy),
-// which also keeps the launch capturable in a CUDA graph.
+// CUDA implementation of the fused preprocessing: the launcher and the
+// __global__ wrappers around the kernel bodies of preprocess_kernels.h (shared
+// with the CPU emulator that tests them). The tiled, separable kernel takes
+// every image whose filters and input tiles fit; a per-pixel gather kernel the
+// rest. Per-image parameters travel by value in the kernel parameter space
+// (no device allocation, no H2D copy), which keeps the launches capturable in
+// a CUDA graph.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <sstream>
+#include <tuple>
 #include <vector>
 
 #include "medge/pixel_math.h"
 #include "medge/preprocess.h"
+#include "medge/preprocess_kernels.h"
 
 #ifndef MEDGE_CUDA_ARCHITECTURES
 #define MEDGE_CUDA_ARCHITECTURES ""
@@ -22,85 +26,46 @@
 namespace medge {
 namespace {
 
-using detail::AxisTaps;
 using detail::PreparedImage;
+using kernels::GatherLaunch;
+using kernels::Launch;
+using kernels::TiledLaunch;
 
-constexpr int kImagesPerLaunch = 32;
-constexpr int kBlockX = 32;
-constexpr int kBlockY = 8;
+// Parameters above 4 KB need CUDA 12.1+ (driver and toolkit) and compute capability 7.0+, which every
+// architecture this builds for has; the limit is 32764 bytes.
+static_assert(sizeof(TiledLaunch) <= 32764 && sizeof(GatherLaunch) <= 32764, "kernel parameters exceed 32764 bytes");
 
-struct KernelOutput {
-  void* data;
-  int64_t first_image;  // batch index of the chunk's first image
-  int32_t height, width, channels;
-  int32_t output_type;
-  int32_t antialias;
-  float pad_value;
-  float mean[3];
-  float inv_std[3];
-};
-
-struct LaunchParams {
-  KernelOutput out;
-  PreparedImage images[kImagesPerLaunch];
-};
-
-// The classic 4 KB kernel parameter limit holds on every architecture we target.
-static_assert(sizeof(LaunchParams) <= 4000, "kernel parameters exceed the 4 KB launch limit");
-
-template <typename T>
-__device__ float resample_display(const PreparedImage& im, int32_t ry, int32_t rx, bool antialias) {
-  const AxisTaps ty = detail::axis_taps(ry, im.region_height, im.in_height, antialias);
-  const AxisTaps tx = detail::axis_taps(rx, im.region_width, im.in_width, antialias);
-  float wx_total = 0.0f;
-  for (int32_t kx = 0; kx < tx.count; ++kx) wx_total += detail::tap_weight(tx, kx);
-  float acc = 0.0f, wy_total = 0.0f;
-  for (int32_t ky = 0; ky < ty.count; ++ky) {
-    const float wy = detail::tap_weight(ty, ky);
-    if (wy == 0.0f) continue;
-    wy_total += wy;
-    float row = 0.0f;
-    for (int32_t kx = 0; kx < tx.count; ++kx) {
-      const float wx = detail::tap_weight(tx, kx);
-      if (wx != 0.0f) row += wx * detail::load_display<T>(im, ty.first + ky, tx.first + kx);
-    }
-    acc += wy * row;
+struct DeviceBlock {
+  template <class F>
+  __device__ __forceinline__ void run(F&& phase) {
+    phase();
+    __syncthreads();
   }
-  return acc / (wy_total * wx_total);
+};
+
+template <typename T, bool Half>
+__global__ void __launch_bounds__(kernels::kBlockThreads) tiled_kernel(const __grid_constant__ TiledLaunch p) {
+  extern __shared__ uint4 shared_words[];
+  DeviceBlock block;
+  kernels::tiled_body<T, Half>(block, p, kernels::Shared{reinterpret_cast<uint32_t*>(shared_words), p.smem_words});
 }
 
-__global__ void preprocess_kernel(const __grid_constant__ LaunchParams params) {
-  const int32_t x = blockIdx.x * kBlockX + threadIdx.x;
-  const int32_t y = blockIdx.y * kBlockY + threadIdx.y;
-  const KernelOutput& out = params.out;
-  if (x >= out.width || y >= out.height) return;
-  const PreparedImage& im = params.images[blockIdx.z];
+__global__ void __launch_bounds__(kernels::kGatherBlockX * kernels::kGatherBlockY)
+    gather_kernel(const __grid_constant__ GatherLaunch p) {
+  kernels::gather_body(p);
+}
 
-  const int32_t ry = y - im.region_top;
-  const int32_t rx = x - im.region_left;
-  float display = out.pad_value;
-  if (ry >= 0 && ry < im.region_height && rx >= 0 && rx < im.region_width) {
-    const bool aa = out.antialias != 0;
-    switch (im.pixel_type) {  // uniform per block: blockIdx.z is one image
-      case PixelType::kUInt8: display = resample_display<uint8_t>(im, ry, rx, aa); break;
-      case PixelType::kUInt16: display = resample_display<uint16_t>(im, ry, rx, aa); break;
-      case PixelType::kInt16: display = resample_display<int16_t>(im, ry, rx, aa); break;
-      case PixelType::kInt32: display = resample_display<int32_t>(im, ry, rx, aa); break;
-      case PixelType::kFloat32: display = resample_display<float>(im, ry, rx, aa); break;
-    }
+using TiledFn = void (*)(TiledLaunch);
+
+TiledFn tiled_function(PixelType type, bool half) {
+  switch (type) {
+    case PixelType::kUInt8: return half ? tiled_kernel<uint8_t, true> : tiled_kernel<uint8_t, false>;
+    case PixelType::kUInt16: return half ? tiled_kernel<uint16_t, true> : tiled_kernel<uint16_t, false>;
+    case PixelType::kInt16: return half ? tiled_kernel<int16_t, true> : tiled_kernel<int16_t, false>;
+    case PixelType::kInt32: return half ? tiled_kernel<int32_t, true> : tiled_kernel<int32_t, false>;
+    case PixelType::kFloat32: return half ? tiled_kernel<float, true> : tiled_kernel<float, false>;
   }
-  const int64_t n = out.first_image + blockIdx.z;
-  const int64_t plane = static_cast<int64_t>(out.height) * out.width;
-  const int64_t pixel = static_cast<int64_t>(y) * out.width + x;
-  for (int32_t c = 0; c < out.channels; ++c) {
-    const float v = (display - out.mean[c]) * out.inv_std[c];
-    const int64_t index = (n * out.channels + c) * plane + pixel;
-    if (out.output_type == static_cast<int32_t>(OutputType::kFloat16)) {
-      static_cast<__half*>(out.data)[index] = __float2half_rn(v);
-    } else {
-      static_cast<float*>(out.data)[index] = v;
-    }
-  }
+  return nullptr;
 }
 
 void throw_cuda(cudaError_t err, const char* what) {
@@ -129,6 +94,25 @@ void check_device_pointer(const void* ptr, int device, const std::string& what) 
     msg << what << " is on device " << attr.device << " but the current device is " << device;
     throw InvalidArgument(msg.str());
   }
+}
+
+// Blocks of `fn` with `smem` bytes that fit on the device at once (cached: the
+// occupancy query is not free and the answer never changes).
+int resident_blocks(int device, const void* fn, int smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int>, int> cache;
+  const auto key = std::make_tuple(device, fn, smem);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  int per_sm = 0, sms = 0;
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kernels::kBlockThreads, smem);
+  if (err != cudaSuccess) throw_cuda(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) throw_cuda(err, "cudaDeviceGetAttribute(multiprocessor count)");
+  const int blocks = std::max(1, per_sm) * std::max(1, sms);
+  cache.emplace(key, blocks);
+  return blocks;
 }
 
 }  // namespace
@@ -179,26 +163,18 @@ void preprocess_cuda(const ImageParams* images, int64_t count, const OutputParam
     check_device_pointer(images[i].pixels, device, "image " + std::to_string(i) + " pixel pointer");
   check_device_pointer(output, device, "output pointer");
 
-  LaunchParams params{};
-  params.out.data = output;
-  params.out.height = static_cast<int32_t>(out.height);
-  params.out.width = static_cast<int32_t>(out.width);
-  params.out.channels = out.channels;
-  params.out.output_type = static_cast<int32_t>(out.output_type);
-  params.out.antialias = out.resample == Resample::kBilinearAntialias ? 1 : 0;
-  params.out.pad_value = out.pad_value;
-  for (int c = 0; c < 3; ++c) {
-    params.out.mean[c] = out.mean[c];
-    params.out.inv_std[c] = 1.0f / out.std[c];
-  }
-  const dim3 block(kBlockX, kBlockY, 1);
-  for (int64_t first = 0; first < count; first += kImagesPerLaunch) {
-    const int64_t chunk = std::min<int64_t>(kImagesPerLaunch, count - first);
-    params.out.first_image = first;
-    for (int64_t k = 0; k < chunk; ++k) params.images[k] = prepared[static_cast<size_t>(first + k)];
-    const dim3 grid(static_cast<unsigned>((out.width + kBlockX - 1) / kBlockX),
-                    static_cast<unsigned>((out.height + kBlockY - 1) / kBlockY), static_cast<unsigned>(chunk));
-    preprocess_kernel<<<grid, block, 0, stream>>>(params);
+  for (const Launch& l : kernels::plan_launches(prepared.data(), count, out, output, 0)) {
+    if (l.tiled) {
+      const TiledFn fn = tiled_function(l.pixel_type, l.tiled_params.out.half != 0);
+      // Persistent grid: as many blocks as stay resident at once (each loops over tiles), so a
+      // batch is never a wave and a bit.
+      const int grid = std::min(l.blocks, resident_blocks(device, reinterpret_cast<const void*>(fn), l.smem_bytes));
+      fn<<<grid, kernels::kBlockThreads, static_cast<size_t>(l.smem_bytes), stream>>>(l.tiled_params);
+    } else {
+      const dim3 grid(static_cast<unsigned>(l.gather_grid[0]), static_cast<unsigned>(l.gather_grid[1]),
+                      static_cast<unsigned>(l.gather_grid[2]));
+      gather_kernel<<<grid, dim3(kernels::kGatherBlockX, kernels::kGatherBlockY), 0, stream>>>(l.gather_params);
+    }
     err = cudaGetLastError();
     if (err != cudaSuccess) throw_cuda(err, "preprocess kernel launch failed");
   }

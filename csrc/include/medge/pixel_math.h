@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "medge/preprocess.h"
@@ -187,6 +188,98 @@ MEDGE_HD float tap_weight(const AxisTaps& t, int32_t k) {
   float d = (static_cast<float>(t.first + k - t.center_i) + (0.5f - t.center_f)) * t.inv_support;
   d = d < 0.0f ? -d : d;
   return d < 1.0f ? 1.0f - d : 0.0f;
+}
+
+// axis_taps in 32-bit unsigned arithmetic, for the GPU (where a 64-bit
+// division is a long software routine): the same integers, hence the same
+// taps, for every size the entry points accept. (2 dst + 1) * in < 2^31 and
+// num + 2 in + region < 2^32 because dst < region <= kMaxOutputSide = 2^14
+// and in <= kMaxImageSide = 2^16.
+static_assert(kMaxOutputSide <= (1 << 14) && kMaxImageSide <= (1 << 16), "axis_taps32 needs these bounds");
+MEDGE_HD AxisTaps axis_taps32(int32_t dst, int32_t region, int32_t in_size, bool antialias) {
+  AxisTaps t;
+  const uint32_t in = static_cast<uint32_t>(in_size);
+  const uint32_t reg = static_cast<uint32_t>(region);
+  const uint32_t den = 2u * reg;
+  const uint32_t num = (2u * static_cast<uint32_t>(dst) + 1u) * in;
+  if (antialias && in_size > region) {
+    const uint32_t q = num / den;
+    t.center_i = static_cast<int32_t>(q);
+    t.center_f = static_cast<float>(num - q * den) / static_cast<float>(den);
+    const uint32_t plus = num + reg, twice = 2u * in;
+    const uint32_t lo = plus <= twice ? 0u : (plus - twice) / den;
+    uint32_t hi = (num + twice + reg) / den;
+    if (hi > in) hi = in;
+    t.first = static_cast<int32_t>(lo);
+    t.count = static_cast<int32_t>(hi - lo);
+    t.inv_support = static_cast<float>(region) / static_cast<float>(in_size);
+  } else {
+    const bool at_start = num <= reg;
+    const uint32_t src = at_start ? 0u : num - reg;
+    const uint32_t i0 = src / den;
+    t.center_i = 0;
+    t.inv_support = 0.0f;
+    if (static_cast<int64_t>(i0) >= static_cast<int64_t>(in_size) - 1) {
+      t.first = in_size - 1;
+      t.count = 1;
+      t.center_f = 0.0f;
+    } else {
+      t.first = static_cast<int32_t>(i0);
+      t.count = 2;
+      t.center_f = at_start ? 0.0f : static_cast<float>(src - i0 * den) / static_cast<float>(den);
+    }
+  }
+  return t;
+}
+
+// Fixed-width window of `width` taps (t.count <= width <= in_size) shifted to
+// lie inside [0, in_size): returns its first input index and writes the
+// normalised weights, zero where the window extends past the real taps. The
+// CPU path's tap tables (build_axis) use exactly this rule and arithmetic.
+MEDGE_HD int32_t fixed_window_first(const AxisTaps& t, int32_t in_size, int32_t width) {
+  const int32_t last = in_size - width;
+  return t.first < 0 ? 0 : (t.first > last ? last : t.first);
+}
+
+MEDGE_HD float taps_total(const AxisTaps& t) {
+  float total = 0.0f;
+  for (int32_t k = 0; k < t.count; ++k) total += tap_weight(t, k);
+  return total;
+}
+
+// Weight of window position `slot` of a window starting at `first`.
+MEDGE_HD float window_weight(const AxisTaps& t, int32_t first, int32_t slot, float total) {
+  const int32_t k = slot - (t.first - first);
+  if (k < 0 || k >= t.count || !(total > 0.0f)) return 0.0f;
+  return tap_weight(t, k) / total;
+}
+
+// float -> IEEE half bits, round to nearest even, with subnormals, inf and NaN
+// (F. Giesen's float_to_half_fast3_rtne, public domain): the CPU path's
+// portable conversion and the emulated __float2half_rn. Host only.
+inline uint16_t float_to_half_bits(float value) {
+  uint32_t x;
+  std::memcpy(&x, &value, 4);
+  const uint32_t sign = x & 0x80000000u;
+  x ^= sign;
+  uint16_t h;
+  if (x >= 0x47800000u) {  // >= 65536: inf, or NaN (kept quiet)
+    h = x > 0x7F800000u ? 0x7E00 : 0x7C00;
+  } else if (x < 0x38800000u) {  // below the smallest normal half: let the FPU round into a subnormal
+    const uint32_t magic_bits = ((127 - 15) + (23 - 10) + 1) << 23;
+    float magic, f;
+    std::memcpy(&magic, &magic_bits, 4);
+    std::memcpy(&f, &x, 4);
+    f += magic;
+    std::memcpy(&x, &f, 4);
+    h = static_cast<uint16_t>(x - magic_bits);
+  } else {
+    const uint32_t mantissa_odd = (x >> 13) & 1u;
+    x += (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu;
+    x += mantissa_odd;
+    h = static_cast<uint16_t>(x >> 13);
+  }
+  return static_cast<uint16_t>(h | (sign >> 16));
 }
 
 }  // namespace detail

@@ -62,6 +62,8 @@ from .preprocess import PreprocessSpec, cuda_available, preprocess  # noqa: E402
 from .runtime.batcher import Batcher  # noqa: E402
 from .runtime.model import Model, Prediction, load  # noqa: E402
 from .series import Volume, read_series  # noqa: E402
+from .sliding_window import sliding_window  # noqa: E402
+from .volume import VolumeSpec, preprocess_volume, resample_labels, to_original_grid  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -81,4 +83,9 @@ __all__ = [
     "Batcher",
     "read_series",
     "Volume",
+    "VolumeSpec",
+    "preprocess_volume",
+    "resample_labels",
+    "to_original_grid",
+    "sliding_window",
 ]

@@ -636,6 +636,59 @@ def test_decoded_array_must_agree_with_the_header(monkeypatch, bad):
         read_dicom(ds)
 
 
+# --------------------------------------------------------------------------- decoding plugins
+
+
+def test_read_dicom_asks_pydicom_for_the_fastest_installed_plugin(monkeypatch):
+    from medge import dicom
+
+    ds = synthetic.rle(seed=0, size=16)
+    installed = get_decoder(RLELossless).available_plugins
+    expected = "pylibjpeg" if "pylibjpeg" in installed else "pydicom"
+    assert dicom.decoding_plugin(RLELossless) == expected
+    assert dicom.decoding_plugin(ExplicitVRLittleEndian) == ""  # native: pydicom has nothing to choose
+    asked = []
+    real = Decoder.as_array
+
+    def spy(self, src, **kwargs):
+        asked.append(kwargs.get("decoding_plugin"))
+        return real(self, src, **kwargs)
+
+    monkeypatch.setattr(Decoder, "as_array", spy)
+    image = read_dicom(ds)
+    assert asked == [expected]
+    assert np.array_equal(image.pixels[0], ds.pixel_array)
+
+
+def test_a_failing_or_panicking_plugin_hands_over_to_the_next(monkeypatch):
+    class PanicException(BaseException):  # what pyo3 raises (pylibjpeg-rle on some damaged data)
+        pass
+
+    def panics(src, runner):
+        raise PanicException("index out of bounds: the len is 128 but the index is 129")
+
+    ds = synthetic.rle(seed=0, size=16)
+    decoder = get_decoder(RLELossless)
+    names = list(decoder._available)
+    from medge import dicom
+
+    monkeypatch.setitem(decoder._available, dicom.decoding_plugin(RLELossless), panics)
+    if len(names) > 1:  # the other plugin decodes it
+        assert np.array_equal(read_dicom(ds).pixels[0], pydicom.pixels.pixel_array(ds, decoding_plugin="pydicom"))
+    for name in names:
+        monkeypatch.setitem(decoder._available, name, panics)
+    with pytest.raises(DicomError, match=r"could not be decoded \(PanicException\)") as info:
+        read_dicom(ds)
+    assert info.value.__context__ is None and "index out of bounds" not in str(info.value)
+
+    def interrupted(src, runner):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(decoder._available, names[0], interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        read_dicom(ds)
+
+
 # --------------------------------------------------------------------------- robustness and privacy
 
 

@@ -36,6 +36,7 @@ Usage::
     python tools/fuzz_dicom.py --cases 20000 --seed 1 --report fuzz.json
     python tools/fuzz_dicom.py --cases 20000 --subprocess --timeout 20 --jobs 2
     python tools/fuzz_dicom.py --seed 1 --only 1234 --dump /tmp/case
+    python tools/fuzz_dicom.py --differential --cases 20000 --seed 1   # fast reader vs pydicom only
 
 Exit status: 0 when every case is ok or a MedgeError without a leak, 1 otherwise.
 """
@@ -620,6 +621,64 @@ def run_case(case: Case, spec_list=None) -> Outcome:
     return Outcome(case.index, case.seed_name, case.operations, outcome, seconds, leaks, detail, message)
 
 
+# --------------------------------------------------------------------------- differential: fast reader vs pydicom
+
+
+@dataclass
+class Difference:
+    index: int
+    seed_name: str
+    operations: list
+    fast_answered: bool  # the fast reader produced the Image itself (else it handed the case to pydicom)
+    same: bool
+    full: str  # short descriptions of each reader's outcome
+    fast: str
+
+
+def _read_outcome(data: bytes, force: bool) -> tuple:
+    from medge.dicom import read_dicom
+    from medge.errors import MedgeError
+
+    try:
+        image = read_dicom(data, force=force)
+    except MedgeError as exc:
+        return ("error", type(exc).__name__, str(exc))
+    except Exception as exc:  # noqa: BLE001 - reported as a difference / bug by the caller
+        return ("bug", type(exc).__name__, "")
+    pixels = image.pixels
+    return ("image", pixels.dtype.str, pixels.shape, pixels.tobytes(), bool(pixels.flags.writeable),
+            image.semantics, image.acquisition, image.sop_instance_uid)
+
+
+def differential_case(case: Case) -> Difference:
+    """Read the case with medge's fast reader enabled and with pydicom only: the outcomes must be equal."""
+    import medge.dicom as dicom
+
+    answered: list = []
+    real, enabled = dicom._fast_read, dicom._FAST_READER
+
+    def spy(source, max_pixels):
+        image = real(source, max_pixels)
+        answered.append(image is not None)
+        return image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dicom._FAST_READER = False
+            full = _read_outcome(case.data, case.force)
+            dicom._FAST_READER, dicom._fast_read = True, spy
+            fast = _read_outcome(case.data, case.force)
+        finally:
+            dicom._FAST_READER, dicom._fast_read = enabled, real
+
+    def describe(outcome: tuple) -> str:
+        return f"{outcome[0]} {outcome[1]} {outcome[2] if outcome[0] != 'error' else outcome[2][:120]}"
+
+    return Difference(case.index, case.seed_name, case.operations, bool(answered and answered[-1]), full == fast,
+                      describe(full), describe(fast))
+
+
 # --------------------------------------------------------------------------- isolation
 
 
@@ -733,10 +792,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="skip pydicom test files larger than this (default 2000000)")
     parser.add_argument("--report", type=pathlib.Path, help="write a JSON report here")
     parser.add_argument("--dump", type=pathlib.Path, help="write the failing (or --only) cases' bytes here")
+    parser.add_argument("--differential", action="store_true",
+                        help="instead: read each case with read_dicom's fast reader and with pydicom only; any "
+                             "difference in the outcome (image, semantics, error class or message) is a failure")
     args = parser.parse_args(argv)
 
     seeds = build_seeds(public=not args.no_public, max_public_bytes=args.max_public_bytes)
     indices = args.only or range(args.start, args.start + args.cases)
+    if args.differential:
+        return _main_differential(args, seeds, indices)
     counts: collections.Counter = collections.Counter()
     failures: list[Outcome] = []
     durations: list[tuple[float, int, str]] = []
@@ -808,6 +872,29 @@ def main(argv: Optional[list[str]] = None) -> int:
             "failures": [outcome.__dict__ for outcome in failures],
         }
         args.report.write_text(json.dumps(report, indent=1))
+    return 1 if failures else 0
+
+
+def _main_differential(args, seeds, indices) -> int:
+    started = time.perf_counter()
+    differences = [differential_case(make_case(seeds, args.seed, index)) for index in indices]
+    elapsed = time.perf_counter() - started
+    failures = [d for d in differences if not d.same]
+    answered = sum(d.fast_answered for d in differences)
+    print(f"medge DICOM differential fuzz: seed {args.seed}, {len(differences)} cases, {elapsed:.1f} s, "
+          f"{platform.node()} ({os.cpu_count()} CPUs)")
+    print(f"  fast reader answered {answered}, handed to pydicom {len(differences) - answered}, "
+          f"different outcomes {len(failures)}")
+    for d in failures[:20]:
+        print(f"  DIFF case {d.index} ({d.seed_name}, {d.operations}):\n    pydicom: {d.full}\n    fast:    {d.fast}")
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        for d in failures:
+            (args.dump / f"case_{args.seed}_{d.index}.dcm").write_bytes(make_case(seeds, args.seed, d.index).data)
+    if args.report:
+        args.report.write_text(json.dumps({
+            "seed": args.seed, "cases": len(differences), "seconds": round(elapsed, 2), "fast_answered": answered,
+            "differences": [d.__dict__ for d in failures]}, indent=1))
     return 1 if failures else 0
 
 

@@ -9,6 +9,9 @@ UID, or the same error class and message. Inputs: every file in pydicom's wheel
 encoded variants of what the fast reader converts or refuses (each also asserts which
 reader answered, so the tests cannot pass by always falling back), and random element
 streams for the native scanner (hypothesis). tests/test_fuzz_dicom.py adds mutated files.
+
+Also here: reading ahead in reader threads (the Batcher, ``medge run``), with the same
+results as reading in line.
 """
 
 from __future__ import annotations
@@ -491,7 +494,8 @@ _TAGS = st.sampled_from([0x00080005, 0x00080018, 0x00080060, 0x00081140, 0x00091
 _VR_CODES = st.sampled_from([b"US", b"SS", b"CS", b"DS", b"IS", b"UI", b"LO", b"OB", b"OW", b"SQ", b"UN", b"UT",
                              b"XX", b"\x00\x00"])
 _VALUES = st.sampled_from([b"", b"\x08\x00", b"\x01\x00", b"MONOCHROME2 ", b"40\\400", b"1.2.3\x00", b"PHIZQ ",
-                           b"\x10\x00\x00\x00", b"\xfe\xff\x00\xe0\xff\xff\xff\xff", b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"])
+                           b"\x10\x00\x00\x00", b"\xfe\xff\x00\xe0\xff\xff\xff\xff",
+                           b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"])
 
 
 @st.composite
@@ -533,3 +537,145 @@ def test_random_bytes_after_the_file_meta_scan_safely_and_read_identically(tail,
     with pytest.MonkeyPatch.context() as monkeypatch:
         full, fast, _ = read_both(monkeypatch, lambda: data)
     assert_same(full, fast, "random bytes")
+
+
+# --------------------------------------------------------------------------- reading ahead (Batcher, medge run)
+
+
+class _RecordingModel:
+    """A model that records what it gets; ``gate`` (an Event) holds each batch until set."""
+
+    max_batch = 2
+
+    def __init__(self, gate=None) -> None:
+        self.seen: list = []
+        self.gate = gate
+
+    def predict_each(self, items, return_exceptions=True):
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        self.seen.append(list(items))
+        return [[(type(item).__name__, getattr(item, "sop_instance_uid", None))] for item in items]
+
+
+def _ct_files(folder: pathlib.Path, count: int) -> list:
+    paths = []
+    for i in range(count):
+        path = folder / f"ct{i}.dcm"
+        path.write_bytes(ct({0x00080018: (b"UI", _uid(f"1.2.3.{i}"))}, pixels=PIXELS + i))
+        paths.append(path)
+    return paths
+
+
+def test_batcher_reads_items_in_reader_threads_and_fails_only_a_bad_one(tmp_path, monkeypatch):
+    import threading
+
+    from medge.runtime import batcher as batcher_module
+    from medge.runtime.batcher import Batcher
+
+    paths = _ct_files(tmp_path, 5)
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(paths[0].read_bytes()[:600])
+    threads = set()
+    real = batcher_module._read
+
+    def read(item):
+        threads.add(threading.current_thread().name)
+        return real(item)
+
+    monkeypatch.setattr(batcher_module, "_read", read)
+    model = _RecordingModel()
+    marker = object()
+    with Batcher(model, readers=2, max_delay_ms=1) as batcher:
+        assert batcher.readers == 2
+        futures = [batcher.submit(p) for p in paths[:2]] + [batcher.submit(damaged), batcher.submit(marker)]
+        futures += [batcher.submit(paths[2].read_bytes()), batcher.submit(str(paths[3])), batcher.submit(paths[4])]
+        results = [f.exception() or f.result() for f in futures]
+    assert results[:2] == [("Image", "1.2.3.0"), ("Image", "1.2.3.1")]
+    assert type(results[2]).__name__ == "DicomError"
+    assert results[3] == ("object", None)  # not a DICOM source: handed over as submitted
+    assert results[4:] == [("Image", "1.2.3.2"), ("Image", "1.2.3.3"), ("Image", "1.2.3.4")]
+    assert threads and all(name.startswith("medge-batcher-reader-") for name in threads)
+    assert all(type(item).__name__ in ("Image", "object") for batch in model.seen for item in batch)
+
+
+def test_batcher_reads_at_most_readahead_items_ahead_and_skips_cancelled_ones(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from medge.runtime import batcher as batcher_module
+    from medge.runtime.batcher import Batcher
+
+    paths = _ct_files(tmp_path, 12)
+    started = []
+    real = batcher_module._read
+    monkeypatch.setattr(batcher_module, "_read", lambda item: (started.append(item), real(item))[1])
+    gate = threading.Event()
+    model = _RecordingModel(gate)
+    with Batcher(model, readers=2, readahead=3, max_delay_ms=0) as batcher:
+        futures = [batcher.submit(p) for p in paths]
+        time.sleep(0.5)  # the first batch waits at the gate; reads run ahead of it, within bounds
+        assert len(started) <= model.max_batch + 3
+        assert futures[-1].cancel()  # far behind the read-ahead window: never read
+        gate.set()
+        results = [f.result() for f in futures[:-1]]
+    assert [uid for _, uid in results] == [f"1.2.3.{i}" for i in range(11)]
+    assert paths[-1] not in started and len(started) == 11
+
+
+def test_batcher_in_front_of_a_medge_model_reads_ahead_by_default(demo_bundle, tmp_path):
+    import medge
+    from medge.demo import write_demo_dicoms
+    from medge.runtime.batcher import DEFAULT_READERS, Batcher
+
+    files, _ = write_demo_dicoms(tmp_path, "validation", 5)
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(pathlib.Path(files[0]).read_bytes()[:4000])
+    with medge.load(demo_bundle.bundle_path, device="cpu") as model:
+        expected = model.predict_each(list(files))
+        with Batcher(model, max_delay_ms=1) as batcher:
+            assert batcher.readers == DEFAULT_READERS > 0
+            futures = [batcher.submit(f) for f in files] + [batcher.submit(damaged)]
+            results = [f.exception() or f.result() for f in futures]
+    for got, want in zip(results, expected):
+        assert got.sop_instance_uid == want[0].sop_instance_uid and np.array_equal(got.scores, want[0].scores)
+    assert type(results[-1]).__name__ == "DicomError"
+
+
+def test_medge_run_reads_the_next_chunk_in_reader_threads(demo_bundle, tmp_path, monkeypatch, capsys):
+    import json
+    import threading
+
+    from medge.cli import run_cmd
+    from medge.cli.main import main
+    from medge.demo import write_demo_dicoms
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files, _ = write_demo_dicoms(folder, "validation", 5)
+    (folder / "damaged.dcm").write_bytes(pathlib.Path(files[0]).read_bytes()[:4000])
+    threads = set()
+    real = run_cmd._read
+
+    def read(file):
+        threads.add(threading.current_thread().name)
+        return real(file)
+
+    monkeypatch.setattr(run_cmd, "_read", read)
+    out = tmp_path / "out.jsonl"
+    assert main(["run", str(demo_bundle.bundle_path), str(folder), "--out", str(out), "--device", "cpu",
+                 "--batch", "2"]) == 1  # the damaged file fails alone
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(row["file"] for row in rows) == sorted(pathlib.Path(f).name for f in files)
+    assert "damaged.dcm (failed)" in capsys.readouterr().err
+    assert threads and all(name.startswith("medge-run-reader") for name in threads)
+
+
+def test_batcher_reader_arguments_are_checked():
+    from medge.runtime.batcher import Batcher, BatcherError
+
+    for kwargs in ({"readers": -1}, {"readers": 1.5}, {"readahead": 0}, {"readahead": True}):
+        with pytest.raises(BatcherError):
+            Batcher(_RecordingModel(), **kwargs)
+    with Batcher(_RecordingModel()) as batcher:
+        assert batcher.readers == 0  # any model but a medge Model gets its items as submitted

@@ -29,6 +29,7 @@ Exit status:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import json
 import os
@@ -40,6 +41,8 @@ from ..errors import MedgeError
 from .._inputs import collect_inputs
 
 OUT_SUFFIXES = (".jsonl", ".csv")
+#: Threads reading the next chunk of files while the model runs the current one.
+READERS = 2
 
 _DESCRIPTION = """\
 Load a bundle (verified first) and predict DICOM files and folders: one line
@@ -157,11 +160,18 @@ def run(args) -> int:
         classes = getattr(model.task, "classes", len(model.labels))
         sink = _Sink(out, model.labels if len(model.labels) == classes else model.labels[-1:])
         failures = 0
+        chunks = [files[start : start + batch] for start in range(0, len(files), batch)]
+        # Reading overlaps with inference: the next chunk's files are read (in READERS threads,
+        # mostly outside the GIL) while the model preprocesses and runs this one.
+        readers = concurrent.futures.ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="medge-run-reader")
         try:
             with Progress("predicting", len(files), enabled=args.progress) as bar:
-                for start in range(0, len(files), batch):
-                    chunk = files[start : start + batch]
-                    for file, entry in zip(chunk, _predict_each(model, chunk)):
+                reads = [readers.submit(_read, file) for file in chunks[0]]
+                for index, chunk in enumerate(chunks):
+                    current = reads
+                    following = chunks[index + 1] if index + 1 < len(chunks) else []
+                    reads = [readers.submit(_read, file) for file in following]
+                    for file, entry in zip(chunk, _predict_each(model, [read.result() for read in current])):
                         if isinstance(entry, MedgeError):
                             failures += 1
                             print(f"medge run: skipped {file.name} (failed): {entry}", file=sys.stderr)
@@ -170,6 +180,7 @@ def run(args) -> int:
                             sink.write(file.name, prediction)
                     bar.update(len(chunk))
         finally:
+            readers.shutdown(wait=True, cancel_futures=True)
             sink.close()
     summary = f"medge run: {len(files) - failures} of {len(files)} files predicted"
     summary += f", {failures} failed" if failures else ""
@@ -178,19 +189,18 @@ def run(args) -> int:
     return 1 if failures or found.unreadable else 0
 
 
-def _predict_each(model, chunk) -> list:
-    """Per file: its Predictions or its MedgeError. Bare data sets (no File Meta) are read with force=True here."""
+def _read(file):
+    """The file's Image, or the MedgeError it failed with (bare data sets, without File Meta: force=True)."""
     from ..dicom import read_dicom
 
-    items: list = []
-    for file in chunk:
-        if not file.bare:
-            items.append(file.path)
-            continue
-        try:
-            items.append(read_dicom(file.path, force=True))
-        except MedgeError as exc:
-            items.append(exc)
+    try:
+        return read_dicom(file.path, force=file.bare)
+    except MedgeError as exc:
+        return exc
+
+
+def _predict_each(model, items) -> list:
+    """Per item (an Image or the MedgeError its read failed with): its Predictions or its MedgeError."""
     ready = [item for item in items if not isinstance(item, MedgeError)]
     results = iter(model.predict_each(ready, return_exceptions=True))
     return [item if isinstance(item, MedgeError) else next(results) for item in items]

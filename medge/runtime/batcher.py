@@ -28,6 +28,15 @@ a future: keep callbacks short, or hand work to your own thread). No lock of
 the Batcher is held while the model runs or while callbacks run, so
 callbacks may call ``submit``, ``stats`` or even ``close``.
 
+Reading overlaps with inference. In front of a medge Model, ``readers`` daemon
+threads (default 2) read the DICOM items (paths, bytes, memory maps, pydicom
+Datasets) of the next batches, at most ``readahead`` items ahead, while the
+worker preprocesses and runs the current batch; the worker then gets Images.
+medge's fast reader (uncompressed little-endian files) spends a read in the
+read system call and native code, outside the GIL. A failed read fails only
+its item's future, with its DicomError; ``Prediction.timings_ms["read"]``
+then no longer includes the read, which happened in a reader thread.
+
 Lifetime. ``close()`` (or leaving a ``with`` block) is the normal path: stop
 accepting, finish (``drain=True``) or cancel (``drain=False``) what is
 queued, and join the worker. As safety nets:
@@ -55,8 +64,11 @@ import atexit
 import concurrent.futures
 import logging
 import math
+import mmap
 import os
+import queue
 import random
+import sys
 import threading
 import time
 import weakref
@@ -66,12 +78,15 @@ from typing import Any, Iterable, Optional
 
 from ..errors import MedgeError
 
-__all__ = ["Batcher", "BatcherStats", "BatcherError", "QueueFull", "BatcherClosed", "EXIT_TIMEOUT_S"]
+__all__ = ["Batcher", "BatcherStats", "BatcherError", "QueueFull", "BatcherClosed", "EXIT_TIMEOUT_S",
+           "DEFAULT_READERS"]
 
 _LOG = logging.getLogger("medge.runtime.batcher")
 
 #: At interpreter exit, how long to wait for a batch in flight in a Batcher nobody closed.
 EXIT_TIMEOUT_S = 5.0
+#: Reader threads a Batcher in front of a medge Model starts by default.
+DEFAULT_READERS = 2
 #: Queue-wait samples kept for the percentiles: exact up to this many, then a uniform reservoir sample.
 _RESERVOIR_SIZE = 4096
 
@@ -147,12 +162,76 @@ class BatcherStats:
 
 
 class _Request:
-    __slots__ = ("item", "future", "accepted_at")
+    __slots__ = ("item", "future", "accepted_at", "read")
 
     def __init__(self, item: Any, future: concurrent.futures.Future, accepted_at: float) -> None:
         self.item = item
         self.future = future
         self.accepted_at = accepted_at
+        # None: not read yet; _AS_IS: handed to the model as it is; else the Future of its read.
+        self.read: Any = None
+
+
+#: A request whose item the model gets as it is (an Image, an array, anything read_dicom does not read).
+_AS_IS = object()
+
+
+def _readable(item: Any) -> bool:
+    """Whether ``item`` is a DICOM source the reader pool reads (path, bytes, memory map, Dataset)."""
+    if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview, mmap.mmap)):
+        return True
+    dataset = getattr(sys.modules.get("pydicom.dataset"), "Dataset", None)
+    return dataset is not None and isinstance(item, dataset)
+
+
+def _read(item: Any) -> Any:
+    from ..dicom import read_dicom
+
+    return read_dicom(item)
+
+
+class _ReaderPool:
+    """Threads that read DICOM sources into Images ahead of the batch that needs them.
+
+    Daemon threads (like the Batcher's worker, they never hold up interpreter exit). medge's
+    fast reader spends a read mostly in the read system call and in native code, without
+    the GIL, so reads overlap with preprocessing and inference; pydicom's path (compressed
+    data) holds the GIL while it parses, its decoders mostly not.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._tasks: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, name=f"{name}-reader-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            future, fn, args = task
+            del task
+            if future.set_running_or_notify_cancel():  # False: cancelled while waiting
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - belongs to that item only
+                    future.set_exception(_as_exception(exc, "reading the item"))
+                else:
+                    future.set_result(result)
+                    del result
+            del future, fn, args
+
+    def shutdown(self) -> None:
+        """Let the threads finish what they run and stop (queued reads of cancelled items are skipped)."""
+        for _ in self._threads:
+            self._tasks.put(None)
 
 
 def _percentile(sorted_values: list, p: float) -> float:
@@ -179,9 +258,12 @@ class _State:
     """Everything the worker needs. The worker thread references this, never the Batcher,
     so an unreachable Batcher can be garbage-collected and its finaliser can stop the worker."""
 
-    def __init__(self, model: Any, max_batch: int, max_delay_s: float, max_queue: int, name: str) -> None:
+    def __init__(self, model: Any, max_batch: int, max_delay_s: float, max_queue: int, name: str,
+                 readers: int = 0, readahead: int = 0) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.reader: Optional[_ReaderPool] = _ReaderPool(readers, name) if readers else None
+        self.readahead = readahead
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.name = name
@@ -252,6 +334,7 @@ class _State:
                 self.queue.append(_Request(item, future, now))
                 futures.append(future)
             self.submitted += n
+            self._start_reads()
             # Wake the worker only when it can act: it is idle (the queue was empty), or a
             # full batch is waiting. Otherwise it is asleep until the oldest item's deadline.
             if n and (was_empty or len(self.queue) >= self.max_batch):
@@ -279,6 +362,8 @@ class _State:
                 return  # already taken by the worker or by shutdown(), which notify it themselves
             future.set_running_or_notify_cancel()  # CANCELLED -> notified: returns False
             self.cancelled += 1
+            _cancel_read(request)
+            self._start_reads()
             self.not_full.notify_all()
 
     # ------------------------------------------------------------------ the worker
@@ -290,7 +375,9 @@ class _State:
                 while self.queue and self.queue[0].future.cancelled():
                     # Cancelled while queued (its done-callback has not taken it yet): never run, stops
                     # counting toward a batch, and its waiters are told.
-                    self.queue.popleft().future.set_running_or_notify_cancel()
+                    cancelled = self.queue.popleft()
+                    _cancel_read(cancelled)
+                    cancelled.future.set_running_or_notify_cancel()
                     self.cancelled += 1
                     self.not_full.notify_all()
                 if not self.queue:
@@ -315,9 +402,32 @@ class _State:
                     self._record_wait(now - request.accepted_at)
                 else:
                     self.cancelled += 1
+                    _cancel_read(request)
             self.in_flight = len(batch)
+            self._start_reads()  # the next batches' items, while this one runs
             self.not_full.notify_all()
             return batch
+
+    def _start_reads(self) -> None:
+        """Start reading the first ``readahead`` unread items of the queue (called with the lock held).
+
+        Only so many: each read Image holds its pixels until its batch runs (a deep queue of
+        512 x 512 slices read at once would hold hundreds of megabytes).
+        """
+        if self.reader is None:
+            return
+        pending = 0
+        for request in self.queue:
+            if request.read is _AS_IS:
+                continue
+            if request.read is None:
+                if not _readable(request.item):
+                    request.read = _AS_IS
+                    continue
+                if pending >= self.readahead:
+                    break
+                request.read = self.reader.submit(_read, request.item)
+            pending += 1
 
     def _record_wait(self, seconds: float) -> None:
         ms = seconds * 1e3
@@ -330,21 +440,46 @@ class _State:
             if j < _RESERVOIR_SIZE:
                 self.wait_samples[j] = ms
 
+    def _items(self, batch: list) -> tuple[list, dict]:
+        """The batch's items as the model gets them (read ones as Images), and each failed read's error."""
+        items, failed = [], {}
+        for k, request in enumerate(batch):
+            read = request.read
+            if read is None and self.reader is not None and _readable(request.item):
+                read = self.reader.submit(_read, request.item)  # past the read-ahead window: read now
+            if read is None or read is _AS_IS:
+                items.append(request.item)
+                continue
+            try:
+                items.append(read.result())
+            except BaseException as exc:  # noqa: BLE001 - that item's own failure (a DicomError, usually)
+                failed[k] = _as_exception(exc, "reading the item")
+            finally:
+                request.read = None  # the Image lives on only in `items`, until the batch is done
+        return items, failed
+
     def run_batch(self, batch: list) -> None:
         """Run one batch and resolve each of its futures exactly once. Raises nothing."""
-        n = len(batch)
         outcomes: list = []  # (is_error, value) per request
+        try:
+            items, failed = self._items(batch)
+        except BaseException as exc:  # noqa: BLE001 - a bug here must still not lose the futures
+            _LOG.exception("batcher %r: internal error while reading a batch", self.name)
+            items, failed = [], {k: _as_exception(exc, "the batcher") for k in range(len(batch))}
+        n = len(items)
         started = time.monotonic()
         try:
             try:
                 # medge.Model.predict_each gives one entry per item (a multi-frame image's predictions
                 # together); models with only predict_batch must give one result per item themselves.
                 per_item = getattr(self.model, "predict_each", None)
-                if per_item is not None:
+                if n == 0:
+                    results = []  # every item failed to read: nothing for the model
+                elif per_item is not None:
                     results = [r[0] if isinstance(r, list) and len(r) == 1 else r
-                               for r in per_item([r.item for r in batch], return_exceptions=True)]
+                               for r in per_item(items, return_exceptions=True)]
                 else:
-                    results = self.model.predict_batch([r.item for r in batch], return_exceptions=True)
+                    results = self.model.predict_batch(items, return_exceptions=True)
             except BaseException as exc:  # noqa: BLE001 - whatever the model raises fails this batch only
                 error = _as_exception(exc, "model.predict_batch")
                 _LOG.warning("batcher %r: model.predict_batch failed a batch of %d: %s: %s", self.name, n,
@@ -367,15 +502,20 @@ class _State:
             _LOG.exception("batcher %r: internal error while running a batch", self.name)
             outcomes = [(True, _as_exception(exc, "the batcher"))] * n
         finished = time.monotonic()
+        del items
+        if failed:  # the failed reads take their places again, in order
+            model_outcomes = iter(outcomes)
+            outcomes = [(True, failed[k]) if k in failed else next(model_outcomes) for k in range(len(batch))]
         errors = sum(1 for is_error, _ in outcomes if is_error)
         # Count before resolving, so a caller woken by its future sees stats that include it.
         with self.lock:
             self.in_flight = 0
-            self.batches += 1
-            self.batch_sizes[n] = self.batch_sizes.get(n, 0) + 1
+            if n:
+                self.batches += 1
+                self.batch_sizes[n] = self.batch_sizes.get(n, 0) + 1
+                self.busy_s += finished - started
             self.failed += errors
-            self.completed += n - errors
-            self.busy_s += finished - started
+            self.completed += len(batch) - errors
         for request, (is_error, value) in zip(batch, outcomes):
             try:
                 if is_error:
@@ -410,6 +550,8 @@ class _State:
             self._on_worker_exit()
 
     def _on_worker_exit(self) -> None:
+        if self.reader is not None:
+            self.reader.shutdown()
         with self.lock:
             self.closing = True
             self.stopped_at = time.monotonic()
@@ -417,6 +559,7 @@ class _State:
             leftover = []  # empty unless the worker crashed: fail what it can no longer run
             while self.queue:
                 request = self.queue.popleft()
+                _cancel_read(request)
                 if request.future.set_running_or_notify_cancel():
                     leftover.append(request)
                     self.failed += 1
@@ -442,6 +585,7 @@ class _State:
             self.not_empty.notify_all()
             self.not_full.notify_all()
         for request in dropped:
+            _cancel_read(request)
             request.future.cancel()  # PENDING futures: always succeeds; runs their callbacks here
             # Off the queue, so only this loop notifies them: wakes concurrent.futures.wait / as_completed.
             request.future.set_running_or_notify_cancel()
@@ -459,6 +603,7 @@ class _State:
         # threads that do not exist either: new locks, and refuse all further work.
         self._init_locks()
         self.queue = deque()
+        self.reader = None  # its threads do not exist here either
         self.closing = True
         self.in_flight = 0
         self.closed_reason = (f"the batcher {self.name!r} was created before os.fork(): its worker does not "
@@ -479,6 +624,13 @@ class _State:
                 queue_wait_ms_p99=percentiles[2], queue_wait_ms_max=self.wait_max if samples else None,
                 uptime_s=uptime, busy_s=self.busy_s,
                 throughput_per_s=(self.completed + self.failed) / uptime)
+
+
+def _cancel_read(request: _Request) -> None:
+    """Drop a request's read: not started, it never runs; running, its Image is discarded."""
+    read, request.read = request.read, None
+    if isinstance(read, concurrent.futures.Future):
+        read.cancel()
 
 
 # Every State whose worker may be running (weak: the worker thread keeps its State alive).
@@ -515,6 +667,13 @@ class Batcher:
         max_queue: the most items waiting (not counting the batch in flight) before
             ``submit`` refuses (``QueueFull``) or blocks.
         name: the worker thread's name, also used in messages and logs.
+        readers: threads that read DICOM items (paths, bytes, memory maps, pydicom Datasets)
+            into Images while earlier batches run, so reading overlaps with preprocessing
+            and inference. None (default): 2 for a medge Model, 0 for any other model (whose
+            items are handed over as submitted). 0: the model reads its items itself, in the
+            worker thread. A failed read fails only its own item, with its DicomError.
+        readahead: the most items read ahead of the batch in flight (default: twice
+            ``max_batch``); each holds its pixels until its batch runs.
 
     Raises:
         BatcherError: an argument is out of range.
@@ -524,7 +683,8 @@ class Batcher:
     """
 
     def __init__(self, model: Any, *, max_batch: Optional[int] = None, max_delay_ms: float = 2.0,
-                 max_queue: int = 1024, name: str = "medge-batcher") -> None:
+                 max_queue: int = 1024, name: str = "medge-batcher", readers: Optional[int] = None,
+                 readahead: Optional[int] = None) -> None:
         try:
             model_max = int(model.max_batch)
         except (AttributeError, TypeError, ValueError) as exc:
@@ -548,12 +708,24 @@ class Batcher:
             raise BatcherError("the model must have predict_each(items, *, return_exceptions=True) (medge.Model) "
                                "or predict_batch(items, *, return_exceptions=True) giving one result per item")
 
+        if readers is None:
+            from .model import Model
+
+            readers = DEFAULT_READERS if isinstance(model, Model) else 0
+        if not isinstance(readers, int) or isinstance(readers, bool) or readers < 0:
+            raise BatcherError(f"readers must be an integer >= 0, got {readers!r}")
+        if readahead is None:
+            readahead = 2 * max_batch
+        if not isinstance(readahead, int) or isinstance(readahead, bool) or readahead < 1:
+            raise BatcherError(f"readahead must be a positive integer, got {readahead!r}")
+
         self.model = model
         self.max_batch = max_batch
         self.max_delay_ms = delay
         self.max_queue = max_queue
         self.name = str(name)
-        state = _State(model, max_batch, delay / 1e3, max_queue, self.name)
+        self.readers = readers
+        state = _State(model, max_batch, delay / 1e3, max_queue, self.name, readers, readahead)
         thread = threading.Thread(target=state.worker_main, name=self.name, daemon=True)
         state.thread = thread
         thread.start()

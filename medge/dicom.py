@@ -2,7 +2,12 @@
 
 ``read_dicom`` decodes with pydicom and stops at the stored values: no Modality
 LUT, no VOI, no MONOCHROME1 inversion (the fused preprocessing kernel applies
-those in one pass). What it adds to pydicom:
+those in one pass). Uncompressed little-endian files without functional groups,
+most of what a scanner sends, take a fast reader instead of pydicom (a native
+header scanner, medge._C.scan_dicom, and a few value conversions: close to the
+cost of reading the file); it gives exactly what the pydicom path gives and hands
+every other file, and anything unusual, to that path (see "fast reader" below).
+What read_dicom adds to pydicom:
 
 - one output shape, (frames, rows, columns), in native byte order;
 - the semantics: bits, Pixel Representation, polarity, Rescale Slope/Intercept
@@ -56,7 +61,7 @@ from .image import GREYSCALE_PHOTOMETRICS, VOI_FUNCTIONS, Acquisition, FrameTran
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from pydicom.dataset import Dataset
 
-__all__ = ["read_dicom", "DEFAULT_MAX_PIXELS", "DicomSource"]
+__all__ = ["read_dicom", "DEFAULT_MAX_PIXELS", "DicomSource", "DECODING_PLUGINS", "decoding_plugin"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -109,9 +114,11 @@ _ENCAPSULATION_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: firs
 def read_dicom(source: DicomSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, force: bool = False) -> Image:
     """Read one DICOM object into an :class:`~medge.image.Image` of raw stored values.
 
-    Pixels are decoded by pydicom (any transfer syntax it has a decoder for),
+    Pixels are decoded by pydicom (any transfer syntax it has a decoder for;
+    read_dicom names the fastest installed plugin, :data:`DECODING_PLUGINS`),
     with unused high bits masked (Pixel Representation 0) or sign-extended
-    (1), and are never rescaled. Big-endian data comes out in native byte
+    (1), and are never rescaled. Uncompressed little-endian files without
+    functional groups are read by medge's fast reader, with the same result. Big-endian data comes out in native byte
     order. ``Image.pixels`` always has shape (frames, rows, columns) and dtype
     uint8, uint16, int16, int32 or float32: signed 8-bit is widened to int16,
     unsigned 32-bit becomes int32 when every value fits (else DicomError),
@@ -133,8 +140,11 @@ def read_dicom(source: DicomSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, for
 
     Args:
         source: a path (str or os.PathLike), the file's bytes (bytes,
-            bytearray, memoryview), a binary file object, or a
-            ``pydicom.Dataset`` (not modified).
+            bytearray, memoryview, or an ``mmap.mmap`` of the file: all of
+            it, whatever its position), a binary file object, or a
+            ``pydicom.Dataset`` (not modified). Pixels read from ``bytes``
+            may be a read-only view of them; from a bytearray, memoryview or
+            mmap they are copied (the caller may change or close those).
         max_pixels: refuse images whose header claims more than this many
             pixels (rows * columns * frames), before decoding anything.
         force: also read data without the DICOM File Meta Information

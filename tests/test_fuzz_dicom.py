@@ -42,7 +42,7 @@ def test_mutated_dicom_answers_only_with_medge_errors_and_never_leaks_patient_va
     seeds = fuzz.build_seeds(public=True, max_public_bytes=200_000)
     names = {seed.name for seed in seeds}
     assert {"synthetic_ct", "synthetic_cr_monochrome1", "synthetic_enhanced", "synthetic_big_endian",
-            "synthetic_rle", "synthetic_jpeg_ls"} <= names
+            "synthetic_rle", "synthetic_jpeg_ls", "synthetic_jpeg_lossless"} <= names
     specs = fuzz.specs()
     outcomes = [fuzz.run_case(fuzz.make_case(seeds, SEED, index), specs) for index in range(CASES)]
 

@@ -7,8 +7,8 @@ reproduced with ``--only INDEX`` (and written out with ``--dump DIR``).
 
 Seeds (every one with distinctive patient values planted, see PHI_VALUES):
 medge.synthetic's CT, CR MONOCHROME1 (12 of 16 bits), enhanced multi-frame,
-Explicit VR Big Endian and RLE objects, a 32 x 32 JPEG 2000 and a 32 x 32
-JPEG-LS object, and pydicom's greyscale test files where they are installed
+Explicit VR Big Endian and RLE objects, a 32 x 32 JPEG 2000, a 32 x 32
+JPEG-LS and a 32 x 32 lossless JPEG object, and pydicom's greyscale test files where they are installed
 (read from the wheel's own folder: ``get_testdata_files`` would go to the
 network for the rest).
 
@@ -105,6 +105,26 @@ _JPEG_LS_32 = (
     "X8s/u/ln9cfyz+7+Wf1x/Of3fzn9cfzX8381/QD/2eaAwbY="
 )
 
+# A 32 x 32 lossless JPEG (process 14, predictor 6, 12 bits) of medge.synthetic.ct_slice(seed=4, size=32)
+# + 1024, encoded with imagecodecs' ljpeg_encode, zlib + base64: no package medge installs encodes it.
+_JPEG_LOSSLESS_32 = (
+    "eNoBlwRo+//Y/8QAHgABAAIBBQEBAAAAAAAAAAAABAUDAgYHCAkKAAH/wwALDAAgACABABEA/9oACAEAAAYAAPAmmi/9/bKqIyStyzwszv"
+    "0/YSWrvJh83MuZ6KFEkY1sTPVXJisqqcIJ10ufA+csuIoRmqRpI7HI+ENqnTR5+H/HwU9cT9rdlnhlfTVgPD9siMLYbWmMXNMDYqOkgKkR"
+    "0nrVCorlYv6RLN3kvqtKOQxh1XORVjCSGOoYWVrZpaUxf+/n5QKYok8yStIJnT8zp6x7dT6clNPSYrKtRVRs7hfbGy+ZIu/C2u6iV3N5Xc"
+    "mORWvNGabYOYNjqiBFbDMhrh/sZIyv6mNs549yXpJ7wO1/tU7ee5r0F9ym8OXG+QjYmyVRdXTXN6e1CSJOTsH9KvbvyH0xprUcxTrHUnJr"
+    "uS78O3Dj/sYGTDV+/n4okvhp+Xku8Xvo4J77bVR85HWSYqpfhF1D8lvUxy04F4GtusmzXR/7MC9KXPPx7dHPl+60eVu844266nr489MH1e"
+    "9Tnr97aOuBt0LlRgOcyH6DeQ3QPx25E17X+ezsG/ZmGyb0Qc5Mm7HcafQf2YdfqrwyPzx/nYr2f9e/nw59txv2d6suZB5mP4F6K3MnIqzz"
+    "N9nXd3qDjfqWOBXHZRvd/wAa+u7fumXSBvW9yn/A58IN/wC7SEt2S8fuBHLLu24HRepDvx/OWHLPjzxn3M7MONWZ7uI+7Jq9Qcad16pkXW"
+    "dyU2I3G5+az2nhqI6RPzh2sNtT3HdG3ILTWqoOrbjXEfE6Vp/SXZai221pIc0NnMkSsXhyG0hTd1i8g5OZipIOsNIOymyJmKUbr0aemORu"
+    "1UsS/C2awx322ckqLxq3909n+Vb4gB+9hXGvajktp6u40HqaPd9spqrkvyq2LpWOovOHYn57Oa3HOSiOOm7UXzW2FBt5rNZa5PLh5qfvIh"
+    "N5du4JJ5Ts44zZR33Y1trpiY3F0r2A6Z78eu7inu1+RlUN9wD1P58Ox7vo6/5wLu4uW2NTX9Z3dcM4zjdu73acLvOzzJ4Kb6XrukcDdNPK"
+    "DXnbR6BtD7l9xvNzgizf3mLx3t7g+xnjdvH3/wC0Oy8R0lcwZxluf5YrohluZGu98O/rtr3B4gY9gPpF5V9rXXIbuK9Jfaht36Vepjh91N"
+    "c4Rgj45KByPmz1Bxn5SGQbJnNvrGt547L0vmNN/vlV5vecHsYnZE10vieQr4Xeajk5uZfSyMd1EdpO7nRlzCkoqKmPzgF5suVG8Z46+wmZ"
+    "vw7eEXlq0NyjnIzUYdi/I10m48z8pkW3HUD51+TPIlummyHyI0klfDyO1Hnl6M9OcmYrF4qkk0Htr1T+fjrp5y6whDakLjlbhqqLH+YTkV"
+    "wU6EfNXwM4jcddo+KfA3qw6YfPvwp15yLFM6Yla3QCk/XxV8r+QSJAu1/X91T9O3TH1OdefFHR25u4Rr4qrVOUS9wQXRUhIQzGRoZIQllr"
+    "+hWweR5+loo2OndITVRiPZGNimSsch34fFhJfT8mUem5UM5X+vRUpjY0WFDqsJ2PupPZe40jVnPUSD9H61HFzkX+gP/ZuztblA=="
+)
+
 # pydicom test files worth mutating: greyscale, any transfer syntax. Colour ones are refused before
 # decoding and add little.
 PUBLIC_SEEDS = (
@@ -194,7 +214,7 @@ def _index_fields(seed: Seed) -> None:
 
 def _synthetic_seeds() -> list[tuple[str, Any]]:
     from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+    from pydicom.uid import JPEG2000Lossless, JPEGLossless, JPEGLSLossless
 
     from medge import synthetic
 
@@ -217,6 +237,12 @@ def _synthetic_seeds() -> list[tuple[str, Any]]:
     jls.PixelData = encapsulate([zlib.decompress(base64.b64decode(_JPEG_LS_32))])
     jls["PixelData"].VR = "OB"
     seeds.append(("synthetic_jpeg_ls", jls))
+    ljpeg = synthetic.ct_slice(seed=4, size=32, lesion=False)
+    ljpeg.file_meta.TransferSyntaxUID = JPEGLossless
+    ljpeg.BitsStored, ljpeg.HighBit, ljpeg.PixelRepresentation = 12, 11, 0
+    ljpeg.PixelData = encapsulate([zlib.decompress(base64.b64decode(_JPEG_LOSSLESS_32))])
+    ljpeg["PixelData"].VR = "OB"
+    seeds.append(("synthetic_jpeg_lossless", ljpeg))
     return seeds
 
 

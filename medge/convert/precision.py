@@ -21,9 +21,21 @@ flags, so each precision is its own ONNX file:
   same graph runs on ONNX Runtime's CPU provider, so INT8 accuracy can be
   measured on any machine.
   - ``target="onnxruntime"`` (the ONNX Runtime CPU backend): ONNX Runtime's
-    own placement, Q/DQ around every quantisable op with uint8 asymmetric
-    activations and int8 per-channel weights, which its CPU provider fuses
-    into QLinearConv / QGemm (U8S8) kernels.
+    own placement, Q/DQ around every quantisable op, which its CPU provider
+    fuses into QLinearConv / QGemm kernels. Its number format is one of
+    ``ORT_INT8_FORMATS`` (default ``DEFAULT_ORT_INT8_FORMAT``), chosen so the
+    graph means the same on every x86 CPU: ONNX Runtime's u8 x s8 kernels
+    for AVX2 / AVX-512 CPUs without VNNI (VPMADDUBSW) add two u8*s8 products
+    in a saturating int16, so 8-bit weights give wrong sums there and right
+    ones on VNNI / AMX CPUs (the demo's 8-bit graph: max logit error 0.44 on
+    a VNNI CPU, 4.88 on an AVX2 one; int8 activations do not help, x86 runs
+    them as uint8). With 7-bit weights (``reduce_range``, |q| <= 64) two
+    products stay within int16 (2 * 255 * 64 = 32640 <= 32767), so no CPU
+    can saturate, and the graph gives the same outputs on every CPU; the
+    check after quantisation holds every written graph to that. Formats and
+    their measurements: ``tools/int8_cpu_study.py``.
+    The TensorRT-placed graph needs no such care on the CPU: ONNX Runtime
+    fuses no integer kernel from that placement and runs it in float.
 """
 
 from __future__ import annotations
@@ -50,6 +62,69 @@ INT8_TARGETS = ("tensorrt", "onnxruntime")
 #: residual adds. Quantising ReLU as well would put a Q/DQ pair between each Conv and its ReLU,
 #: which keeps TensorRT from fusing bias + ReLU + requantisation into the int8 convolution.
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+
+
+@dataclass(frozen=True)
+class Int8Format:
+    """How an INT8 graph stores numbers: activation and weight types, symmetry, granularity, weight bits.
+
+    Recorded in the bundle manifest (``describe()``), so a reader knows which kernels can run the graph
+    exactly.
+    """
+
+    name: str
+    activation_dtype: str  # "int8" | "uint8"
+    activations_symmetric: bool
+    weight_dtype: str  # "int8" | "uint8"
+    weights_symmetric: bool
+    weights_per_channel: bool
+    weight_bits: int  # 8, or 7 with ONNX Runtime's reduce_range (int8 weights in [-64, 64])
+    bias_dtype: str  # "float32" (TensorRT) | "int32" (ONNX Runtime)
+
+    @property
+    def u8s8_saturation_free(self) -> bool:
+        """True when x86 u8*s8 kernels without VNNI cannot saturate on this graph.
+
+        ONNX Runtime on x86 runs int8 activations as uint8 (it shifts them by 128), so every int8 weight
+        meets a value in 0..255; two such products fit int16 only when |weight| <= 64. uint8 weights go
+        to the u8*u8 kernels, which widen to int16 before multiplying and never saturate.
+        """
+        return self.weight_dtype == "uint8" or self.weight_bits <= 7
+
+    def describe(self) -> dict:
+        sym = lambda symmetric: "symmetric (zero point 0)" if symmetric else "asymmetric"  # noqa: E731
+        weights = (f"{self.weight_dtype} {sym(self.weights_symmetric)}, "
+                   f"{'per-channel' if self.weights_per_channel else 'per-tensor'}")
+        if self.weight_bits < 8:
+            weights += f", {self.weight_bits}-bit (reduce_range: |q| <= 64)"
+        return {
+            "name": self.name,
+            "activations": f"{self.activation_dtype} {sym(self.activations_symmetric)}, per-tensor",
+            "weights": weights,
+            "bias": self.bias_dtype,
+            "x86_u8s8_saturation_free": self.u8s8_saturation_free,
+        }
+
+
+#: The TensorRT-placed graph's format (TensorRT needs zero point 0 and int8; biases stay float).
+TENSORRT_INT8_FORMAT = Int8Format("s8s8-symmetric", "int8", True, "int8", True, True, 8, "float32")
+
+#: Formats ONNX Runtime's CPU provider fuses (its own Q/DQ placement), measured by tools/int8_cpu_study.py.
+#: Names: activation x weight types, then the weight options.
+ORT_INT8_FORMATS = {f.name: f for f in (
+    Int8Format("u8s8", "uint8", False, "int8", True, True, 8, "int32"),  # ONNX Runtime's defaults
+    Int8Format("u8s8-7bit", "uint8", False, "int8", True, True, 7, "int32"),
+    Int8Format("u8s8-7bit-per-tensor", "uint8", False, "int8", True, False, 7, "int32"),
+    Int8Format("u8u8", "uint8", False, "uint8", False, True, 8, "int32"),
+    Int8Format("u8u8-per-tensor", "uint8", False, "uint8", False, False, 8, "int32"),
+    Int8Format("s8s8", "int8", True, "int8", True, True, 8, "int32"),
+    Int8Format("s8s8-7bit", "int8", True, "int8", True, True, 7, "int32"),
+)}
+
+#: The ONNX Runtime graph's format: saturation-free on every x86 CPU by construction, the fastest such format
+#: measured (tools/int8_cpu_study.py; the figures are in the commit that chose it).
+DEFAULT_ORT_INT8_FORMAT = "u8s8-7bit"
+
 #: Fewer calibration images than this give activation ranges that generalise poorly.
 DEFAULT_MIN_CALIBRATION_IMAGES = 32
 DEFAULT_PERCENTILE = 99.999
@@ -110,9 +185,13 @@ class CalibrationSummary:
     activation_dtype: str = "int8"
     bias_dtype: str = "float32"
     source: str = ""
+    format: Int8Format = TENSORRT_INT8_FORMAT
 
     def to_manifest(self) -> dict:
-        return asdict(self)
+        """Plain JSON; ``format`` in words: {"name", "activations", "weights", "bias", "x86_u8s8_saturation_free"}."""
+        data = asdict(self)
+        data["format"] = self.format.describe()
+        return data
 
 
 def make_int8(
@@ -126,6 +205,7 @@ def make_int8(
     min_images: int = DEFAULT_MIN_CALIBRATION_IMAGES,
     source: str = "",
     target: str = "tensorrt",
+    ort_format: Optional[str] = None,
     progress: Optional[bool] = None,
 ) -> CalibrationSummary:
     """Calibrate and write the INT8 Q/DQ graph of ``fp32_path``.
@@ -142,6 +222,7 @@ def make_int8(
         source: where the images came from (recorded in the summary).
         target: "tensorrt" (Q/DQ as TensorRT fuses it) or "onnxruntime"
             (as ONNX Runtime's CPU provider fuses it); see the module docstring.
+        ort_format: for target "onnxruntime", a name in ORT_INT8_FORMATS (None: DEFAULT_ORT_INT8_FORMAT).
         progress: progress line on stderr (None: when stderr is a terminal).
 
     Returns:
@@ -153,6 +234,15 @@ def make_int8(
     """
     if target not in INT8_TARGETS:
         raise ConversionError(f"INT8 target must be one of {', '.join(INT8_TARGETS)}, got {target!r}")
+    if target == "tensorrt":
+        if ort_format is not None:
+            raise ConversionError("ort_format applies to the ONNX Runtime graph (target='onnxruntime') only")
+        fmt = TENSORRT_INT8_FORMAT
+    else:
+        name = DEFAULT_ORT_INT8_FORMAT if ort_format is None else ort_format
+        if name not in ORT_INT8_FORMATS:
+            raise ConversionError(f"ONNX Runtime INT8 format must be one of {', '.join(ORT_INT8_FORMATS)}, got {name!r}")
+        fmt = ORT_INT8_FORMATS[name]
     if method not in CALIBRATION_METHODS:
         raise ConversionError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
@@ -221,8 +311,9 @@ def make_int8(
             quant_input = fp32_path
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
+        qtypes = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
         if target == "tensorrt":
-            op_types, activation_type = list(QUANTIZED_OP_TYPES), QuantType.QInt8
+            op_types = list(QUANTIZED_OP_TYPES)
             extra = {
                 "ActivationSymmetric": True,  # TensorRT: zero point 0
                 "WeightSymmetric": True,
@@ -235,9 +326,9 @@ def make_int8(
                 "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose", "Gemm", "MatMul"],
             }
         else:
-            # ONNX Runtime's own defaults (every quantisable op, asymmetric uint8 activations, int8
-            # weights, int32 biases): the pattern its CPU provider fuses into U8S8 QLinearConv / QGemm.
-            op_types, activation_type, extra = None, QuantType.QUInt8, {}
+            # ONNX Runtime's own placement (every quantisable op, int32 biases), in the format asked for.
+            op_types = None
+            extra = {"ActivationSymmetric": fmt.activations_symmetric, "WeightSymmetric": fmt.weights_symmetric}
         if method == "percentile":
             extra["CalibPercentile"] = float(percentile)
         chatter = io.StringIO()  # ONNX Runtime's calibrator prints to stdout; keep it for the debug log
@@ -245,8 +336,9 @@ def make_int8(
             quantize_static(
                 str(quant_input), str(out_path), _Reader(),
                 op_types_to_quantize=op_types,
-                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
-                activation_type=activation_type, weight_type=QuantType.QInt8,
+                quant_format=QuantFormat.QDQ, per_channel=fmt.weights_per_channel,
+                reduce_range=fmt.weight_bits < 8,  # ONNX Runtime: int8 weights in [-64, 64], uint8 in [0, 127]
+                activation_type=qtypes[fmt.activation_dtype], weight_type=qtypes[fmt.weight_dtype],
                 calibrate_method=methods[method], extra_options=extra,
             )
         _LOG.debug("onnxruntime quantisation output:\n%s", chatter.getvalue())
@@ -263,14 +355,41 @@ def make_int8(
     q_nodes = [n for n in quantized.graph.node if n.op_type == "QuantizeLinear"]
     if target == "tensorrt":
         _check_tensorrt_qdq(quantized)
+    if fmt.u8s8_saturation_free:
+        _check_saturation_free(quantized)
     return CalibrationSummary(
         method=method, images=count, batch_size=batch_size, batches=len(batches),
         percentile=float(percentile) if method == "percentile" else None, seconds=round(seconds, 3),
         quantized_tensors=len({n.input[0] for n in q_nodes}), quantize_linear_nodes=len(q_nodes), source=source,
-        target=target, activations_symmetric=target == "tensorrt",
-        activation_dtype="int8" if target == "tensorrt" else "uint8",
-        bias_dtype="float32" if target == "tensorrt" else "int32",
+        target=target, weights_per_channel=fmt.weights_per_channel, activations_symmetric=fmt.activations_symmetric,
+        activation_dtype=fmt.activation_dtype, bias_dtype=fmt.bias_dtype, format=fmt,
     )
+
+
+def int8_weight_extremes(model) -> dict[str, int]:
+    """Largest |q| of every int8 weight a DequantizeLinear reads from an initializer, by initializer name.
+
+    Weights whose largest |q| is above 64 can saturate ONNX Runtime's u8*s8 kernels on x86 CPUs without VNNI.
+    """
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    extremes = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            data = numpy_helper.to_array(initializers[node.input[0]])
+            if data.dtype == np.int8 and data.size:
+                extremes[node.input[0]] = int(np.abs(data.astype(np.int16)).max())
+    return extremes
+
+
+def _check_saturation_free(model) -> None:
+    """A graph written as saturation-free must be: no int8 weight outside [-64, 64] (a medge or ONNX Runtime bug)."""
+    wide = {name: q for name, q in int8_weight_extremes(model).items() if q > 64}
+    if wide:
+        raise ConversionError(
+            f"INT8 weights {sorted(wide)} use more than 7 bits (largest |q| {max(wide.values())}), which saturates "
+            "ONNX Runtime's u8*s8 kernels on x86 CPUs without VNNI; the quantiser ignored reduce_range")
 
 
 def _check_tensorrt_qdq(model) -> None:

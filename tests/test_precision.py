@@ -1,0 +1,158 @@
+"""medge.convert.precision: the INT8 formats, written as declared and recorded in the manifest.
+
+The ONNX Runtime graph's default format must be free of u8*s8 saturation by construction (7-bit int8 weights
+or uint8 weights), whatever CPU runs it; tests/test_int8_agreement.py measures what that means for accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx", reason='onnx is not installed: pip install "medge[convert]"')
+pytest.importorskip("onnxruntime", reason='onnxruntime is not installed: pip install "medge[convert]"')
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from medge.convert.export import ort_session  # noqa: E402
+from medge.convert.precision import (  # noqa: E402
+    DEFAULT_ORT_INT8_FORMAT,
+    ORT_INT8_FORMATS,
+    TENSORRT_INT8_FORMAT,
+    _check_saturation_free,
+    int8_weight_extremes,
+    make_int8,
+)
+from medge.errors import ConversionError  # noqa: E402
+
+CHANNELS = 8
+
+
+def small_cnn(path: Path) -> Path:
+    """conv-relu-conv-add(residual)-relu-globalavgpool-gemm, (batch, 1, 16, 16) -> (batch, 3)."""
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((CHANNELS, 1, 3, 3)).astype(np.float32) * 0.5, "w1"),
+        numpy_helper.from_array(rng.standard_normal(CHANNELS).astype(np.float32) * 0.1, "b1"),
+        numpy_helper.from_array(rng.standard_normal((CHANNELS, CHANNELS, 3, 3)).astype(np.float32) * 0.2, "w2"),
+        numpy_helper.from_array(rng.standard_normal(CHANNELS).astype(np.float32) * 0.1, "b2"),
+        numpy_helper.from_array(rng.standard_normal((3, CHANNELS)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "fcb"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Add", ["c2", "r1"], ["s"], name="residual"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "small",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def inputs(count: int = 40) -> np.ndarray:
+    return np.random.default_rng(1).random((count, 1, 16, 16), dtype=np.float32) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    return small_cnn(tmp_path_factory.mktemp("precision") / "m.onnx")
+
+
+def _qdq(model):
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return inits, [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
+@pytest.mark.parametrize("name", sorted(ORT_INT8_FORMATS))
+def test_every_onnxruntime_format_is_written_as_declared(fp32, tmp_path, name):
+    fmt = ORT_INT8_FORMATS[name]
+    summary = make_int8(fp32, tmp_path / "q.onnx", inputs(), target="onnxruntime", ort_format=name, min_images=16,
+                        method="minmax")
+    assert summary.format == fmt and summary.activation_dtype == fmt.activation_dtype
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    inits, qdq = _qdq(model)
+    # Activations: the QuantizeLinear nodes of computed tensors carry the activation type (and 0 when symmetric).
+    act_zero_points = [inits[n.input[2]] for n in qdq if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert act_zero_points
+    assert all(zp.dtype == np.dtype(fmt.activation_dtype) for zp in act_zero_points)
+    if fmt.activations_symmetric:
+        assert not any(zp.any() for zp in act_zero_points)
+    # Weights: stored quantised (DequantizeLinear of an initializer), conv weights with one scale per channel
+    # or one per tensor.
+    conv_weights = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                    and inits[n.input[0]].ndim == 4]
+    assert len(conv_weights) == 2
+    for node in conv_weights:
+        assert inits[node.input[0]].dtype == np.dtype(fmt.weight_dtype)
+        assert inits[node.input[1]].size == (CHANNELS if fmt.weights_per_channel else 1)
+        if fmt.weights_symmetric:
+            assert not inits[node.input[2]].any()
+    extremes = int8_weight_extremes(model)
+    if fmt.weight_dtype == "int8":
+        assert extremes and max(extremes.values()) <= (64 if fmt.weight_bits == 7 else 127)
+        if fmt.weight_bits == 8:
+            assert max(extremes.values()) > 64  # full range used: such graphs can saturate without VNNI
+    else:
+        assert not extremes
+    # And it runs close to FP32.
+    x = inputs(8)
+    ref = ort_session(fp32).run(None, {"input": x})[0]
+    out = ort_session(tmp_path / "q.onnx").run(None, {"input": x})[0]
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_default_onnxruntime_format_cannot_saturate_and_is_recorded(fp32, tmp_path):
+    assert ORT_INT8_FORMATS[DEFAULT_ORT_INT8_FORMAT].u8s8_saturation_free
+    summary = make_int8(fp32, tmp_path / "q.onnx", inputs(), target="onnxruntime", min_images=16)
+    assert summary.format.name == DEFAULT_ORT_INT8_FORMAT
+    assert max(int8_weight_extremes(onnx.load(str(tmp_path / "q.onnx"))).values(), default=0) <= 64
+    manifest = json.loads(json.dumps(summary.to_manifest()))  # plain JSON
+    fmt = manifest["format"]
+    assert fmt["name"] == DEFAULT_ORT_INT8_FORMAT and fmt["x86_u8s8_saturation_free"] is True
+    assert fmt["activations"] == "uint8 asymmetric, per-tensor"
+    assert fmt["weights"] == "int8 symmetric (zero point 0), per-channel, 7-bit (reduce_range: |q| <= 64)"
+    assert fmt["bias"] == "int32"
+    # The flat fields earlier manifests carried stay, consistent with the format.
+    assert (manifest["activation_dtype"], manifest["activations_symmetric"], manifest["weights_per_channel"],
+            manifest["bias_dtype"]) == ("uint8", False, True, "int32")
+
+
+def test_tensorrt_graph_keeps_its_format(fp32, tmp_path):
+    summary = make_int8(fp32, tmp_path / "t.onnx", inputs(), target="tensorrt", min_images=16, method="minmax")
+    assert summary.format == TENSORRT_INT8_FORMAT
+    fmt = summary.to_manifest()["format"]
+    assert fmt["activations"] == "int8 symmetric (zero point 0), per-tensor"
+    assert fmt["weights"] == "int8 symmetric (zero point 0), per-channel" and fmt["bias"] == "float32"
+    with pytest.raises(ConversionError, match="target='onnxruntime'"):
+        make_int8(fp32, tmp_path / "x.onnx", inputs(), target="tensorrt", ort_format="u8u8", min_images=16)
+
+
+def test_unknown_format_is_refused(fp32, tmp_path):
+    with pytest.raises(ConversionError, match="INT8 format must be one of"):
+        make_int8(fp32, tmp_path / "x.onnx", inputs(), target="onnxruntime", ort_format="u4s4", min_images=16)
+
+
+def test_a_graph_with_8_bit_weights_fails_the_saturation_check(fp32, tmp_path):
+    make_int8(fp32, tmp_path / "q.onnx", inputs(), target="onnxruntime", ort_format="u8s8", min_images=16,
+              method="minmax")
+    with pytest.raises(ConversionError, match="saturates ONNX Runtime's u8\\*s8 kernels"):
+        _check_saturation_free(onnx.load(str(tmp_path / "q.onnx")))
+
+
+def test_saturation_bound():
+    """Two u8*s8 products fit VPMADDUBSW's int16 for every activation exactly when |weight| <= 64."""
+    assert 2 * 255 * 64 <= np.iinfo(np.int16).max < 2 * 255 * 65
+    assert -2 * 255 * 64 >= np.iinfo(np.int16).min

@@ -679,3 +679,9 @@ def test_batcher_reader_arguments_are_checked():
             Batcher(_RecordingModel(), **kwargs)
     with Batcher(_RecordingModel()) as batcher:
         assert batcher.readers == 0  # any model but a medge Model gets its items as submitted
+    import threading
+
+    with Batcher(_RecordingModel(), readers=2, max_delay_ms=0, name="nothing-to-read") as batcher:
+        assert batcher.submit(np.zeros((4, 4), np.int16)).result(timeout=30)[0] == "ndarray"
+        # Nothing to read yet: no reader thread was started.
+        assert not any(t.name.startswith("nothing-to-read-reader") for t in threading.enumerate())

@@ -262,7 +262,8 @@ class _State:
                  readers: int = 0, readahead: int = 0) -> None:
         self.model = model
         self.max_batch = max_batch
-        self.reader: Optional[_ReaderPool] = _ReaderPool(readers, name) if readers else None
+        self.readers = readers
+        self.reader: Optional[_ReaderPool] = None  # started with the first item to read
         self.readahead = readahead
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
@@ -414,7 +415,7 @@ class _State:
         Only so many: each read Image holds its pixels until its batch runs (a deep queue of
         512 x 512 slices read at once would hold hundreds of megabytes).
         """
-        if self.reader is None:
+        if not self.readers:
             return
         pending = 0
         for request in self.queue:
@@ -426,8 +427,14 @@ class _State:
                     continue
                 if pending >= self.readahead:
                     break
-                request.read = self.reader.submit(_read, request.item)
+                request.read = self._reader_pool().submit(_read, request.item)
             pending += 1
+
+    def _reader_pool(self) -> _ReaderPool:
+        with self.lock:
+            if self.reader is None:
+                self.reader = _ReaderPool(self.readers, self.name)
+            return self.reader
 
     def _record_wait(self, seconds: float) -> None:
         ms = seconds * 1e3
@@ -445,8 +452,8 @@ class _State:
         items, failed = [], {}
         for k, request in enumerate(batch):
             read = request.read
-            if read is None and self.reader is not None and _readable(request.item):
-                read = self.reader.submit(_read, request.item)  # past the read-ahead window: read now
+            if read is None and self.readers and _readable(request.item):
+                read = self._reader_pool().submit(_read, request.item)  # past the read-ahead window: read now
             if read is None or read is _AS_IS:
                 items.append(request.item)
                 continue
@@ -550,8 +557,10 @@ class _State:
             self._on_worker_exit()
 
     def _on_worker_exit(self) -> None:
-        if self.reader is not None:
-            self.reader.shutdown()
+        with self.lock:
+            reader, self.reader, self.readers = self.reader, None, 0
+        if reader is not None:
+            reader.shutdown()
         with self.lock:
             self.closing = True
             self.stopped_at = time.monotonic()
@@ -603,7 +612,7 @@ class _State:
         # threads that do not exist either: new locks, and refuse all further work.
         self._init_locks()
         self.queue = deque()
-        self.reader = None  # its threads do not exist here either
+        self.reader, self.readers = None, 0  # its threads do not exist here either
         self.closing = True
         self.in_flight = 0
         self.closed_reason = (f"the batcher {self.name!r} was created before os.fork(): its worker does not "

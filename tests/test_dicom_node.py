@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -413,6 +412,25 @@ def test_tls_association_works_and_a_plain_one_fails_cleanly(node_factory, desti
     assert node.wait_idle(30)
     assert set(dest.referenced()) == {str(ds.SOPInstanceUID) for ds in batch}
     assert node.stats()["received"] == 3
+
+
+def test_a_silent_client_on_the_tls_port_does_not_block_others(node_factory, base_slices, tmp_path):
+    """pynetdicom handshakes in its accept loop: medge's server context gives up on a client that says nothing."""
+    from medge.serve.dicom_node import make_self_signed_certificate, server_tls_context
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    make_self_signed_certificate(cert, key)
+    context = server_tls_context(cert, key)
+    context.handshake_timeout_s = 1.0
+    node = node_factory(ssl_context=context)
+    silent = socket.create_connection(("127.0.0.1", node.port))  # connects, never speaks
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        started = time.monotonic()
+        assert send(node.port, instances(base_slices, 1, series=generate_uid()), tls=(client, "localhost")) == [0]
+        assert time.monotonic() - started < 10
+    finally:
+        silent.close()
 
 
 # ---------------------------------------------------------------------------------------------- the command

@@ -440,6 +440,11 @@ def test_missing_highdicom_names_the_extra(monkeypatch, model, two_series):
 
     from medge.dicom_out import build_sr, reference_header
 
+    from medge.dicom_out import ensure_available
+
+    ensure_available()
     monkeypatch.setitem(sys.modules, "highdicom", None)
     with pytest.raises(MissingDependency, match=r'medge\[dicom-out\]'):
         build_sr([(reference_header(two_series[0]), model.predict(two_series[0]))], model)
+    with pytest.raises(MissingDependency, match=r'medge\[dicom-out\]'):
+        ensure_available()

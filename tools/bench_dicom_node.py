@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="rows = columns of the synthetic CT instances (default: 512 for demo, 64 for tiny; "
                              "the bundle's envelope must accept it)")
     parser.add_argument("--sr-workers", type=int, default=None, help="the node's --sr-workers (default: its own)")
+    parser.add_argument("--backend", default="auto", help="the node's --backend (default: auto)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="instances per second per association (default: 0, as fast as the node answers: "
                              "throughput at saturation; a rate the node keeps up with shows the pipeline's own "
@@ -163,6 +164,7 @@ def send_series(port: int, batch: list, issued: dict, rate: float = 0.0) -> list
     from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title="SCANNER")
+    ae.dimse_timeout = 300  # a busy shared machine can starve the node for a while; a refusal would be counted
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
     association = ae.associate("127.0.0.1", port, ae_title="MEDGE")
     if not association.is_established:
@@ -172,20 +174,24 @@ def send_series(port: int, batch: list, issued: dict, rate: float = 0.0) -> list
     for i, ds in enumerate(batch):
         if rate > 0:
             time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        if not association.is_established:  # aborted (a timeout on a starved machine): the rest is not sent
+            statuses.append(None)
+            continue
         issued[str(ds.SOPInstanceUID)] = time.monotonic()
         answer = association.send_c_store(ds)
         statuses.append(int(answer.Status) if answer is not None and "Status" in answer else None)
-    association.release()
+    if association.is_established:
+        association.release()
     return statuses
 
 
 class Node:
     """``python -m medge serve`` in a child process."""
 
-    def __init__(self, bundle: Path, destination_port: int, spool: Path, mode: str, sr_workers) -> None:
+    def __init__(self, bundle: Path, destination_port: int, spool: Path, mode: str, sr_workers, backend: str) -> None:
         command = [sys.executable, "-m", "medge", "serve", str(bundle), "--port", "0", "--host", "127.0.0.1",
                    "--forward", f"127.0.0.1:{destination_port}:DEST", "--spool", str(spool), "--metrics-port", "0",
-                   "--device", "cpu", "--log-level", "warning"]
+                   "--device", "cpu", "--log-level", "warning", "--backend", backend]
         if mode == "instance":
             command += ["--sr-max-instances", "1"]
         if sr_workers is not None:
@@ -215,16 +221,15 @@ class Node:
 
 
 def run_once(bundle: Path, destination: Destination, series: list, warmup: list, mode: str, sr_workers,
-             work: Path, rate: float) -> dict:
+             work: Path, rate: float, backend: str) -> dict:
     spool = Path(tempfile.mkdtemp(prefix="spool-", dir=work))
-    node = Node(bundle, destination.port, spool, mode, sr_workers)
+    node = Node(bundle, destination.port, spool, mode, sr_workers, backend)
     try:
         issued: dict = {}
         send_series(node.port, warmup, issued)  # loads the worker, fills caches
         _wait_for(destination, set(issued), 120)
         destination.reset()
         issued.clear()
-        expected = {str(ds.SOPInstanceUID) for batch in series for ds in batch}
         started = time.monotonic()
         results: dict = {}
         threads = [threading.Thread(target=lambda k=k: results.__setitem__(
@@ -234,20 +239,30 @@ def run_once(bundle: Path, destination: Destination, series: list, warmup: list,
         for t in threads:
             t.join()
         sent = time.monotonic()
-        _wait_for(destination, expected, 600)
+        expected = {str(ds.SOPInstanceUID) for k, batch in enumerate(series) for ds, status in zip(batch, results[k])
+                    if status == 0}
+        try:
+            _wait_for(destination, expected, 600)
+        except SystemExit:
+            print("".join(node.lines[-40:]), file=sys.stderr)
+            raise
         with destination.lock:
             arrivals = dict(destination.arrivals)
             srs = destination.srs
     finally:
         node.stop()
-    refused = sum(1 for statuses in results.values() for s in statuses if s != 0)
+    log = "".join(node.lines)
+    (work / f"node-{mode}-{time.time_ns()}.log").write_text(log)
+    refused = sum(1 for statuses in results.values() for s in statuses if s != 0)  # refused, or never answered
     latencies = sorted((arrivals[uid] - issued[uid]) * 1e3 for uid in expected)
     finished = max(arrivals[uid] for uid in expected)
     return {"mode": mode, "instances": len(expected), "refused": refused, "srs": srs,
             "send_s": sent - started, "total_s": finished - started,
             "throughput_per_s": len(expected) / (finished - started),
             "p50_ms": _percentile(latencies, 50), "p99_ms": _percentile(latencies, 99),
-            "max_ms": latencies[-1], "latencies_ms": latencies}
+            "max_ms": latencies[-1], "latencies_ms": latencies,
+            "node_warnings": [line.strip() for line in log.splitlines()
+                              if " WARNING " in line or " ERROR " in line][:20]}
 
 
 def _wait_for(destination: Destination, uids: set, timeout: float) -> None:
@@ -281,12 +296,15 @@ def main(argv=None) -> int:
     try:
         for round_index in range(args.rounds):
             for mode in args.modes:
-                run = run_once(bundle, destination, series, warmup, mode, args.sr_workers, work, args.rate)
+                run = run_once(bundle, destination, series, warmup, mode, args.sr_workers, work, args.rate,
+                               args.backend)
                 run["round"] = round_index
                 runs.append(run)
                 print(f"round {round_index + 1} {mode:8s}: {run['throughput_per_s']:6.1f} instances/s, "
                       f"p50 {run['p50_ms']:8.1f} ms, p99 {run['p99_ms']:8.1f} ms, {run['srs']} SRs, "
-                      f"{run['refused']} refused", flush=True)
+                      f"{run['refused']} refused or unanswered", flush=True)
+                for line in run["node_warnings"]:
+                    print(f"    node: {line}", flush=True)
     finally:
         destination.stop()
     load_after = os.getloadavg()[0]
@@ -297,7 +315,8 @@ def main(argv=None) -> int:
         summary.append({"mode": mode, "throughput_per_s": statistics.median(r["throughput_per_s"] for r in mine),
                         "p50_ms": _percentile(everything, 50), "p99_ms": _percentile(everything, 99),
                         "srs_per_run": statistics.median(r["srs"] for r in mine)})
-    header = (f"medge serve on {machine_name()}; bundle {bundle.name}; {args.instances} CT instances "
+    header = (f"medge serve on {machine_name()}; bundle {bundle.name} (--backend {args.backend}); "
+              f"{args.instances} CT instances "
               f"{size}x{size} over {args.associations} concurrent associations (one series each"
               + (f", {args.rate:g} instances/s each" if args.rate else ", as fast as answered") + f"), {args.rounds} "
               f"rounds; sender, node and destination on this machine (loopback); 1-min load average "

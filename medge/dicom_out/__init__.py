@@ -19,13 +19,28 @@ highdicom (each function does, and names the extra when it is missing).
 
 from __future__ import annotations
 
-from ._common import REFERENCE_ATTRIBUTES, Provenance, reference_header, result_uid
+from ._common import REFERENCE_ATTRIBUTES, Provenance, import_highdicom, reference_header, result_uid
 from .overlay import (DEFAULT_ALPHA, SC_SOP_CLASS_UID, blend, build_overlay_sc, display_frame, normalise_heatmap,
                       render_overlay, write_png)
 from .results import png_name, save_dataset, write_results
 from .sr import SCHEME, SR_SOP_CLASS_UID, build_sr, label_concept
 
+
+
+def ensure_available(purpose: str = "Writing DICOM results") -> None:
+    """Raise MissingDependency (naming ``medge[dicom-out]``) now if highdicom is missing: for commands that must
+    refuse before loading a model (``medge run --out-dicom``)."""
+    import_highdicom(purpose)
+    try:
+        import PIL  # noqa: F401 - PNG overlays; a dependency of highdicom
+    except ImportError:
+        from ..errors import MissingDependency
+
+        raise MissingDependency("Pillow", "dicom-out", purpose) from None
+
+
 __all__ = [
+    "ensure_available",
     "write_results",
     "build_sr",
     "build_overlay_sc",

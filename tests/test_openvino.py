@@ -223,6 +223,10 @@ def test_auto_on_an_x86_cpu_runs_the_tensorrt_placed_int8_graph_on_openvino(demo
         assert model.backend.graph == "fp16" and model.spec.dtype == "float16"
     with medge.load(demo_bundle.bundle_path, backend="onnxruntime") as model:  # asked for by name: ORT
         assert model.backend.name == "onnxruntime" and model.backend.graph == "int8-ort"
+    # FP32 asked for: ONNX Runtime runs it (OpenVINO's FP32 was no faster), and OpenVINO is not even tried.
+    with medge.load(demo_bundle.bundle_path, device="cpu", precision="fp32") as model:
+        assert model.backend.name == "onnxruntime" and model.backend.graph == "fp32"
+        assert "OpenVINO" not in model.backend.reason
 
 
 @needs_openvino
@@ -239,10 +243,11 @@ def test_onnx_runtime_is_the_fallback_when_openvino_fails_its_check_vectors(demo
     with medge.load(demo_bundle.bundle_path, device="cpu") as model:
         assert model.backend.name == "onnxruntime" and model.backend.graph == "int8-ort"
         failed = [line for line in model.backend.passed_over if "on openvino cpu failed the self-test" in line]
-        assert [line.split(" ")[0] for line in failed] == ["int8", "fp32", "fp16"]
+        assert [line.split(" ")[0] for line in failed] == ["int8"]  # auto gives OpenVINO its INT8 graph alone
         assert "OpenVINO not usable" in model.backend.reason
-    with pytest.raises(BackendUnavailable, match="no precision of the bundle is usable on OpenVINO"):
+    with pytest.raises(BackendUnavailable, match="no precision of the bundle is usable on OpenVINO") as caught:
         medge.load(demo_bundle.bundle_path, backend="openvino")
+    assert all(f"{graph} on openvino cpu failed the self-test" in str(caught.value) for graph in ("int8", "fp32", "fp16"))
     # Without the self-test, nothing stops the broken engine: the check vectors are what caught it.
     with medge.load(demo_bundle.bundle_path, device="cpu", self_test=False) as model:
         assert model.backend.name == "openvino"

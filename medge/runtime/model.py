@@ -37,8 +37,11 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "tensorrt_rtx")
 #: fast one on CPU; the TensorRT-placed one runs at half FP32 speed there).
 _ORT_DEFAULT_ORDER = ("int8-ort", "fp32", "fp16", "int8")
 _TENSORRT_ORDER = ("int8", "fp16", "fp32")
-#: Graphs OpenVINO runs, best first: it runs the TensorRT-placed INT8 graph with int8 kernels.
+#: Graphs OpenVINO runs when asked for by name, best first: it runs the TensorRT-placed INT8 graph with int8
+#: kernels. ``auto`` gives it that graph alone: its FP32 / FP16 were no faster than ONNX Runtime's here, and
+#: ONNX Runtime's INT8 graph is faster than either (tools/bench_cpu_inference.py).
 _OPENVINO_ORDER = ("int8", "fp32", "fp16")
+_OPENVINO_AUTO_ORDER = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -309,8 +312,9 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
        installed, kept in the engine cache (keyed by flavour + version, GPU,
        compute capability, SM count, model hash, precision, profile);
     3. else, on an x86 CPU with openvino installed (``medge[openvino]``) and
-       no CUDA provider for ONNX Runtime to use, OpenVINO: the TensorRT-placed
-       INT8 graph (int8 kernels), then FP32, then FP16;
+       no CUDA provider for ONNX Runtime to use, OpenVINO on the
+       TensorRT-placed INT8 graph (its int8 kernels: the fastest CPU path);
+       ``backend="openvino"`` also runs its FP32 and FP16 graphs;
     4. else ONNX Runtime (CUDA provider when present, else CPU), on the INT8
        graph placed for ONNX Runtime when the bundle has one. It is also the
        fallback when OpenVINO is missing, crashes or fails its check vectors.
@@ -397,10 +401,12 @@ def load(bundle: Union[str, os.PathLike], backend: str = "auto", device: Union[i
         why = f"{'ONNX Runtime' if backend == 'onnxruntime' else 'OpenVINO'} requested"
     else:
         why = "device='cpu' requested"
-    if backend == "openvino" or (backend == "auto" and _openvino_preferred(device)):
+    openvino_order = _OPENVINO_ORDER if backend == "openvino" else _OPENVINO_AUTO_ORDER
+    if backend == "openvino" or (backend == "auto" and _openvino_preferred(device)
+                                 and any(g in selection.graphs for g in selection.precisions(openvino_order))):
         noted = len(selection.passed_over)
         try:
-            impl, choice = _load_openvino(opened, selection, max_batch, threads, why, engine_cache)
+            impl, choice = _load_openvino(opened, selection, max_batch, threads, why, engine_cache, openvino_order)
             return _announce(Model(opened, impl, choice, task, envelope_check))
         except BackendUnavailable as exc:  # MissingDependency included
             if backend == "openvino":
@@ -604,12 +610,12 @@ def _openvino_preferred(device) -> bool:
     return True
 
 
-def _load_openvino(bundle, selection: "_Selection", max_batch, threads, why, engine_cache):
+def _load_openvino(bundle, selection: "_Selection", max_batch, threads, why, engine_cache, order=_OPENVINO_ORDER):
     from .backends.openvino import OpenVINOBackend
     from .engine_cache import EngineCache
 
     graphs = selection.graphs
-    order = [g for g in selection.precisions(_OPENVINO_ORDER) if g in graphs]
+    order = [g for g in selection.precisions(order) if g in graphs]
     if not order:
         raise BackendUnavailable(f"the bundle has no graph OpenVINO runs for {selection.precision or 'any precision'} "
                                  f"(it has {', '.join(graphs)})")

@@ -49,13 +49,13 @@ DENSENET_CALIBRATION = 48
 # ------------------------------------------------------------------------------------------------ models
 
 
-def densenet_spec():
+def densenet_spec(size: int = DENSENET_SIZE):
     from medge import demo
 
-    return demo.demo_spec().replace(height=DENSENET_SIZE, width=DENSENET_SIZE)
+    return demo.demo_spec().replace(height=size, width=size)
 
 
-def densenet121_bundle(work: Path, log=print):
+def densenet121_bundle(work: Path, log=print, size: int = DENSENET_SIZE):
     """(bundle path, torch module) of the decisive MONAI DenseNet121, converted into ``work`` (reused when there).
 
     The module is rebuilt from ``work/densenet121.pt`` so PyTorch eager runs the bundle's own weights.
@@ -72,7 +72,11 @@ def densenet121_bundle(work: Path, log=print):
     if bundle_path.exists() and weights.exists():
         from medge.bundle import Bundle
 
-        Bundle.open(bundle_path).verify()
+        bundle = Bundle.open(bundle_path)
+        bundle.verify()
+        if bundle.manifest["preprocess"]["height"] != size:
+            raise SystemExit(f"{bundle_path} takes {bundle.manifest['preprocess']['height']}x"
+                             f"{bundle.manifest['preprocess']['width']} images, not {size}x{size}: use another folder")
         net.load_state_dict(torch.load(weights, weights_only=True))
         return bundle_path, net.eval()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,7 +84,7 @@ def densenet121_bundle(work: Path, log=print):
 
     from medge.convert.pipeline import convert
 
-    spec = densenet_spec()
+    spec = densenet_spec(size)
     data = work / "data"
     calib_files, calib_csv = demo.write_demo_dicoms(data / "calibration", "calibration", DENSENET_CALIBRATION)
     _, val_csv = demo.write_demo_dicoms(data / "validation", "validation")
@@ -152,6 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=["demo", "densenet121"], default="demo")
     parser.add_argument("--bundle", type=Path, help="demo: a bundle from medge-convert --demo (default: convert now)")
     parser.add_argument("--work", type=Path, help="densenet121: folder for its bundle and weights (reused)")
+    parser.add_argument("--size", type=int, default=DENSENET_SIZE, help="densenet121: input rows = columns")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--images", type=int, default=64, help="validation slices preprocessed (agreement, inputs)")
     parser.add_argument("--rounds", type=int, default=50, help="interleaved timing rounds (one call per row each)")
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
             eager = "PyTorch eager FP32" + ("" if trained else " (same architecture, untrained weights)")
         else:
             bundle_path, module = densenet121_bundle(args.work or Path(tmp) / "densenet",
-                                                     log=lambda line: print(line, file=sys.stderr))
+                                                     log=lambda line: print(line, file=sys.stderr), size=args.size)
             eager = "PyTorch eager FP32 (the same MONAI DenseNet121)"
         bundle = Bundle.open(bundle_path)
         bundle.verify()
@@ -212,11 +217,13 @@ def main(argv=None) -> int:
             for _ in range(args.warmup):
                 call()
         samples = {label: [] for label in calls}
+        load_before = os.getloadavg()
         for _ in range(args.rounds):
             for label, call in calls.items():
                 started = time.perf_counter()
                 call()
                 samples[label].append(time.perf_counter() - started)
+        load_after = os.getloadavg()
         for backend, _ in made.values():
             backend.close()
 
@@ -235,7 +242,8 @@ def main(argv=None) -> int:
         versions.insert(1, f"OpenVINO {openvino.get_version().split('-')[0]}")
     lines = [f"{bundle.manifest['model']['name']}, batch {args.batch}, {threads} threads, {', '.join(versions)}; "
              f"median of {args.rounds} interleaved rounds; agreement on {len(x)} validation slices",
-             f"Machine: {machine_name()}", "",
+             f"Machine: {machine_name()}; load average (1 min) {load_before[0]:.1f} before timing, "
+             f"{load_after[0]:.1f} after", "",
              "| engine, graph | median ms / batch | images/s | vs ORT FP32 | top-1 vs FP32 | max abs err |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -246,7 +254,8 @@ def main(argv=None) -> int:
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "batch": args.batch, "threads": threads,
-                                               "machine": machine_name(), "rounds": args.rounds, "rows": rows},
+                                               "machine": machine_name(), "rounds": args.rounds, "rows": rows,
+                                               "load_average": [load_before[0], load_after[0]]},
                                               indent=2))
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

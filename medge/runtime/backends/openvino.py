@@ -60,14 +60,16 @@ _PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
 #: Seconds the isolated compile may take before the graph is given up on.
 PROBE_TIMEOUT_S = 600.0
 
-# The isolated compile: graph bytes on stdin, properties as argv[1]; compiles and runs one image of zeros.
-# It imports openvino alone (not medge), prints one JSON line, and exits 0; a crash shows as a signal.
+# The isolated compile: graph bytes on stdin, properties as argv[1], the folder this process imported openvino
+# from as argv[2]; compiles and runs one image of zeros. It imports openvino alone (not medge), prints one JSON
+# line and exits 0; a crash shows as a signal, a failed import as a traceback without the JSON line.
 _PROBE = r"""
 import json, sys
+sys.path.insert(0, sys.argv[2])
 data = sys.stdin.buffer.read()
+import numpy as np
+import openvino as ov
 try:
-    import numpy as np
-    import openvino as ov
     core = ov.Core()
     compiled = core.compile_model(core.read_model(data), "CPU", json.loads(sys.argv[1]))
     port = compiled.input(0)
@@ -122,9 +124,13 @@ def probe_compile(model_bytes: bytes, properties: dict, *, timeout: float = PROB
     application whose ``sys.executable`` is not Python): the caller then
     compiles in its own process, as it would without isolation.
     """
+    import importlib.util
+
+    spec = importlib.util.find_spec("openvino")
+    where = str(Path(spec.origin).resolve().parent.parent) if spec is not None and spec.origin else ""
     try:
-        done = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(properties)], input=model_bytes,
-                              capture_output=True, timeout=timeout, env=dict(os.environ, PYTHONNOUSERSITE="1"))
+        done = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(properties), where], input=model_bytes,
+                              capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"compiling it took longer than {timeout:.0f} s (in a child process)"
     except OSError as exc:

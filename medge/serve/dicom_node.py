@@ -28,6 +28,9 @@ Receiving (pynetdicom C-STORE SCP, plus C-ECHO):
 
   Error Comment carries medge's message (never patient values), cut to 64
   characters.
+- An instance whose SOP Instance UID was accepted less than
+  ``duplicate_window_s`` ago (10 minutes) is acknowledged without a second
+  prediction: a sender that lost a response and sends again gets one result.
 
 Predicting: accepted images go through one ``medge.Batcher`` (dynamic batches
 across all associations).
@@ -83,6 +86,7 @@ to prediction; C-STORE received to its SR's delivery).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import io
 import itertools
@@ -138,6 +142,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _PERMANENT_ATTEMPTS = 3
 # How long an idle association to the destination is kept for the next result.
 _KEEP_ASSOCIATION_S = 1.0
+# A C-STORE that takes longer than this to accept is logged (senders time out after 30-60 s).
+_SLOW_STORE_S = 5.0
 
 
 def _pynetdicom():
@@ -398,6 +404,8 @@ class _Metrics:
         self.forward_failures = prom.Counter(p + "forward_failures", "Failed delivery attempts, by reason", ["reason"],
                                              registry=registry)
         self.associations = prom.Counter(p + "associations", "Associations accepted", registry=registry)
+        self.duplicates = prom.Counter(p + "duplicates", "Instances received again within the duplicate window "
+                                       "(acknowledged, not predicted again)", registry=registry)
         self.echoes = prom.Counter(p + "echo", "C-ECHO requests answered", registry=registry)
         self.outbox_files = prom.Gauge(p + "outbox_files", "Result files waiting in the outbox", registry=registry)
         self.outbox_bytes = prom.Gauge(p + "outbox_bytes", "Bytes waiting in the outbox", registry=registry)
@@ -582,6 +590,9 @@ class DicomNode:
         retry_initial_s, retry_max_s: delivery backoff.
         max_associations: concurrent associations.
         overlays: write heatmap overlays (Secondary Capture) when predictions carry a heatmap.
+        duplicate_window_s: an instance whose SOP Instance UID was accepted less than this long ago is
+            acknowledged again without a second prediction or result (a sender resending after a lost
+            response); 0 turns it off.
         sr_workers: processes that build SRs (highdicom is pure Python: about 15 ms per image on one core,
             the node's bottleneck on a CPU, so it runs beside the receiving and predicting threads instead of
             competing with them for the GIL). Default: CPU count - 1, at most 4; 0 builds them in-process.
@@ -598,7 +609,8 @@ class DicomNode:
                  max_queue: int = 1024, queue_timeout_s: float = 30.0, series_idle_s: float = 5.0,
                  settle_s: float = 0.5, max_per_sr: int = 100, outbox_max_files: int = 10000,
                  outbox_max_bytes: int = 2 << 30, retry_initial_s: float = 0.5, retry_max_s: float = 30.0,
-                 max_associations: int = 16, overlays: bool = True, sr_workers: Optional[int] = None) -> None:
+                 max_associations: int = 16, overlays: bool = True, sr_workers: Optional[int] = None,
+                 duplicate_window_s: float = 600.0) -> None:
         _pynetdicom()
         from ..dicom_out import Provenance
         from ..dicom_out._common import import_highdicom
@@ -640,6 +652,7 @@ class DicomNode:
         if not isinstance(sr_workers, int) or sr_workers < 0:
             raise MedgeError(f"sr_workers must be an integer >= 0, got {sr_workers!r}")
         self.sr_workers = sr_workers
+        self.duplicate_window_s = float(duplicate_window_s)
         self.sop_classes = allowed_sop_classes(getattr(model, "envelope", None))
         self.transfer_syntaxes = decodable_transfer_syntaxes()
         # Without a destination the results folder is where results end: files there are not "waiting".
@@ -663,6 +676,7 @@ class DicomNode:
         self._attempts: dict[str, int] = {}
         self._pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
         self._jobs: list = []  # (future, instances) of SRs being built in the pool
+        self._seen: collections.OrderedDict = collections.OrderedDict()  # SOP Instance UID -> accepted at
         self._full_logged = False
         self._server = None
         self._batcher = None
@@ -821,6 +835,7 @@ class DicomNode:
                    for r in ("unreadable", "outside_envelope", "sop_class", "busy")}
         failed = {s: m.value("medge_dicom_failed_total", {"stage": s}) for s in ("predict", "write", "deliver")}
         return {"received": int(m.value("medge_dicom_received_total")),
+                "duplicates": int(m.value("medge_dicom_duplicates_total")),
                 "refused": {k: int(v) for k, v in refused.items()},
                 "predicted": int(m.value("medge_dicom_predicted_total")),
                 "failed": {k: int(v) for k, v in failed.items()},
@@ -916,13 +931,22 @@ class DicomNode:
             if sop_class != str(event.context.abstract_syntax):
                 return self._refuse(STATUS_SOP_CLASS_MISMATCH, "sop_class",
                                     "SOP Class UID differs from the presentation context's", uid)
+            if uid is not None and self._duplicate(uid, received):
+                self.metrics.duplicates.inc()
+                _LOG.info("medge serve: instance %s received again within %.0f s: acknowledged, its result is "
+                          "already on its way", uid, self.duplicate_window_s)
+                return STATUS_SUCCESS
             try:
+                decoded = time.monotonic()
                 image = read_dicom(dataset)
                 self.model.envelope_check(image)  # OutsideEnvelope when enforcing; flags come with the prediction
                 header = reference_header(dataset)
+                checked = time.monotonic()
             except OutsideEnvelope as exc:
+                self._forget_seen(uid)
                 return self._refuse(STATUS_OUTSIDE_ENVELOPE, "outside_envelope", _short(exc), uid)
             except MedgeError as exc:
+                self._forget_seen(uid)
                 return self._refuse(STATUS_UNREADABLE, "unreadable", _short(exc), uid)
         del dataset
         instance = _Instance(uid=str(header.SOPInstanceUID), header=header, image=image, key=group_key(header),
@@ -933,11 +957,38 @@ class DicomNode:
             future = self._batcher.submit(image, block=True, timeout=self.queue_timeout_s)
         except (QueueFull, BatcherClosed) as exc:
             self._unregister(instance)
+            self._forget_seen(instance.uid)
             return self._refuse(STATUS_OUT_OF_RESOURCES, "busy", "the model's queue is full; send it again later"
                                 if isinstance(exc, QueueFull) else "medge serve is shutting down", uid)
         self.metrics.received.inc()
         future.add_done_callback(lambda f, i=instance: self._on_predicted(i, f))
+        took = time.monotonic() - received
+        if took > _SLOW_STORE_S:  # the sender waits for this answer; its own timeouts are often 30-60 s
+            _LOG.warning("medge serve: instance %s took %.1f s to accept (decode %.1f s, read and check %.1f s, "
+                         "queue %.1f s): the machine is overloaded", instance.uid, took, decoded - received,
+                         checked - decoded, time.monotonic() - checked)
         return STATUS_SUCCESS
+
+    def _duplicate(self, uid: str, now: float) -> bool:
+        """Was ``uid`` accepted within the duplicate window? If not, it is recorded as accepted now."""
+        if self.duplicate_window_s <= 0:
+            return False
+        with self._lock:
+            seen = self._seen
+            while seen:  # forget what left the window (oldest first)
+                _oldest, when = next(iter(seen.items()))
+                if now - when <= self.duplicate_window_s and len(seen) < 1_000_000:
+                    break
+                seen.popitem(last=False)
+            if uid in seen:
+                return True
+            seen[uid] = now
+            return False
+
+    def _forget_seen(self, uid: str) -> None:
+        """An instance that ends without a result may be sent again (and predicted again)."""
+        with self._lock:
+            self._seen.pop(uid, None)
 
     def _register(self, instance: _Instance) -> None:
         with self._lock:
@@ -1033,6 +1084,7 @@ class DicomNode:
             self.metrics.prediction_latency.observe(time.monotonic() - instance.received)
         else:
             self.metrics.failed.labels("predict").inc()
+            self._forget_seen(instance.uid)
             error = instance.error
             message = str(error) if isinstance(error, MedgeError) else type(error).__name__
             _LOG.warning("medge serve: instance %s was accepted but its prediction failed: %s", instance.uid, message)
@@ -1204,7 +1256,9 @@ class DicomNode:
         ae = AE(ae_title=self.ae_title)
         ae.network_timeout = 30
         ae.acse_timeout = 15
-        ae.dimse_timeout = 60
+        # pynetdicom's requestor can lose a response to its own reactor thread (a race in send_c_store, seen
+        # under heavy CPU load): the send then waits this long and is retried (same SOP Instance UID).
+        ae.dimse_timeout = 30
         ae.connection_timeout = 10
         for uid in (SR_SOP_CLASS_UID, SC_SOP_CLASS_UID):
             ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])

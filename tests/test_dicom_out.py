@@ -35,7 +35,7 @@ from medge.errors import DicomError, MedgeError, MissingDependency  # noqa: E402
 PLANTED = {"PatientName": "PLANTED^SECRETNAME", "PatientID": "PLANTED-ID-4711", "PatientBirthDate": "19010203",
            "OtherPatientIDs": "PLANTED-OTHER-ID", "PatientComments": "PLANTED-COMMENT",
            "PatientAddress": "PLANTED-ADDRESS", "InstitutionName": "PLANTED-HOSPITAL",
-           "AccessionNumber": "PLANTEDACC1"}
+           "AccessionNumber": "PLANTEDACC1", "IssuerOfPatientID": "PLANTED-ISSUER"}
 #: What the SR / SC must copy (Patient and General Study modules); everything else planted must not appear.
 REQUIRED_COPIES = {"PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"}
 MARKER = "PLANTED"

@@ -22,9 +22,10 @@ SR_SERIES_NUMBER = 9901
 OVERLAY_SERIES_NUMBER = 9902
 
 # Attributes copied from a source image into the evidence handed to highdicom.
-#   Patient module, Type 2 and identity-removal flags: a de-identified input must give de-identified results.
-_PATIENT = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-            "PatientIdentityRemoved", "DeidentificationMethod")
+#   Patient module: the Type 2 attributes (present in every result, as in every instance of the study), and the
+#   identity-removal flags (a de-identified input must give de-identified results). Nothing of Type 3.
+_PATIENT = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientIdentityRemoved",
+            "DeidentificationMethod")
 #   General Study module, Type 1 and 2.
 _STUDY = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 #   What references, overlays and orientation need (no patient values).

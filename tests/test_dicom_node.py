@@ -97,14 +97,16 @@ def send(port: int, datasets, *, tls=None, contexts=None, answers: bool = False,
     data sets; ``keep_open``: also the last association, not released).
 
     pynetdicom's requestor can lose a C-STORE response to its own reactor
-    thread (a check-then-act race in ``send_c_store`` between the pause flag
-    and the reactor's queue read, seen under heavy CPU load as "Received
-    unexpected C-STORE service message"): the send then times out and the
-    association is aborted. Like a real SCU, this sender then associates again
-    and resends from the unanswered instance; medge serve acknowledges an
-    instance it already accepted without a second result.
+    thread (a check-then-act race in ``send_c_store``, seen under heavy CPU
+    load as "Received unexpected C-STORE service message"; see
+    ``paused_requestor_reactor``, used here as medge serve's sender uses it).
+    Should a response be lost anyway, this sender, like a real SCU, associates
+    again and resends from the unanswered instance; medge serve acknowledges
+    an instance it already accepted without a second result.
     """
     from pynetdicom import AE, StoragePresentationContexts
+
+    from medge.serve.dicom_node import paused_requestor_reactor
 
     ae = AE(ae_title="SENDER")
     ae.requested_contexts = contexts or StoragePresentationContexts
@@ -118,7 +120,8 @@ def send(port: int, datasets, *, tls=None, contexts=None, answers: bool = False,
         association = ae.associate("127.0.0.1", port, ae_title="MEDGE", tls_args=tls)
         assert association.is_established
         for ds in datasets[len(responses):]:
-            answer = association.send_c_store(ds)
+            with paused_requestor_reactor(association):
+                answer = association.send_c_store(ds)
             if answer is None or "Status" not in answer:
                 break  # lost response or aborted association: resend it on a new one
             responses.append(answer)
@@ -570,6 +573,70 @@ def test_pynetdicom_records_are_dropped_or_scrubbed():
     except ValueError as exc:
         decoding = logging.LogRecord("pynetdicom.association", logging.ERROR, __file__, 1, exc, (), sys.exc_info())
     assert keep.filter(decoding) and MARKER not in decoding.getMessage() and decoding.exc_info is None
+
+
+def test_paused_requestor_reactor_closes_pynetdicoms_response_race():
+    """A fake requestor with pynetdicom 3.0's reactor loop and send_c_store pause, the reactor preempted between
+    its wait and its flag: without the extra pause it steals responses, with it none."""
+    import queue
+
+    from medge.serve.dicom_node import paused_requestor_reactor
+
+    class Requestor:
+        is_established = True
+
+        def __init__(self):
+            self._reactor_checkpoint = threading.Event()
+            self._reactor_checkpoint.set()
+            self._is_paused = False
+            self.responses: queue.Queue = queue.Queue()
+            self.stolen = 0
+            self.running = True
+
+        def reactor(self):  # association.py _run_reactor, with the preemption made long
+            while self.running:
+                time.sleep(0.001)
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                time.sleep(0.004)  # preempted here
+                self._is_paused = False
+                try:
+                    self.responses.get_nowait()
+                    self.stolen += 1  # "Received unexpected C-STORE service message"
+                except queue.Empty:
+                    pass
+
+        def send_c_store(self):  # association.py send_c_store: pause, send; the answer is queued before it waits
+            self._reactor_checkpoint.clear()
+            while not self._is_paused:
+                time.sleep(0.0001)
+            self.responses.put("C-STORE-RSP")  # a fast peer on loopback
+            time.sleep(0.003)  # this thread preempted before it waits for the answer
+            try:
+                answer = self.responses.get(timeout=0.02)
+            except queue.Empty:
+                answer = None
+            self._reactor_checkpoint.set()
+            return answer
+
+    def run(paused: bool) -> int:
+        requestor = Requestor()
+        thread = threading.Thread(target=requestor.reactor, daemon=True)
+        thread.start()
+        for _ in range(40):
+            time.sleep(0.003)
+            if paused:
+                with paused_requestor_reactor(requestor):
+                    requestor.send_c_store()
+            else:
+                requestor.send_c_store()
+        requestor.running = False
+        requestor._reactor_checkpoint.set()
+        thread.join(5)
+        return requestor.stolen
+
+    assert run(paused=False) > 0
+    assert run(paused=True) == 0
 
 
 def test_node_refuses_a_task_without_dicom_results(model, tmp_path, monkeypatch):

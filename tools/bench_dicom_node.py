@@ -173,6 +173,8 @@ def send_series(port: int, batch: list, issued: dict, rate: float = 0.0, resent:
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
+    from medge.serve.dicom_node import paused_requestor_reactor
+
     ae = AE(ae_title="SCANNER")
     ae.dimse_timeout = 30
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
@@ -187,7 +189,8 @@ def send_series(port: int, batch: list, issued: dict, rate: float = 0.0, resent:
             if rate > 0:
                 time.sleep(max(0.0, started + i / rate - time.monotonic()))
             issued.setdefault(str(ds.SOPInstanceUID), time.monotonic())
-            answer = association.send_c_store(ds)
+            with paused_requestor_reactor(association):  # pynetdicom's requestor race, as medge serve does
+                answer = association.send_c_store(ds)
             if answer is None or "Status" not in answer:
                 if resent is not None:
                     resent.append(str(ds.SOPInstanceUID))

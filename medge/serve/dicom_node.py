@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import io
 import itertools
 import json
@@ -99,11 +100,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from ..errors import MedgeError, MissingDependency, OutsideEnvelope
 
 __all__ = ["DicomNode", "Destination", "server_tls_context", "client_tls_context", "make_self_signed_certificate",
+           "paused_requestor_reactor",
            "allowed_sop_classes", "STATUS_SUCCESS", "STATUS_OUT_OF_RESOURCES", "STATUS_SOP_CLASS_MISMATCH",
            "STATUS_UNREADABLE", "STATUS_OUTSIDE_ENVELOPE"]
 
@@ -1256,8 +1258,7 @@ class DicomNode:
         ae = AE(ae_title=self.ae_title)
         ae.network_timeout = 30
         ae.acse_timeout = 15
-        # pynetdicom's requestor can lose a response to its own reactor thread (a race in send_c_store, seen
-        # under heavy CPU load): the send then waits this long and is retried (same SOP Instance UID).
+        # A response lost anyway (see paused_requestor_reactor) costs this wait, then a retry (same SOP Instance UID).
         ae.dimse_timeout = 30
         ae.connection_timeout = 10
         for uid in (SR_SOP_CLASS_UID, SC_SOP_CLASS_UID):
@@ -1302,7 +1303,7 @@ class DicomNode:
         """True: delivered; None: set aside or retried later; False: the association is unusable."""
         meta = self.outbox.meta(path)
         try:
-            with quiet_pydicom("sending a result"):
+            with paused_requestor_reactor(association), quiet_pydicom("sending a result"):
                 status = association.send_c_store(path)
         except Exception as exc:  # noqa: BLE001 - pynetdicom / pydicom raise many kinds
             if not association.is_established:
@@ -1344,6 +1345,36 @@ class DicomNode:
         self._update_outbox_gauges()
         _LOG.error("medge serve: %s set aside as undeliverable (%s): %s", path.name, reason, target)
         return None
+
+
+@contextlib.contextmanager
+def paused_requestor_reactor(association: Any, timeout: float = 0.5) -> Iterator[None]:
+    """Hold a pynetdicom requestor's reactor thread around one ``send_c_store`` so it cannot take the response.
+
+    pynetdicom (3.0) pauses the reactor inside ``send_c_store`` by clearing an
+    event and waiting for a flag the reactor sets *before* it blocks on that
+    event; a reactor preempted between the two (a loaded machine) then reads
+    the C-STORE response off the queue itself ("Received unexpected C-STORE
+    service message") and the send waits for the DIMSE timeout. Clearing the
+    event here and waiting until the reactor thread is really blocked on it
+    closes that window. Uses pynetdicom and threading internals defensively:
+    where they are missing, nothing is done (the caller's timeout and retry
+    still hold). On leaving, the reactor runs again (``send_c_store`` releases
+    it itself; an exception before its own pause would not).
+    """
+    checkpoint = getattr(association, "_reactor_checkpoint", None)
+    condition = getattr(checkpoint, "_cond", None)
+    if checkpoint is None or condition is None or not hasattr(condition, "_waiters"):
+        yield
+        return
+    checkpoint.clear()
+    try:
+        deadline = time.monotonic() + timeout
+        while not condition._waiters and association.is_established and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        yield
+    finally:
+        checkpoint.set()
 
 
 def _sr_worker_init() -> None:

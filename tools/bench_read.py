@@ -22,7 +22,8 @@ Three sections (``--only`` picks some):
   in batches of 8: reading in line with inference (the model reads each chunk, as medge
   run did) against reading the next chunk in 2 reader threads (medge run now), each with
   the pydicom-only reader and the fast reader; and a Batcher with readers=0 against its
-  default (2 reader threads).
+  default (2 reader threads); the same with the slices compressed as JPEG 2000 lossless,
+  where reading (decoding) costs more than inference.
 
 Timing: interleaved rounds (the candidates' order rotates every round), the median of the
 rounds, per slice; wall time and CPU time of this process (the machine may be shared: CPU
@@ -399,29 +400,38 @@ def bench_overlap(rounds: int, bundle: Optional[str], count: int = 64, batch: in
         bundle = str(tmp / "demo.medge")
         print("  building the demo bundle (--engine none)...")
         convert_demo(bundle, engine="none", log=lambda _: None)
-    paths = _slices(tmp / "slices", count)
-    chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
+    native_paths = _slices(tmp / "slices", count)
+    j2k_paths = _compressed_copies(native_paths, tmp / "j2k", "1.2.840.10008.1.2.4.90")
     report: dict = {}
     with medge.load(bundle, device="cpu") as model:
         backend = str(model.backend)
 
-        def in_line():  # medge run before: the model reads each chunk itself, then runs it
-            for chunk in chunks:
-                model.predict_each(chunk)
+        def in_line(paths):  # medge run before: the model reads each chunk itself, then runs it
+            def run():
+                for i in range(0, len(paths), batch):
+                    model.predict_each(paths[i:i + batch])
+            return run
 
-        def ahead():  # medge run now: the next chunk is read in reader threads meanwhile
-            with concurrent.futures.ThreadPoolExecutor(run_cmd.READERS) as readers:
-                reads = [readers.submit(medge.read_dicom, p) for p in chunks[0]]
-                for i in range(len(chunks)):
-                    current = reads
-                    reads = [readers.submit(medge.read_dicom, p) for p in chunks[i + 1]] if i + 1 < len(chunks) else []
-                    model.predict_each([r.result() for r in current])
+        def ahead(paths):  # medge run now: the next chunk is read in reader threads meanwhile
+            chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
 
-        def read_only():
-            for p in paths:
-                medge.read_dicom(p)
+            def run():
+                with concurrent.futures.ThreadPoolExecutor(run_cmd.READERS) as readers:
+                    reads = [readers.submit(medge.read_dicom, p) for p in chunks[0]]
+                    for i in range(len(chunks)):
+                        current = reads
+                        following = chunks[i + 1] if i + 1 < len(chunks) else []
+                        reads = [readers.submit(medge.read_dicom, p) for p in following]
+                        model.predict_each([r.result() for r in current])
+            return run
 
-        def batcher(readers):
+        def read_only(paths):
+            def run():
+                for p in paths:
+                    medge.read_dicom(p)
+            return run
+
+        def batcher(readers, paths):
             def run():
                 with Batcher(model, readers=readers, max_delay_ms=2.0) as b:
                     for f in [b.submit(p, block=True) for p in paths]:
@@ -435,24 +445,46 @@ def bench_overlap(rounds: int, bundle: Optional[str], count: int = 64, batch: in
             return run
 
         candidates = {
-            "read only (no inference), pydicom only": old(read_only),
-            "read only (no inference), fast reader": read_only,
-            "in line (medge run before), pydicom only": old(in_line),
-            "in line, fast reader": in_line,
-            "read ahead in 2 threads (medge run now), pydicom only": old(ahead),
-            "read ahead in 2 threads (medge run now), fast reader": ahead,
-            "Batcher readers=0, fast reader": batcher(0),
-            "Batcher readers=2 (default), fast reader": batcher(2),
+            "read only (no inference), pydicom only": old(read_only(native_paths)),
+            "read only (no inference), fast reader": read_only(native_paths),
+            "in line (medge run before), pydicom only": old(in_line(native_paths)),
+            "in line, fast reader": in_line(native_paths),
+            "read ahead in 2 threads (medge run now), pydicom only": old(ahead(native_paths)),
+            "read ahead in 2 threads (medge run now), fast reader": ahead(native_paths),
+            "Batcher readers=0, fast reader": batcher(0, native_paths),
+            "Batcher readers=2 (default), fast reader": batcher(2, native_paths),
+            "JPEG 2000 lossless slices: read only": read_only(j2k_paths),
+            "JPEG 2000 lossless slices: in line": in_line(j2k_paths),
+            "JPEG 2000 lossless slices: read ahead in 2 threads": ahead(j2k_paths),
+            "JPEG 2000 lossless slices: Batcher readers=0": batcher(0, j2k_paths),
+            "JPEG 2000 lossless slices: Batcher readers=2": batcher(2, j2k_paths),
         }
         timings = interleaved(candidates, rounds, per_call=count)
     base = timings["in line (medge run before), pydicom only"]["wall_ms"]
+    j2k_base = timings["JPEG 2000 lossless slices: in line"]["wall_ms"]
     table(f"End to end per slice: demo bundle ({backend}), {count} slices in batches of {batch} "
           f"({rounds} interleaved rounds, medians)",
-          [(name, f"{t['wall_ms']:.2f}", f"{base / t['wall_ms']:.2f}x" if "read only" not in name else "",
+          [(name, f"{t['wall_ms']:.2f}", "" if "read only" in name else
+            f"{(j2k_base if name.startswith('JPEG 2000') else base) / t['wall_ms']:.2f}x",
             f"{t['cpu_ms']:.2f}") for name, t in timings.items()],
           ("pipeline", "wall ms / slice", "vs before", "CPU ms / slice (all threads)"))
     report.update({"backend": backend, "count": count, "batch": batch, "timings": timings})
     return report
+
+
+def _compressed_copies(paths: list, folder: pathlib.Path, syntax: str) -> list[pathlib.Path]:
+    """The slices compressed with pydicom's encoder for ``syntax`` (JPEG 2000: pylibjpeg-openjpeg)."""
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax, generate_instance_uid=False)
+        target = folder / path.name
+        ds.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out
 
 
 # --------------------------------------------------------------------------- main

@@ -140,6 +140,12 @@ def _study_tool():
 @pytest.fixture(scope="module")
 def densenet(tmp_path_factory):
     """MONAI DenseNet121 made decisive (tools/int8_cpu_study.py), both INT8 graphs, validation outputs."""
+    import os
+
+    if os.environ.get("MEDGE_DENSENET") != "1":
+        # Calibrating and validating DenseNet121 on 2 x 128 inputs takes about 5 minutes of a 2-core CI
+        # machine, a quarter of its budget; its figures are in the issue note and tools/int8_cpu_study.py.
+        pytest.skip("the DenseNet121 INT8 study runs with MEDGE_DENSENET=1 (about 5 minutes on 2 cores)")
     pytest.importorskip("torch", reason='torch is not installed: pip install torch==2.13.0 "medge[torch]"')
     pytest.importorskip("monai", reason="monai is not installed: pip install monai (MONAI DenseNet121)")
     study = _study_tool()

@@ -29,9 +29,11 @@ The baselines, in the same run on the same DICOMs:
   + ``ScaleIntensityRange`` (the bundle's window) + ``Resize`` (224x224) +
   ``NormalizeIntensity`` (the bundle's mean / std) + PyTorch eager FP32 on
   the same module. MONAI's reader returns (columns, rows); one transpose
-  view puts it in the bundle's orientation, so both compute the same
-  function (their top-1 agreement is printed). DICOM files on disk (page
-  cache warm), since LoadImage reads paths.
+  view puts it in the bundle's orientation. Its resampling (area) differs
+  from medge's (antialiased bilinear), so the two inputs are close, not
+  equal: their top-1 agreement is printed, and a synthetic head with small
+  margins shows the difference. DICOM files on disk (page cache warm),
+  since LoadImage reads paths.
 
 Each medge row also reports its top-1 agreement with the bundle's FP32 graph
 on the benchmark's slices, and the accuracy report's (validation set, worst

@@ -55,7 +55,9 @@ JSON sidecar, atomic rename), then sent by C-STORE SCU to ``forward``. A
 failed association or a transient status (0xA7xx) is retried with exponential
 backoff (``retry_initial_s`` doubling to ``retry_max_s``); a file refused three
 times with a permanent status moves to ``outbox/undeliverable`` (kept, logged,
-counted). What is in the outbox at start is sent first. The outbox is bounded
+counted). Each send holds pynetdicom's requestor reactor first
+(``paused_requestor_reactor``: pynetdicom 3.0 can otherwise lose the response
+to that thread under load). What is in the outbox at start is sent first. The outbox is bounded
 (``outbox_max_files``, ``outbox_max_bytes``): when full, new instances are
 refused with 0xA700 instead of accepted and then lost. Without ``forward``, the
 results are written to ``<spool>/results`` instead.

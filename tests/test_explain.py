@@ -126,3 +126,24 @@ def test_the_heatmap_concentrates_on_the_lesion_on_lesion_slices(explained, tmp_
             ratios.append(float(prediction.heatmap[nodule].mean() / prediction.heatmap.mean()))
     assert len(ratios) >= 10
     assert np.mean(np.array(ratios) >= 1.5) >= 0.9, ratios
+
+
+def test_medge_run_writes_sr_and_overlays_that_read_back(explained, tmp_path, capsys):
+    """medge run --out-dicom on lesion slices: one SR per series and one overlay per image, read back."""
+    pytest.importorskip("highdicom", reason='highdicom is not installed: pip install "medge[dicom-out]"')
+    import pydicom
+
+    from medge.cli.main import main
+    from medge.demo import write_demo_dicoms
+
+    files, _ = write_demo_dicoms(tmp_path / "in", "validation", 4)
+    out = tmp_path / "dicom"
+    assert main(["run", str(explained.bundle_path), str(tmp_path / "in"), "--out", str(tmp_path / "r.jsonl"),
+                 "--out-dicom", str(out)]) == 0
+    assert "DICOM result file(s)" in capsys.readouterr().err
+    srs, overlays = sorted((out / "sr").glob("*.dcm")), sorted((out / "overlays").glob("*.dcm"))
+    assert len(srs) >= 1 and len(overlays) == len(files) and len(list((out / "png").glob("*.png"))) == len(files)
+    sr = pydicom.dcmread(srs[0])
+    assert sr.Modality == "SR" and sr.ContentSequence
+    overlay = pydicom.dcmread(overlays[0])
+    assert overlay.PhotometricInterpretation == "RGB" and overlay.pixel_array.shape[-1] == 3

@@ -84,6 +84,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8"],
                         help="graph or engine precision to run (default: the fastest the bundle has for the "
                              "backend; the first line on stderr says what runs)")
+    parser.add_argument("--out-dicom", metavar="DIR",
+                        help="also write DICOM results to DIR: a Comprehensive SR (TID 1500) per source series, "
+                             "and for --explain bundles heatmap overlays (Secondary Capture and PNG); needs "
+                             'pip install "medge[dicom-out]"')
     parser.add_argument("--allow-failed-gates", action="store_true",
                         help="with --precision: run it even though it failed (or never ran) its accuracy gates "
                              "at conversion (a warning is logged)")
@@ -148,6 +152,11 @@ def run(args) -> int:
         listed = f" ({found.summary()}, listed above)" if found.skipped else ""
         raise MedgeError(f"no DICOM files found in the given inputs{listed}")
     files = found.files
+    if args.out_dicom:
+        from ..dicom_out import ensure_available
+
+        ensure_available()  # a missing highdicom is said before the model loads
+    results_for_dicom: list = []
 
     with load(args.bundle, backend=args.backend, device=device, precision=args.precision,
               trusted_key=args.trusted_key, allow_failed_gates=args.allow_failed_gates,
@@ -178,7 +187,14 @@ def run(args) -> int:
                             continue
                         for prediction in entry:
                             sink.write(file.name, prediction)
+                        if args.out_dicom:
+                            results_for_dicom.append((file.path, entry))
                     bar.update(len(chunk))
+            if args.out_dicom:
+                from ..dicom_out import write_results
+
+                written = write_results(args.out_dicom, results_for_dicom, model)
+                print(f"medge run: {len(written)} DICOM result file(s) in {args.out_dicom}", file=sys.stderr)
         finally:
             readers.shutdown(wait=True, cancel_futures=True)
             sink.close()

@@ -43,14 +43,14 @@ def test_a_precision_that_failed_its_gates_is_never_chosen_by_default(strict_bun
     with medge.load(strict_bundle.bundle_path) as model:
         assert model.backend.precision != "int8" and model.backend.graph == "fp32"
         assert any("int8-ort failed its accuracy gates" in line for line in model.backend.passed_over)
-        assert "passed over: int8-ort failed" in str(model.backend)
+        assert "passed over: " in str(model.backend) and "int8-ort failed its accuracy gates" in str(model.backend)
     # Asked for by name: refused, saying how to insist.
     with pytest.raises(BackendUnavailable, match="allow_failed_gates"):
         medge.load(strict_bundle.bundle_path, precision="int8")
     # Insisting works, with a warning in the log.
     with caplog.at_level(logging.WARNING, logger="medge.runtime"):
         with medge.load(strict_bundle.bundle_path, precision="int8", allow_failed_gates=True) as model:
-            assert model.backend.graph == "int8-ort"
+            assert model.backend.precision == "int8"  # int8-ort on ONNX Runtime, int8 where OpenVINO runs
     assert any("allow_failed_gates=True" in r.getMessage() for r in caplog.records)
     with pytest.raises(MedgeError, match="needs an explicit precision"):
         medge.load(strict_bundle.bundle_path, allow_failed_gates=True)
@@ -94,12 +94,12 @@ def _perturb_int8(monkeypatch):
 
 def test_a_precision_that_fails_the_self_test_is_dropped_with_the_reason(demo_bundle, monkeypatch):
     _perturb_int8(monkeypatch)
-    with medge.load(demo_bundle.bundle_path) as model:
+    with medge.load(demo_bundle.bundle_path, backend="onnxruntime") as model:  # the perturbed engine
         assert model.backend.graph == "fp32"
         assert any("int8-ort on onnxruntime cpu failed the self-test" in line and "top-1 class differs" in line
                    for line in model.backend.passed_over)
     with pytest.raises(BackendUnavailable, match="failed the self-test"):
-        medge.load(demo_bundle.bundle_path, precision="int8")
+        medge.load(demo_bundle.bundle_path, backend="onnxruntime", precision="int8")
 
 
 def test_inspect_self_test_runs_every_graph(demo_bundle, monkeypatch, capsys):

@@ -530,7 +530,7 @@ class _Selection:
         details = "; ".join(verdict.get("reasons") or [])
         if self.allow_failed_gates:
             if graph not in self._noted:
-                _LOG.warning("medge: running %s although %s (%s): allow_failed_gates=True", graph,
+                _LOG.warning("medge: running %s although it %s (%s): allow_failed_gates=True", graph,
                              why.split(" ", 1)[1], details)
                 self._noted.add(graph)
             return True

@@ -139,7 +139,7 @@ py::list launch_plan(const py::list& arrays, std::vector<ImageParams> params, co
   for (const kernels::Launch& l : kernels::plan_launches(prepared.data(), static_cast<int64_t>(prepared.size()), out,
                                                          dummy_output, 0)) {
     py::dict d;
-    py::list images, taps_x, taps_y, push_rows, vector_rows;
+    py::list images, taps_x, taps_y, push_rows, vector_rows, x_table, half_pivot;
     const int32_t n = l.tiled ? l.tiled_params.count : l.gather_params.count;
     for (int32_t i = 0; i < n; ++i) {
       const kernels::KernelImage& k = l.tiled ? l.tiled_params.images[i] : l.gather_params.images[i];
@@ -148,6 +148,8 @@ py::list launch_plan(const py::list& arrays, std::vector<ImageParams> params, co
       taps_y.append(k.taps_y);
       push_rows.append((k.flags & kernels::kPushRows) != 0);
       vector_rows.append((k.flags & kernels::kVectorRows) != 0);
+      x_table.append((k.flags & kernels::kXTable) != 0);
+      half_pivot.append((k.flags & kernels::kHalfPivot) != 0);
     }
     d["kernel"] = l.tiled ? "tiled" : "gather";
     d["images"] = images;
@@ -155,6 +157,8 @@ py::list launch_plan(const py::list& arrays, std::vector<ImageParams> params, co
     d["taps_y"] = taps_y;
     d["push_rows"] = push_rows;
     d["vector_rows"] = vector_rows;
+    d["x_table"] = x_table;
+    d["half_pivot"] = half_pivot;
     if (l.tiled) {
       d["pixel_type"] = l.pixel_type;
       d["tile_w"] = l.tiled_params.tile_w;

@@ -3,6 +3,7 @@
 // launch), its tile width and shared-memory layout, and what goes to the
 // gather kernel. Executed by preprocess_cuda.cu and by the emulator alike.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <vector>
@@ -16,6 +17,36 @@ namespace {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int32_t even_up(int64_t v) { return static_cast<int32_t>(v + (v & 1)); }
+
+// Horizontal window: the smallest register width that holds every column's taps and fits the
+// image, else the taps themselves from a shared table.
+void choose_x_window(KernelImage& k, int32_t taps) {
+  for (int w : kRegisterWindows) {
+    if (w >= taps && w <= k.im.in_width) {
+      k.taps_x = w;
+      return;
+    }
+  }
+  k.taps_x = taps;
+  k.flags |= kXTable;
+}
+
+// kHalfPivot: an 8/16-bit clamp image whose transform centre s0 = pivot + frac is a multiple of 1/2
+// (CT windows: c - 0.5 with an integer intercept; LINEAR_EXACT and ranges with integer ends) decodes
+// as 2 (stored - pivot - frac) * (scale / 2), exactly the CPU's (stored - pivot - frac) * scale.
+void choose_decode(KernelImage& k) {
+  const PreparedImage& im = k.im;
+  if (pixel_type_size(im.pixel_type) > 2 || im.shape != detail::Shape::kClamp) return;
+  const float twice = 2.0f * im.frac;
+  if (twice != static_cast<float>(static_cast<int32_t>(twice))) return;
+  if (im.pivot > (1 << 22) || im.pivot < -(1 << 22)) return;  // |stored - pivot - frac| < 2^23: exact in float
+  const float half_scale = 0.5f * im.scale;
+  if (!(half_scale * 2.0f == im.scale) || !(std::fabs(half_scale) >= 1.17549435e-38f)) return;  // normal
+  k.flags |= kHalfPivot;
+  k.half_scale = half_scale;
+  k.half_bias = static_cast<int32_t>(2 * static_cast<int64_t>(im.sign_bit) + 2 * im.pivot +
+                                     static_cast<int64_t>(twice));
+}
 
 int32_t axis_window(int32_t in, int32_t region, bool antialias) {
   // Antialiased shrinking: at most ceil(2 in / region) taps (the window is 2 * support long, see
@@ -45,13 +76,13 @@ Layout layout_for(const std::vector<const KernelImage*>& group, int32_t tile_w) 
   int64_t cols = 0;
   for (const KernelImage* k : group) {
     l.ky_stride = std::max(l.ky_stride, k->taps_y);
-    if (k->taps_x > kRegisterTaps) l.kx_stride = std::max(l.kx_stride, k->taps_x);
+    if (k->flags & kXTable) l.kx_stride = std::max(l.kx_stride, k->taps_x);
     cols = std::max(cols, vbuf_columns(*k, tile_w));
   }
   l.vbuf_cols = static_cast<int32_t>(cols);
-  const int64_t pitch = cols + (cols >> 5) + 1;
+  const int64_t pitch = cols;
   l.words = kContextWords + 2 * kTileRows + static_cast<int64_t>(kTileRows) * l.ky_stride +
-            (l.kx_stride > 0 ? static_cast<int64_t>(tile_w) * (1 + l.kx_stride) : 0) + kTileRows * pitch;
+            (l.kx_stride > 0 ? static_cast<int64_t>(tile_w) * (1 + l.kx_stride) : 0) + 3 + kTileRows * pitch;
   return l;
 }
 
@@ -90,24 +121,29 @@ std::vector<Launch> plan_launches(const PreparedImage* images, int64_t count, co
   const bool antialias = kout.antialias != 0;
 
   std::vector<KernelImage> all(static_cast<size_t>(count));
-  std::map<int, std::vector<const KernelImage*>> tiled;  // by pixel type
+  std::map<int, std::vector<const KernelImage*>> tiled;  // by container (int16 and uint16 share one)
   std::vector<const KernelImage*> gather;
   for (int64_t i = 0; i < count; ++i) {
     KernelImage& k = all[static_cast<size_t>(i)];
     k.im = images[i];
     k.batch_index = static_cast<int32_t>(i);
     const PreparedImage& im = k.im;
-    k.taps_x = axis_window(im.in_width, im.region_width, antialias);
-    k.taps_y = axis_window(im.in_height, im.region_height, antialias);
     k.flags = 0;
+    k.half_bias = 0;
+    k.half_scale = 0.0f;
+    const int32_t taps_x = axis_window(im.in_width, im.region_width, antialias);
+    choose_x_window(k, taps_x);
+    choose_decode(k);
+    k.taps_y = axis_window(im.in_height, im.region_height, antialias);
     if (antialias && im.in_height > im.region_height) k.flags |= kPushRows;
     const int64_t vector_bytes = static_cast<int64_t>(chunk_elems(im.pixel_type)) * pixel_type_size(im.pixel_type);
     if (reinterpret_cast<std::uintptr_t>(im.pixels) % static_cast<std::uintptr_t>(vector_bytes) == 0 &&
         (im.row_stride * pixel_type_size(im.pixel_type)) % vector_bytes == 0)
       k.flags |= kVectorRows;
-    const bool small_taps = k.taps_x <= kMaxTaps && k.taps_y <= kMaxTaps;
+    const bool small_taps = taps_x <= kMaxTaps && k.taps_y <= kMaxTaps;
     if (small_taps && fits(layout_for({&k}, 2))) {
-      tiled[static_cast<int>(im.pixel_type)].push_back(&k);
+      const PixelType container = im.pixel_type == PixelType::kInt16 ? PixelType::kUInt16 : im.pixel_type;
+      tiled[static_cast<int>(container)].push_back(&k);
     } else {
       gather.push_back(&k);
     }
@@ -148,9 +184,10 @@ std::vector<Launch> plan_launches(const PreparedImage* images, int64_t count, co
       p.off_xfirst = at;
       p.off_xw = at + (p.kx_stride > 0 ? tile_w : 0);
       at = p.off_xw + (p.kx_stride > 0 ? tile_w * p.kx_stride : 0);
+      at = (at + 3) / 4 * 4;  // vbuf rows start 16-byte aligned (float4 stores)
       p.off_vbuf = at;
       p.vbuf_cols = layout.vbuf_cols;
-      p.vbuf_pitch = layout.vbuf_cols + (layout.vbuf_cols >> 5) + 1;
+      p.vbuf_pitch = layout.vbuf_cols;
       p.smem_words = at + kTileRows * p.vbuf_pitch;
       l.blocks = p.total_tiles;
       l.smem_bytes = p.smem_words * 4;

@@ -9,6 +9,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -43,11 +45,13 @@ struct DeviceBlock {
   }
 };
 
-template <typename T, bool Half>
-__global__ void __launch_bounds__(kernels::kBlockThreads) tiled_kernel(const __grid_constant__ TiledLaunch p) {
+// T: the container (uint16_t serves int16 images too); float16 / float32 output is read from p.
+template <typename T>
+__global__ void __launch_bounds__(kernels::kBlockThreads, kernels::kMinBlocksPerSM)
+    tiled_kernel(const __grid_constant__ TiledLaunch p) {
   extern __shared__ uint4 shared_words[];
   DeviceBlock block;
-  kernels::tiled_body<T, Half>(block, p, kernels::Shared{reinterpret_cast<uint32_t*>(shared_words), p.smem_words});
+  kernels::tiled_body<T>(block, p, kernels::Shared{reinterpret_cast<uint32_t*>(shared_words), p.smem_words});
 }
 
 __global__ void __launch_bounds__(kernels::kGatherBlockX * kernels::kGatherBlockY)
@@ -57,13 +61,13 @@ __global__ void __launch_bounds__(kernels::kGatherBlockX * kernels::kGatherBlock
 
 using TiledFn = void (*)(TiledLaunch);
 
-TiledFn tiled_function(PixelType type, bool half) {
-  switch (type) {
-    case PixelType::kUInt8: return half ? tiled_kernel<uint8_t, true> : tiled_kernel<uint8_t, false>;
-    case PixelType::kUInt16: return half ? tiled_kernel<uint16_t, true> : tiled_kernel<uint16_t, false>;
-    case PixelType::kInt16: return half ? tiled_kernel<int16_t, true> : tiled_kernel<int16_t, false>;
-    case PixelType::kInt32: return half ? tiled_kernel<int32_t, true> : tiled_kernel<int32_t, false>;
-    case PixelType::kFloat32: return half ? tiled_kernel<float, true> : tiled_kernel<float, false>;
+TiledFn tiled_function(PixelType container) {
+  switch (container) {
+    case PixelType::kUInt8: return tiled_kernel<uint8_t>;
+    case PixelType::kUInt16:
+    case PixelType::kInt16: return tiled_kernel<uint16_t>;
+    case PixelType::kInt32: return tiled_kernel<int32_t>;
+    case PixelType::kFloat32: return tiled_kernel<float>;
   }
   return nullptr;
 }
@@ -113,6 +117,20 @@ int resident_blocks(int device, const void* fn, int smem) {
   const int blocks = std::max(1, per_sm) * std::max(1, sms);
   cache.emplace(key, blocks);
   return blocks;
+}
+
+// Blocks of a tiled launch. Persistent by default: as many as stay resident at once, each looping
+// over tiles. MEDGE_TILED_GRID (read at each launch, for benchmarks) picks another rule: "balanced"
+// (every block gets the same number of tiles: no second round for a few blocks while the rest of
+// the GPU idles, at the price of fewer resident warps), "tiles" (one block per tile).
+int tiled_grid(int tiles, int resident) {
+  const char* mode = std::getenv("MEDGE_TILED_GRID");
+  if (mode != nullptr && std::strcmp(mode, "tiles") == 0) return tiles;
+  if (mode != nullptr && std::strcmp(mode, "balanced") == 0) {
+    const int rounds = (tiles + resident - 1) / resident;
+    return (tiles + rounds - 1) / rounds;
+  }
+  return std::min(tiles, resident);
 }
 
 }  // namespace
@@ -165,10 +183,8 @@ void preprocess_cuda(const ImageParams* images, int64_t count, const OutputParam
 
   for (const Launch& l : kernels::plan_launches(prepared.data(), count, out, output, 0)) {
     if (l.tiled) {
-      const TiledFn fn = tiled_function(l.pixel_type, l.tiled_params.out.half != 0);
-      // Persistent grid: as many blocks as stay resident at once (each loops over tiles), so a
-      // batch is never a wave and a bit.
-      const int grid = std::min(l.blocks, resident_blocks(device, reinterpret_cast<const void*>(fn), l.smem_bytes));
+      const TiledFn fn = tiled_function(l.pixel_type);
+      const int grid = tiled_grid(l.blocks, resident_blocks(device, reinterpret_cast<const void*>(fn), l.smem_bytes));
       fn<<<grid, kernels::kBlockThreads, static_cast<size_t>(l.smem_bytes), stream>>>(l.tiled_params);
     } else {
       const dim3 grid(static_cast<unsigned>(l.gather_grid[0]), static_cast<unsigned>(l.gather_grid[1]),

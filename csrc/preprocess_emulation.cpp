@@ -26,7 +26,7 @@ struct EmulatedBlock {
   }
 };
 
-template <typename T, bool Half>
+template <typename T>
 void run_tiled(const Launch& l, int max_blocks) {
   const kernels::TiledLaunch& p = l.tiled_params;
   const int32_t grid = max_blocks > 0 && max_blocks < l.blocks ? max_blocks : l.blocks;
@@ -40,16 +40,7 @@ void run_tiled(const Launch& l, int max_blocks) {
     blockIdx = dim3(static_cast<unsigned>(b));
     std::fill(shared.begin(), shared.end(), nan_bits);
     EmulatedBlock block;
-    kernels::tiled_body<T, Half>(block, p, kernels::Shared{shared.data(), p.smem_words});
-  }
-}
-
-template <typename T>
-void run_tiled_typed(const Launch& l, int max_blocks) {
-  if (l.tiled_params.out.half) {
-    run_tiled<T, true>(l, max_blocks);
-  } else {
-    run_tiled<T, false>(l, max_blocks);
+    kernels::tiled_body<T>(block, p, kernels::Shared{shared.data(), p.smem_words});
   }
 }
 
@@ -99,11 +90,11 @@ void preprocess_cuda_emulated(const ImageParams* images, int64_t count, const Ou
       continue;
     }
     switch (l.pixel_type) {
-      case PixelType::kUInt8: run_tiled_typed<uint8_t>(l, max_blocks); break;
-      case PixelType::kUInt16: run_tiled_typed<uint16_t>(l, max_blocks); break;
-      case PixelType::kInt16: run_tiled_typed<int16_t>(l, max_blocks); break;
-      case PixelType::kInt32: run_tiled_typed<int32_t>(l, max_blocks); break;
-      case PixelType::kFloat32: run_tiled_typed<float>(l, max_blocks); break;
+      case PixelType::kUInt8: run_tiled<uint8_t>(l, max_blocks); break;
+      case PixelType::kUInt16:
+      case PixelType::kInt16: run_tiled<uint16_t>(l, max_blocks); break;
+      case PixelType::kInt32: run_tiled<int32_t>(l, max_blocks); break;
+      case PixelType::kFloat32: run_tiled<float>(l, max_blocks); break;
     }
   }
 }

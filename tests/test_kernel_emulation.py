@@ -171,11 +171,15 @@ def test_the_benchmark_shape_on_every_pixel_type(resample, out_dtype):
         raw = (rng.integers(info.min, info.max, (512, 512), endpoint=True, dtype=dtype) if info
                else rng.standard_normal((512, 512)).astype(np.float32) * 500)
         image = make_image(raw, windows=[(float(np.median(raw)), float(raw.std() * 2 + 1))])
+        # An integer window centre with an integer intercept (CT): the 8/16-bit kernels' half-pivot decoding.
+        ct = make_image(raw, intercept=-1024.0, windows=[(float(round(float(np.median(raw)))) + 1024.0 - 1024.0,
+                                                          float(round(float(raw.std()) * 2 + 2)))],
+                        photometric="MONOCHROME1")
         for spec in (PreprocessSpec(256, 256, resample=resample, dtype=out_dtype),
                      PreprocessSpec(200, 256, channels=3, fit="letterbox", pad_value=0.25, resample=resample,
                                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dtype=out_dtype)):
-            cpu, emulated = run_both([image, image], spec, rng, max_blocks=5)
-            assert_close(emulated, cpu, np.concatenate([reference_for(image, spec)] * 2), spec)
+            cpu, emulated = run_both([image, ct], spec, rng, max_blocks=5)
+            assert_close(emulated, cpu, np.concatenate([reference_for(image, spec), reference_for(ct, spec)]), spec)
 
 
 @pytest.mark.parametrize("in_size,out_size", [(2048, 256), (3000, 224), (300, 2000), (65536, 16), (16, 16384)])
@@ -221,12 +225,12 @@ def test_the_kernels_32_bit_tap_arithmetic_equals_the_64_bit_one(antialias):
         assert _C._axis_taps32_matches(in_size, region, antialias), (in_size, region)
 
 
-def plan_for(shapes_dtypes, spec, layout="contiguous"):
+def plan_for(shapes_dtypes, spec, layout="contiguous", window=(0.3, 10.0), intercept=0.0):
     rng = np.random.default_rng(0)
     arrays, params = [], []
     for shape, dtype in shapes_dtypes:
         raw = np.zeros(shape, dtype)
-        image = make_image(raw, windows=[(0.0, 10.0)])
+        image = make_image(raw, windows=[window], intercept=intercept)
         arrays.append(poisoned_layout(raw, rng, layout))
         params.append(_frame_params(_C, image.semantics, 0, spec, "image"))
     return _C._cuda_launch_plan(arrays, params, _output_params(_C, spec))
@@ -237,17 +241,25 @@ def test_the_launch_plan_takes_each_path_the_tests_rely_on():
     antialiased rows pushed, vector loads), the shared x table past 8 taps, the gather kernel past 64, one
     launch per pixel type, element loads for unaligned rows."""
     aa = PreprocessSpec(256, 256, resample="bilinear_antialias", dtype="float16")
-    [bench] = plan_for([((512, 512), np.int16)] * 64, aa)
+    ct = {"window": (40.0, 400.0), "intercept": -1024.0}  # LINEAR: centre 39.5 HU = stored 1063.5, a half
+    [bench] = plan_for([((512, 512), np.int16)] * 64, aa, **ct)
     assert bench["kernel"] == "tiled" and bench["images"] == list(range(64)) and bench["tile_w"] == 256
     assert set(bench["taps_x"]) == set(bench["taps_y"]) == {4} and all(bench["push_rows"] + bench["vector_rows"])
+    assert all(bench["half_pivot"]) and not any(bench["x_table"])
     assert bench["vbuf_cols"] == 512 and bench["smem_bytes"] <= 48 * 1024 and bench["tiles"] == 64 * 16
+    assert plan_for([((512, 512), np.int16)], aa)[0]["half_pivot"] == [False]  # centre 0.3: not a half
+    [imagenet] = plan_for([((512, 512), np.uint16)], PreprocessSpec(224, 224, resample="bilinear_antialias"))
+    assert imagenet["taps_x"] == [5] and imagenet["x_table"] == [False]  # 2.29x: 5 taps in registers
     [wide] = plan_for([((2048, 2048), np.uint16)], aa)
-    assert wide["kernel"] == "tiled" and wide["taps_x"] == [16] and wide["tile_w"] < 256
+    assert wide["kernel"] == "tiled" and wide["taps_x"] == [16] and wide["x_table"] == [True]
+    assert wide["tile_w"] < 256
     [huge] = plan_for([((3, 65536), np.uint16)], PreprocessSpec(2, 16, resample="bilinear_antialias"))
     assert huge["kernel"] == "gather" and huge["taps_x"] == [8192]
     mixed = plan_for([((30, 40), np.uint8), ((30, 40), np.float32), ((30, 40), np.uint8)],
                      PreprocessSpec(16, 16, resample="bilinear"))
     assert [(p["kernel"], p["images"], p["push_rows"]) for p in mixed] == [
         ("tiled", [0, 2], [False, False]), ("tiled", [1], [False])]
+    [shorts] = plan_for([((30, 40), np.int16), ((30, 40), np.uint16)], PreprocessSpec(16, 16))
+    assert shorts["images"] == [0, 1]  # int16 and uint16 share one kernel (Pixel Representation is a parameter)
     [odd] = plan_for([((30, 41), np.int16)], PreprocessSpec(16, 16), layout="odd")
     assert odd["vector_rows"] == [False]

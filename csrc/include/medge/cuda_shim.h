@@ -106,6 +106,23 @@ inline void check_read(const void* p, std::size_t bytes, const char* file, int l
 
 #endif
 
+namespace medge {
+namespace shim {
+// clamp(v, 0, 1) in one instruction on the GPU (FFMA.SAT / FADD.SAT); NaN -> 0 on both sides.
+#if defined(__CUDACC__)
+__host__ __device__ __forceinline__ float saturate(float v) {
+#if defined(__CUDA_ARCH__)
+  return __saturatef(v);
+#else
+  return v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
+#endif
+}
+#else
+inline float saturate(float v) { return v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f; }
+#endif
+}  // namespace shim
+}  // namespace medge
+
 // Full unrolling of the short fixed-count loops (register arrays stay registers).
 #if defined(__CUDACC__)
 #define MEDGE_UNROLL _Pragma("unroll")

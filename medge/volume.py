@@ -692,7 +692,7 @@ def _linear_along(array: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    f = src - i0
+    f = (src - i0).astype(array.dtype if array.dtype.kind == "f" else np.float64)
     shape = [1] * array.ndim
     shape[axis] = n_out
     f = f.reshape(shape)
@@ -707,6 +707,7 @@ def to_original_grid(
     *,
     mode: Optional[str] = None,
     fill: float = 0,
+    compute_dtype: Any = np.float64,
 ) -> np.ndarray:
     """Map a model output on ``spec``'s grid back onto the series' own grid (the inverse of the geometry).
 
@@ -724,6 +725,9 @@ def to_original_grid(
         mode: ``"nearest"`` (labels; default for integer and bool arrays) or
             ``"linear"`` (probabilities, logits; default for floats).
         fill: value where the model saw no data.
+        compute_dtype: the float type linear interpolation computes in
+            (float64 by default; float32 halves the memory of probabilities
+            of a large series, what the runtime uses).
 
     Returns:
         A new (..., *original_shape) array of ``volume``'s dtype.
@@ -754,7 +758,7 @@ def to_original_grid(
     grid[(..., *dst)] = data[(..., *src)]
     if mode == "nearest":
         return resample_labels(grid, resampled, original)
-    result = grid.astype(np.float64)
+    result = grid.astype(compute_dtype, copy=False)
     for axis in range(3):
         if resampled[axis] != original[axis]:
             result = _linear_along(result, result.ndim - 3 + axis, original[axis])

@@ -107,8 +107,11 @@ def describe_io(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, outputs
 
 
-def check_onnx(path: Path) -> "Any":
+def check_onnx(path: Path, spatial_dims: tuple = (2,)) -> "Any":
     """Load, check and shape-infer an ONNX file; return the (inferred) ModelProto.
+
+    ``spatial_dims``: the input ranks accepted after (batch, channels): (2,)
+    for image classifiers, (2, 3) for segmentation networks (volumes).
 
     Raises:
         ConversionError: the file is not a valid ONNX model, its opset is below
@@ -141,10 +144,13 @@ def check_onnx(path: Path) -> "Any":
             f"input '{inputs[0].name}' has a fixed batch size of {batch}; re-export the model with a dynamic "
             "batch axis (torch: dynamic_shapes={0: torch.export.Dim('batch')})"
         )
-    if len(inputs[0].shape) != 4 or not all(isinstance(d, int) for d in inputs[0].shape[1:]):
+    if len(inputs[0].shape) - 2 not in spatial_dims or not all(isinstance(d, int) for d in inputs[0].shape[1:]):
+        expected = "(batch, channels, height, width)" + (
+            " or (batch, channels, depth, height, width) for 3-D networks" if 3 in spatial_dims else
+            " (a 3-D network is converted with --task segmentation)")
         raise ConversionError(
-            f"input '{inputs[0].name}' has shape {inputs[0].shape}; medge expects (batch, channels, height, width) "
-            "with fixed channels, height and width"
+            f"input '{inputs[0].name}' has shape {inputs[0].shape}; medge expects {expected} with fixed channels "
+            "and spatial sizes"
         )
     if inputs[0].dtype != "float32":
         raise ConversionError(f"input '{inputs[0].name}' is {inputs[0].dtype}; medge imports FP32 models")
@@ -171,6 +177,7 @@ def import_model(
     example_input: Optional[np.ndarray] = None,
     sample_inputs: Optional[np.ndarray] = None,
     opset: int = 18,
+    spatial_dims: tuple = (2,),
 ) -> ImportedModel:
     """Turn ``model`` into a checked FP32 ONNX file in ``workdir``.
 
@@ -183,6 +190,8 @@ def import_model(
         sample_inputs: inputs for the ONNX Runtime vs PyTorch comparison
             (defaults to ``example_input``).
         opset: ONNX opset for PyTorch exports (>= 17).
+        spatial_dims: input ranks accepted after (batch, channels): (2,) for
+            classifiers; (2, 3) for segmentation (3-D networks take volumes).
 
     Returns:
         ImportedModel.
@@ -224,12 +233,12 @@ def import_model(
 
     torch_check = None
     if module is not None:
-        example = _example_for(module, source, example_input)
+        example = _example_for(module, source, example_input, spatial_dims)
         _export_torch(module, example, target, opset)
         samples = sample_inputs if sample_inputs is not None else example
         torch_check = compare_with_torch(module, target, samples)
 
-    proto = check_onnx(target)
+    proto = check_onnx(target, spatial_dims)
     inputs, outputs = describe_io(proto)
     opset_used = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     ort_session(target)  # must load in ONNX Runtime before anything else
@@ -257,12 +266,13 @@ def _load_torchscript(path: Path):
         ) from exc
 
 
-def _example_for(module, source: str, example_input: Optional[np.ndarray]):
+def _example_for(module, source: str, example_input: Optional[np.ndarray], spatial_dims: tuple = (2,)):
     torch = _torch()
     if example_input is not None:
         array = np.asarray(example_input, dtype=np.float32)
-        if array.ndim != 4:
-            raise ConversionError(f"example_input must be (N, C, H, W), got shape {array.shape}")
+        if array.ndim - 2 not in spatial_dims:
+            raise ConversionError(f"example_input must be (N, C, H, W)" + (" or (N, C, D, H, W)" if 3 in spatial_dims
+                                                                           else "") + f", got shape {array.shape}")
         return torch.from_numpy(np.ascontiguousarray(array))
     if source == "torch.export":
         # The program records its input shapes; use them with batch 2 so the batch axis stays symbolic.

@@ -160,7 +160,17 @@ def convert(
     model: Any,
     output: Path,
     *,
-    spec: PreprocessSpec,
+    spec: Optional[PreprocessSpec] = None,
+    task: str = "classification",
+    volume_spec: Any = None,
+    roi: Optional[Sequence[int]] = None,
+    overlap: float = 0.25,
+    sw_mode: str = "gaussian",
+    sigma_scale: float = 0.125,
+    sw_batch: Optional[int] = None,
+    threshold: Optional[float] = None,
+    min_dice: Optional[float] = None,
+    max_probability_error: Optional[float] = None,
     calibration: Any = None,
     validation: Any = None,
     labels: Optional[Path] = None,
@@ -197,7 +207,20 @@ def convert(
     Args:
         model: .onnx / .pt2 / TorchScript path, or a torch.nn.Module (with ``example_input``).
         output: bundle path to write (refused if it exists, unless ``overwrite``).
-        spec: the PreprocessSpec the model was trained with; stored in the bundle.
+        spec: classification: the PreprocessSpec the model was trained with; stored in the bundle.
+        task: "classification" (default) or "segmentation".
+        volume_spec: segmentation: the ``medge.VolumeSpec`` (series -> network
+            input grid) the model was trained with; stored in the bundle as
+            ``preprocess`` (with ``"kind": "volume"``). ``calibration`` and
+            ``validation`` are then folders of DICOM series (one or several).
+        roi: segmentation: the network's window, (D, H, W) or (H, W); default
+            (and it must equal) the model's input size.
+        overlap, sw_mode, sigma_scale, sw_batch: segmentation: the sliding
+            window (MONAI's overlap, "gaussian" / "constant", sigma fraction;
+            windows per backend call, default the profile's opt batch).
+        threshold: segmentation with sigmoid outputs: the mask threshold (0.5).
+        min_dice, max_probability_error: segmentation gates (None: Dice >= 0.95
+            against FP32 for every label present, probability error not gated).
         calibration: DICOM folder / .npy for INT8 calibration (required for int8).
         validation: DICOM folder / .npy for the accuracy report (default: none).
         labels: CSV of validation labels (``filename`` or ``sop_instance_uid``, ``label``).
@@ -240,6 +263,27 @@ def convert(
     from ..bundle import BundleWriter
 
     started = time.monotonic()
+    if task not in ("classification", "segmentation"):
+        raise ConversionError(f"task must be 'classification' or 'segmentation', got {task!r}")
+    if task == "segmentation":
+        return _convert_segmentation(
+            model, Path(output), volume_spec=volume_spec, spec=spec, roi=roi, overlap=overlap, sw_mode=sw_mode,
+            sigma_scale=sigma_scale, sw_batch=sw_batch, threshold=threshold, calibration=calibration,
+            validation=validation, labels=labels, precisions=precisions, batch=batch, engine=engine, name=name,
+            version=version, class_labels=class_labels, activation=activation,
+            calibration_method=calibration_method, min_calibration_images=min_calibration_images,
+            example_input=example_input, compute_capabilities=compute_capabilities,
+            workspace_bytes=workspace_bytes, optimization_level=optimization_level, timing_cache=timing_cache,
+            sign_key=sign_key, overwrite=overwrite, gates=gates, min_dice=min_dice,
+            max_probability_error=max_probability_error,
+            classification_only={"max_auc_drop": max_auc_drop, "min_top1_agreement": min_top1_agreement,
+                                 "max_abs_error": max_abs_error, "operating_point": operating_point,
+                                 "explain": explain or None, "check_inputs": check_inputs, "positive_class": positive_class},
+            check_vector_count=check_vector_count, progress=progress, log=log, started=started)
+    if spec is None:
+        raise ConversionError("give the preprocessing spec (spec=PreprocessSpec(...), or --spec / --size ...)")
+    if volume_spec is not None:
+        raise ConversionError("a volume spec is for task='segmentation' (--task segmentation)")
     precisions = list(dict.fromkeys(["fp32", *precisions]))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
@@ -492,3 +536,331 @@ def _default_name(model: Any) -> str:
     if isinstance(model, (str, Path)):
         return Path(model).stem
     return type(model).__name__
+
+
+# ---------------------------------------------------------------------------
+# Segmentation
+
+
+#: The check vectors' FP32 outputs of a segmentation bundle stay below this (a window's outputs are
+#: classes x window voxels; a dozen classes over a 96^3 window are 40 MB each).
+_SEG_CHECK_BYTES = 32 << 20
+#: Calibration windows kept (evenly over all the windows of all calibration series) at most ...
+_SEG_MAX_CALIBRATION_WINDOWS = 256
+#: ... and within this many bytes of float32 inputs.
+_SEG_CALIBRATION_BYTES = 512 << 20
+
+
+def _convert_segmentation(model, output: Path, *, volume_spec, spec, roi, overlap, sw_mode, sigma_scale, sw_batch,
+                          threshold, calibration, validation, labels, precisions, batch, engine, name, version,
+                          class_labels, activation, calibration_method, min_calibration_images, example_input,
+                          compute_capabilities, workspace_bytes, optimization_level, timing_cache, sign_key,
+                          overwrite, gates, min_dice, max_probability_error, classification_only,
+                          check_vector_count, progress, log, started) -> ConversionResult:
+    """The segmentation task: series folders in, sliding-window accuracy report, 5-D graphs and engines."""
+    from ..bundle import BundleWriter
+    from ..volume import VolumeSpec
+
+    if not isinstance(volume_spec, VolumeSpec):
+        raise ConversionError("task='segmentation' needs volume_spec=medge.VolumeSpec(...) (--volume-spec FILE "
+                              "or the volume flags): how a series becomes the network's input grid")
+    if spec is not None:
+        raise ConversionError("a segmentation bundle takes a volume spec, not a 2-D PreprocessSpec (spec=)")
+    given = [key for key, value in classification_only.items() if value is not None]
+    if given:
+        raise ConversionError(f"{', '.join(given)} apply to classification; segmentation is gated with "
+                              "min_dice / max_probability_error (--min-dice, --max-probability-error)")
+    if labels is not None:
+        raise ConversionError("--labels (a CSV of class labels) applies to classification; the segmentation "
+                              "report compares every precision's masks with FP32's")
+    if volume_spec.roi_size is not None and volume_spec.roi_fit == "crop_or_pad":
+        _LOG.info("the volume spec crops to its ROI: the sliding window then covers one window per series")
+    precisions = list(dict.fromkeys(["fp32", *precisions]))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ConversionError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+    if engine not in ENGINE_FLAVOURS:
+        raise ConversionError(f"engine must be one of {', '.join(ENGINE_FLAVOURS)}, got {engine!r}")
+    batch = tuple(int(b) for b in batch)
+    if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
+        raise ConversionError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}")
+    sw_batch = batch[1] if sw_batch is None else int(sw_batch)
+    if not 1 <= sw_batch <= batch[2]:
+        raise ConversionError(f"the sliding-window batch must be within 1..{batch[2]} (the profile's max), "
+                              f"got {sw_batch}")
+    if "int8" in precisions and calibration is None:
+        raise ConversionError("int8 needs calibration series (--calib DIR): CT/MR series like deployment data")
+    if calibration is None and validation is None:
+        raise ConversionError("give validation series (--val) or at least calibration series (--calib): the "
+                              "check vectors and the validated input envelope are taken from them")
+    if not 1 <= int(check_vector_count) <= 256:
+        raise ConversionError(f"check_vector_count must be within 1..256, got {check_vector_count}")
+    if engine == "tensorrt_rtx":
+        from .engine import check_rtx_targets
+
+        compute_capabilities = check_rtx_targets(compute_capabilities)
+    if not gates and (min_dice is not None or max_probability_error is not None):
+        raise ConversionError("gate limits were given together with --no-gates; give one or the other")
+    if min_dice is not None and not 0.0 <= float(min_dice) <= 1.0:
+        raise ConversionError(f"min_dice must be within 0..1, got {min_dice}")
+    if output.exists() and not overwrite:
+        raise ConversionError(f"{output} already exists; choose another name or pass --overwrite")
+    writer = BundleWriter(output, overwrite=overwrite)
+    try:
+        return _segmentation_bundle(
+            writer, model, output, volume_spec, roi, overlap, sw_mode, sigma_scale, sw_batch, threshold, calibration,
+            validation, precisions, batch, engine, name, version, class_labels, activation, calibration_method,
+            min_calibration_images, example_input, compute_capabilities, workspace_bytes, optimization_level,
+            timing_cache, sign_key, gates, {"min_dice": min_dice, "max_probability_error": max_probability_error},
+            int(check_vector_count), progress, log, started)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _segmentation_bundle(writer, model, output, volume_spec, roi, overlap, sw_mode, sigma_scale, sw_batch, threshold,
+                         calibration, validation, precisions, batch, engine, name, version, class_labels, activation,
+                         calibration_method, min_calibration_images, example_input, compute_capabilities,
+                         workspace_bytes, optimization_level, timing_cache, sign_key, gates_enabled, given_limits,
+                         check_vector_count, progress, log, started) -> ConversionResult:
+    from ..segmentation import read_volumes, window_inputs
+    from ..tasks import SegmentationTask
+    from .validate import evaluate_volumes, run_graph
+
+    with tempfile.TemporaryDirectory(prefix="medge-convert-") as tmp:
+        work = Path(tmp)
+        calib = read_volumes(calibration, volume_spec, what="calibration", log=log) if calibration is not None else None
+        val = read_volumes(validation, volume_spec, what="validation", log=log) if validation is not None else None
+        some = (calib or val).arrays[0]
+
+        log("1/5 importing the model")
+        imported = _import_segmentation_model(model, work, example_input, roi, some, volume_spec)
+        task = SegmentationTask.for_outputs(imported.outputs[0].shape, imported.input.shape, labels=class_labels,
+                                            activation=activation, threshold=threshold, roi=roi, overlap=overlap,
+                                            mode=sw_mode, sigma_scale=sigma_scale, sw_batch=sw_batch)
+        channels = int(imported.input.shape[1])
+        if channels != some.shape[0]:
+            raise ConversionError(
+                f"the model takes {channels} channel(s) but the volume spec makes {some.shape[0]} "
+                f"({'2k + 1 with neighbours k' if volume_spec.neighbours else 'one per voxel, neighbours 0'}): "
+                "fix the spec's neighbours or the model")
+        if task.spatial_dims == 3 and volume_spec.neighbours:
+            raise ConversionError("2.5-D input (neighbours > 0) feeds 2-D networks; this network is 3-D")
+        log(f"    {task.spatial_dims}-D network, window {task.roi}, {task.classes} output channels "
+            f"({task.activation}), labels {', '.join(task.labels)}")
+        if imported.torch_check:
+            log(f"    ONNX Runtime vs PyTorch on {imported.torch_check['samples']} inputs: max abs error "
+                f"{imported.torch_check['max_abs_error']:.3g}")
+
+        log("2/5 making precision graphs: " + ", ".join(precisions))
+        graphs = {"fp32": imported.onnx_path}
+        graph_meta = {"fp32": {"precision": "fp32", "target": "any", "input_dtype": "float32",
+                               "output_dtype": "float32"}}
+        calibration_summary = None
+        if "fp16" in precisions:
+            info = make_fp16(imported.onnx_path, work / "model.fp16.onnx")
+            graphs["fp16"] = work / "model.fp16.onnx"
+            graph_meta["fp16"] = {"precision": "fp16", "target": "any", "input_dtype": info["input_dtype"],
+                                  "output_dtype": info["output_dtype"]}
+        if "int8" in precisions:
+            windows = _calibration_windows(calib.arrays, task)
+            log(f"    calibration: {len(windows)} windows of {task.roi} from {len(calib.arrays)} series (the "
+                "windows the sliding window feeds)")
+            for graph, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):
+                summary = _make_int8_any_rank(
+                    imported.onnx_path, work / f"model.{graph}.onnx", windows, work, method=calibration_method,
+                    batch_size=batch[1], min_images=min_calibration_images, source=calib.source, target=target,
+                    progress=progress)
+                graphs[graph] = work / f"model.{graph}.onnx"
+                graph_meta[graph] = {"precision": "int8", "target": target, "input_dtype": "float32",
+                                     "output_dtype": "float32", "quantization": summary.to_manifest()}
+                calibration_summary = calibration_summary or summary
+                log(f"    INT8 for {target}: {summary.method} calibration on {summary.images} windows, "
+                    f"{summary.quantized_tensors} tensors quantised")
+
+        limits = {key: default if given_limits.get(key) is None else float(given_limits[key])
+                  for key, default in task.default_gates.items()}
+        report = None
+        if val is not None:
+            log(f"3/5 measuring accuracy on {len(val.arrays)} validation series (whole volumes through the sliding "
+                f"window) at batch {', '.join(map(str, sorted(set(batch))))}")
+            report = evaluate_volumes(graphs, val.arrays, task, batch_sizes=sorted(set(batch)), progress=progress)
+        else:
+            log("3/5 no validation series (--val): accuracy not measured; only fp32 will run by default")
+        verdicts, failures = gate_verdicts(report, graphs, task, limits, enabled=gates_enabled,
+                                           no_report_reason="no validation series (--val)")
+        explicit = [key for key, value in given_limits.items() if value is not None]
+        if gates_enabled and report is None and explicit:
+            failures.append("accuracy gates were given but there is no validation set (--val)")
+        for graph, verdict in verdicts.items():
+            log(f"    {graph}: {verdict['verdict']}" + (f" ({'; '.join(verdict['reasons'])})" if verdict["reasons"]
+                                                         and verdict["verdict"] != "ungated" else ""))
+
+        source_set = val if val is not None else calib
+        candidates = np.concatenate([window_inputs(a, task) for a in source_set.arrays])
+        if len(candidates) > 512:
+            candidates = candidates[np.linspace(0, len(candidates) - 1, 512).round().astype(np.int64)]
+        reference = run_graph(graphs["fp32"], candidates, batch[2])
+        per_window = reference[0].nbytes
+        count = max(1, min(int(check_vector_count), _SEG_CHECK_BYTES // max(per_window, 1)))
+        errors = {graph: (max((r.max_abs_error for r in report.results if r.precision == graph and r.measured),
+                              default=None) if report is not None else None) for graph in graphs}
+        checks = CheckVectors.choose(candidates, reference, task, errors,
+                                     "validation set" if val is not None else "calibration set", count=count)
+        sets = [(what, s) for what, s in (("calibration", calib), ("validation", val)) if s is not None]
+        envelope = Envelope.observe([h for _, s in sets for h in s.headers], [what for what, _ in sets])
+
+        engines: list = []
+        if engine != "none":
+            from .engine import build_engine
+
+            log(f"4/5 building {engine} engines")
+            for precision in precisions:
+                target = work / f"model.{precision}.{engine}.engine"
+                info = build_engine(graphs[precision], target, flavour=engine, precision=precision, batch=batch,
+                                    workspace_bytes=workspace_bytes, optimization_level=optimization_level,
+                                    timing_cache_path=timing_cache, compute_capabilities=compute_capabilities)
+                engines.append(info)
+                log(f"    {precision}: {info.size_bytes / 1e6:.2f} MB, {info.build_seconds:.1f} s")
+        else:
+            log("4/5 no engines (--engine none)")
+
+        log(f"5/5 writing the bundle {output}")
+        for precision, path in graphs.items():
+            graph_meta[precision]["file"] = writer.add_file(path, f"models/{path.name}")
+        engine_entries = []
+        for info in engines:
+            entry = info.to_manifest()
+            entry["file"] = writer.add_file(Path(info.file), f"engines/{Path(info.file).name}")
+            if info.layers_file:
+                entry["layers_file"] = writer.add_file(Path(info.layers_file), f"engines/{Path(info.layers_file).name}")
+            engine_entries.append(entry)
+        manifest = {
+            "model": {"name": name or _default_name(model), "version": str(version), "source": imported.source,
+                      "opset": imported.opset, "export_check": imported.torch_check},
+            "inputs": [t.to_manifest() for t in imported.inputs],
+            "outputs": [t.to_manifest() for t in imported.outputs],
+            # "kind" tells the runtime and the schema check which spec this is (a 2-D PreprocessSpec has none).
+            "preprocess": {"kind": "volume", **volume_spec.to_dict()},
+            "task": task.to_manifest(),
+            "operating_point": None,
+            "explanation": None,
+            "labels": list(task.labels),
+            "postprocess": {"activation": task.activation, "positive_class": None},
+            "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+            "graphs": graph_meta,
+            "calibration": calibration_summary.to_manifest() if calibration_summary else None,
+            "accuracy": report.to_manifest() if report else None,
+            "gates": {"enabled": gates_enabled, "passed": not failures, "failures": failures, "limits": limits,
+                      "explicit": explicit, "verdicts": verdicts},
+            "envelope": envelope.to_manifest() if envelope else None,
+            "check_vectors": checks.write(writer),
+            "engines": engine_entries,
+            "inputs_skipped": {"calibration": calib.skipped if calib else [], "validation": val.skipped if val else []},
+            "conversion_seconds": round(time.monotonic() - started, 2),
+        }
+        if report is not None:
+            manifest["reports"] = {"accuracy_json": writer.add_json(report.to_manifest(), "reports/accuracy.json"),
+                                   "accuracy_table": writer.add_file(report.table().encode() + b"\n",
+                                                                     "reports/accuracy.txt")}
+        bundle = writer.commit(manifest, sign_key=sign_key)
+    return ConversionResult(Path(bundle.path), imported, report, calibration_summary, engine_entries, failures,
+                            bundle.manifest)
+
+
+def _import_segmentation_model(model, work: Path, example_input, roi, some: np.ndarray, volume_spec) -> ImportedModel:
+    """The FP32 ONNX graph of a 2-D or 3-D segmentation network (a torch module needs a window-sized example)."""
+    samples = None
+    if example_input is None and not isinstance(model, (str, Path)):
+        if roi is None:
+            raise ConversionError("a torch module records no input size: give roi=(D, H, W) (or (H, W) for a 2-D "
+                                  "network) or example_input")
+        # Real windows, not zeros: normalisation layers (instance norm) are ill-conditioned on constant input,
+        # and the ONNX vs PyTorch comparison must see what the network will see.
+        example_input = samples = _centre_windows(some, [int(r) for r in roi])
+    elif example_input is not None:
+        samples = np.asarray(example_input, dtype=np.float32)[:2]
+    imported = import_model(model, work, example_input=example_input, sample_inputs=samples, spatial_dims=(2, 3))
+    return imported
+
+
+def _centre_windows(array: np.ndarray, roi: list) -> np.ndarray:
+    """Two windows of ``roi`` from a (C, D, H, W) input (centre and corner; padded where it is smaller)."""
+    window = roi if len(roi) == 3 else [1, *roi]
+    pads = [(0, 0)] + [(0, max(r - n, 0)) for n, r in zip(array.shape[1:], window)]
+    data = np.pad(array, pads)
+    picks = []
+    for start in ([(n - r) // 2 for n, r in zip(data.shape[1:], window)], [0, 0, 0]):
+        picks.append(data[(slice(None), *(slice(a, a + r) for a, r in zip(start, window)))])
+    windows = np.stack(picks)
+    return np.ascontiguousarray(windows[:, :, 0] if len(roi) == 2 else windows, dtype=np.float32)
+
+
+def _calibration_windows(arrays: list, task) -> np.ndarray:
+    """The windows the sliding window feeds the network, from every calibration series, evenly thinned to
+    at most _SEG_MAX_CALIBRATION_WINDOWS (and _SEG_CALIBRATION_BYTES)."""
+    from ..segmentation import window_inputs
+
+    windows = np.concatenate([window_inputs(a, task) for a in arrays])
+    limit = max(1, min(_SEG_MAX_CALIBRATION_WINDOWS, _SEG_CALIBRATION_BYTES // max(windows[0].nbytes, 1)))
+    if len(windows) > limit:
+        windows = windows[np.linspace(0, len(windows) - 1, limit).round().astype(np.int64)]
+    return np.ascontiguousarray(windows)
+
+
+def _make_int8_any_rank(fp32_path: Path, out_path: Path, windows: np.ndarray, work: Path, **kwargs) -> CalibrationSummary:
+    """make_int8 for 4-D inputs as it is; for 5-D (3-D networks) through a graph whose input is folded to 4-D.
+
+    medge.convert.precision.make_int8 takes (N, C, H, W) calibration inputs only. A 3-D network's graph gets a
+    4-D input (N, C, D, H*W) followed by a Reshape to (N, C, D, H, W); it is calibrated and quantised as is, and
+    the quantised graph's input is declared 5-D again: the Reshape (to -1, C, D, H, W) is then a no-op on the
+    5-D input, and the Q/DQ placed on the input (per tensor) does not depend on its shape.
+    """
+    if windows.ndim == 4:
+        return make_int8(fp32_path, out_path, windows, **kwargs)
+    folded = work / (Path(out_path).stem + ".folded-input.onnx")
+    dims = _fold_input(fp32_path, folded)
+    flat = windows.reshape(len(windows), dims[0], dims[1], dims[2] * dims[3])
+    summary = make_int8(folded, out_path, flat, **kwargs)
+    _unfold_input(out_path, dims)
+    folded.unlink(missing_ok=True)
+    return summary
+
+
+def _fold_input(fp32_path: Path, out_path: Path) -> tuple:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(fp32_path))
+    graph = model.graph
+    entry = graph.input[0]
+    dims = [d.dim_value for d in entry.type.tensor_type.shape.dim][1:]  # C, D, H, W
+    inner = entry.name + "__medge_5d"
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == entry.name:
+                node.input[i] = inner
+    for out in graph.output:  # an identity network: the input is an output
+        if out.name == entry.name:
+            raise ConversionError("the network's output is its input; nothing to quantise")
+    shape = numpy_helper.from_array(np.array([-1, *dims], dtype=np.int64), name=entry.name + "__medge_5d_shape")
+    graph.initializer.append(shape)
+    graph.node.insert(0, helper.make_node("Reshape", [entry.name, shape.name], [inner], name="medge_unfold_input"))
+    tensor_dims = entry.type.tensor_type.shape.dim
+    tensor_dims[3].dim_value = dims[2] * dims[3]
+    del tensor_dims[4]
+    del graph.value_info[:]
+    onnx.save(model, str(out_path))
+    return tuple(dims)
+
+
+def _unfold_input(path: Path, dims: tuple) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    tensor_dims = model.graph.input[0].type.tensor_type.shape.dim
+    tensor_dims[3].dim_value = dims[2]
+    tensor_dims.add().dim_value = dims[3]
+    del model.graph.value_info[:]  # shapes inferred for the folded input; recomputed by every runtime
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))

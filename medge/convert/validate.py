@@ -62,6 +62,11 @@ class PrecisionResult:
     per_class_recall: Optional[list] = None
     confusion_matrix: Optional[list] = None  # rows: true class, columns: decided class
     heatmap_correlation: Optional[float] = None  # --explain: mean correlation of the maps with FP32's
+    # Segmentation: per label 1.. (None: absent from both masks), pooled over the validation volumes.
+    dice: Optional[list] = None
+    min_dice: Optional[float] = None
+    max_probability_error: Optional[float] = None
+    voxel_agreement: Optional[float] = None
 
 
 @dataclass
@@ -72,6 +77,8 @@ class AccuracyReport:
     activation: str
     positive_class: Optional[str]
     results: list[PrecisionResult] = field(default_factory=list)
+    kind: str = "classification"  # the task's kind: which columns the table shows
+    labels: list = field(default_factory=list)  # segmentation: label names, background first
 
     def to_manifest(self) -> dict:
         data = asdict(self)
@@ -83,6 +90,8 @@ class AccuracyReport:
 
     def table(self) -> str:
         """The report as an aligned text table."""
+        if self.kind == "segmentation":
+            return self._segmentation_table()
         header = ["precision", "batch", "max|err|", "mean|err|", "top-1 agr", "accuracy", "bal acc", "sens", "spec",
                   "AUC", "AUC drop", "PR-AUC", "CAM r"]
         rows = []
@@ -102,6 +111,30 @@ class AccuracyReport:
                 lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
             else:
                 lines.append("  ".join(c.ljust(w) for c, w in zip(row[:2], widths)) + "  " + row[2])
+        return "\n".join(lines)
+
+
+    def _segmentation_table(self) -> str:
+        names = list(self.labels[1:])
+        header = ["precision", "batch", "engine", "max|err|", "max|p err|", "voxel agr", "min Dice",
+                  *[f"Dice {n}" for n in names]]
+        rows = []
+        for r in self.results:
+            engine = (r.executed_by or "").replace(" CPU", "")
+            if not r.measured:
+                rows.append([r.precision, str(r.batch_size), engine, f"not measured: {r.reason}"])
+                continue
+            rows.append([r.precision, str(r.batch_size), engine, _fmt(r.max_abs_error, ".2e"),
+                         _fmt(r.max_probability_error, ".2e"), _fmt(r.voxel_agreement, ".4%"),
+                         _fmt(r.min_dice, ".4f"), *[_fmt(d, ".4f") for d in (r.dice or [None] * len(names))]])
+        widths = [max([len(header[i])] + [len(row[i]) for row in rows if len(row) == len(header)])
+                  for i in range(len(header))]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        for row in rows:
+            if len(row) == len(header):
+                lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+            else:
+                lines.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
         return "\n".join(lines)
 
 
@@ -357,6 +390,100 @@ def evaluate(
                     if result.auc is not None and reference_metrics.get("auc") is not None:
                         result.auc_drop = reference_metrics["auc"] - result.auc
                 report.results.append(result)
+            if runner is not None:
+                runner.close()
+    finally:
+        bar.close()
+    return report
+
+
+def _window_runner(path: Path, runner):
+    """f(windows) -> first output of graph ``path`` (ONNX Runtime session, or a runtime backend), float32."""
+    if runner is not None:
+        def run_backend(windows: np.ndarray) -> np.ndarray:
+            runner.load_input(np.ascontiguousarray(windows, dtype=runner.input.dtype))
+            try:
+                return np.array(runner.execute(len(windows)), dtype=np.float32, copy=True)
+            except Exception as exc:  # noqa: BLE001 - an engine's own error types: not measured on it
+                raise ConversionError(f"{runner.name} failed running it: {type(exc).__name__}: {exc}") from None
+
+        return run_backend
+    session = ort_session(path)
+    meta = session.get_inputs()[0]
+    dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
+    name = session.get_outputs()[0].name
+
+    def run_session(windows: np.ndarray) -> np.ndarray:
+        try:
+            return session.run([name], {meta.name: np.ascontiguousarray(windows, dtype=dtype)})[0].astype(np.float32)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types
+            raise ConversionError(f"{type(exc).__name__}: {exc}") from None
+
+    return run_session
+
+
+def evaluate_volumes(graphs: dict[str, Path], volumes: Sequence[np.ndarray], task: Task, *,
+                     batch_sizes: Iterable[int], progress: Optional[bool] = None,
+                     engines: Optional[Sequence[str]] = None) -> AccuracyReport:
+    """Segmentation: every precision graph at every batch size on every CPU engine, over whole volumes.
+
+    Each (C, D, H, W) validation input goes through the task's sliding window
+    (the runtime's code, windows batched by the batch size) and the blended
+    logits are compared with FP32's at batch 1 on ONNX Runtime: Dice per label
+    of the masks, voxel agreement, max probability and logit errors, pooled
+    over the volumes. So the report says what users get on whole series, not
+    on single windows.
+    """
+    from ..segmentation import infer_logits
+
+    if REFERENCE_PRECISION not in graphs:
+        raise ConversionError("the accuracy report needs the fp32 graph as its reference")
+    if not volumes:
+        raise ConversionError("the accuracy report needs at least one validation volume")
+    batch_sizes = sorted(set(int(b) for b in batch_sizes))
+    engines = installed_cpu_engines() if engines is None else list(dict.fromkeys(engines))
+    if not engines or engines[0] != CPU_ENGINES[0] or any(e not in CPU_ENGINES for e in engines):
+        raise ConversionError(f"engines must start with onnxruntime (the reference runs on it) and come from "
+                              f"{', '.join(CPU_ENGINES)}; got {engines}")
+    order = [REFERENCE_PRECISION] + [p for p in graphs if p != REFERENCE_PRECISION]
+    report = AccuracyReport(REFERENCE_PRECISION, len(volumes), False, task.activation, None, kind=task.kind,
+                            labels=list(task.labels))
+    reference: Optional[list] = None
+    bar = Progress("validating volumes", len(order) * len(engines) * len(batch_sizes) * len(volumes),
+                   enabled=progress)
+    try:
+        for precision, engine in ((p, e) for p in order for e in engines):
+            runner, unusable = None, None
+            if engine == "openvino":
+                try:
+                    runner = openvino_runner(graphs[precision], max(batch_sizes))
+                except ConversionError as exc:
+                    unusable = exc
+            try:
+                run = _window_runner(graphs[precision], runner) if unusable is None else None
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime cannot load the graph here
+                unusable = ConversionError(f"{type(exc).__name__}: {exc}")
+            for batch in batch_sizes:
+                try:
+                    if unusable is not None:
+                        raise unusable
+                    outputs = []
+                    for array in volumes:
+                        outputs.append(infer_logits(run, array, task, batch))
+                        bar.update()
+                except ConversionError as exc:
+                    if precision == REFERENCE_PRECISION and engine == engines[0]:
+                        raise
+                    reason = (f"ONNX Runtime's CPU provider cannot run it here ({str(exc)[:300]}); it is measured "
+                              "where its engine runs" if engine == "onnxruntime" else str(exc)[:400])
+                    report.results.append(PrecisionResult(precision, batch, measured=False,
+                                                          executed_by=_EXECUTED_BY[engine], reason=reason))
+                    continue
+                if reference is None:
+                    reference = outputs
+                report.results.append(PrecisionResult(precision, batch, measured=True,
+                                                      executed_by=_EXECUTED_BY[engine], images=len(volumes),
+                                                      **task.compare(outputs, reference)))
             if runner is not None:
                 runner.close()
     finally:

@@ -6,8 +6,11 @@ fit, how to compare a precision with FP32, and how raw outputs become a
 prediction. The manifest records the task (``manifest["task"]``); a bundle
 without one is refused, so an output is never interpreted by guesswork.
 
-Today's task is ``classification``; per-pixel outputs are refused at
-conversion ("segmentation is not supported yet") rather than flattened.
+Tasks: ``classification`` (one score vector per image) and ``segmentation``
+(one score per class and pixel or voxel, 2-D or 3-D networks, run over
+volumes with a sliding window). A per-pixel output declared as a classifier
+is refused at conversion (convert it with ``--task segmentation``) rather
+than flattened into a meaningless score vector.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from typing import Any
 from ..errors import BundleError
 from .base import Task
 from .classification import ClassificationTask
+from .segmentation import SegmentationTask
 
-__all__ = ["Task", "ClassificationTask", "TASKS", "task_from_manifest"]
+__all__ = ["Task", "ClassificationTask", "SegmentationTask", "TASKS", "task_from_manifest"]
 
 #: Task kinds this medge knows, by the name the manifest records.
-TASKS: dict[str, type[Task]] = {ClassificationTask.kind: ClassificationTask}
+TASKS: dict[str, type[Task]] = {ClassificationTask.kind: ClassificationTask,
+                                 SegmentationTask.kind: SegmentationTask}
 
 
 def task_from_manifest(manifest: dict) -> Task:

@@ -5,7 +5,7 @@ scores: softmax over the classes, or an independent sigmoid per class. A
 single sigmoid output is a binary classifier whose two labels are (negative,
 positive). Anything else, in particular per-pixel outputs, is refused: a
 segmentation map flattened into 131,072 "classes" would give a plausible but
-meaningless score.
+meaningless score (segmentation networks are the ``segmentation`` task).
 """
 
 from __future__ import annotations
@@ -276,8 +276,9 @@ def _check_rank(shape: list, error: type) -> None:
         return
     shown = "(" + ", ".join("batch" if i == 0 else str(d) for i, d in enumerate(shape)) + ")"
     if len(shape) >= 3:
-        raise error(f"the model's output is {shown}, a per-pixel (or per-element) map: segmentation is not "
-                    "supported yet; medge converts classifiers whose output is (batch, classes)")
+        raise error(f"the model's output is {shown}, a per-pixel (or per-element) map, not (batch, classes): "
+                    "a classifier cannot score it; if it is a segmentation network, convert it with "
+                    "--task segmentation (task='segmentation' and a VolumeSpec in Python)")
     if len(shape) == 2:
         raise error(f"the model's output is {shown}: the class axis must have a fixed size")
     raise error(f"the model's output is {shown}: medge converts classifiers whose output is (batch, classes)")

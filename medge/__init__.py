@@ -6,7 +6,8 @@ Public API (everything else is private):
 - ``read_series`` -> ``Volume`` (a DICOM series ordered along its normal, with patient-space geometry)
 - ``PreprocessSpec`` and ``preprocess`` (fused C++ / CUDA preprocessing)
 - ``cuda_available``
-- ``load`` -> ``Model`` (``predict``, ``predict_batch`` -> ``Prediction``), ``Batcher``
+- ``load`` -> ``Model`` (``predict``, ``predict_batch`` -> ``Prediction``; ``segment`` -> ``Segmentation``
+  for segmentation bundles), ``Batcher``
 - ``errors``: ``MedgeError`` and its subclasses
 
 ``import medge`` needs only numpy and pydicom; optional heavy dependencies
@@ -61,6 +62,7 @@ from .image import FrameTransform, Image, PixelSemantics, Window  # noqa: E402
 from .preprocess import PreprocessSpec, cuda_available, preprocess  # noqa: E402
 from .runtime.batcher import Batcher  # noqa: E402
 from .runtime.model import Model, Prediction, load  # noqa: E402
+from .segmentation import Segmentation  # noqa: E402
 from .series import Volume, read_series  # noqa: E402
 from .sliding_window import sliding_window  # noqa: E402
 from .volume import VolumeSpec, preprocess_volume, resample_labels, to_original_grid  # noqa: E402
@@ -82,6 +84,7 @@ __all__ = [
     "Prediction",
     "Batcher",
     "read_series",
+    "Segmentation",
     "Volume",
     "VolumeSpec",
     "preprocess_volume",

@@ -36,7 +36,8 @@ _ARCHIVE = {"inputs": "checks/inputs.npy", "outputs": "checks/outputs.npy"}
 
 @dataclass
 class CheckVectors:
-    """Inputs (K, C, H, W) float32, their FP32 outputs, and the tolerance per graph."""
+    """Inputs (K, C, H, W), or (K, C, D, H, W) windows of 3-D networks, float32, their FP32 outputs, and the
+    tolerance per graph."""
 
     inputs: np.ndarray
     reference: np.ndarray
@@ -118,9 +119,9 @@ class CheckVectors:
                 raise BundleError(f"{name} must hold finite float32 values")
             arrays.append(array)
         inputs, reference = arrays
-        if inputs.ndim != 4 or len(inputs) == 0 or len(reference) != len(inputs):
-            raise BundleError("the bundle's check vectors are inconsistent: inputs must be (K, C, H, W) with one "
-                              "output row each")
+        if inputs.ndim not in (4, 5) or len(inputs) == 0 or len(reference) != len(inputs):
+            raise BundleError("the bundle's check vectors are inconsistent: inputs must be (K, C, H, W) or "
+                              "(K, C, D, H, W) with one output each")
         return cls(inputs, reference, {str(k): float(v) for k, v in tolerances.items()},
                    str(entry.get("source", "")))
 

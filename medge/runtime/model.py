@@ -111,12 +111,18 @@ class Model:
         self.backend = choice
         self.task = task
         self.envelope_check = envelope_check
-        spec = PreprocessSpec.from_dict(manifest["preprocess"])
-        # The graph's input dtype decides what preprocessing writes (fp16 graphs take fp16).
-        self.spec = spec.replace(dtype="float16" if backend.input.dtype == np.float16 else "float32")
         self.labels: tuple = tuple(getattr(task, "labels", ()))
         self.max_batch: int = backend.max_batch
-        expected = self.spec.output_shape_per_image
+        if task.kind == "segmentation":
+            # A volume spec (manifest["preprocess"]["kind"] == "volume"): series in, (C, *window) per window.
+            self.spec = _volume_spec(manifest, backend)
+            channels = 2 * self.spec.neighbours + 1 if self.spec.neighbours else 1
+            expected = (channels, *task.roi)
+        else:
+            spec = PreprocessSpec.from_dict(manifest["preprocess"])
+            # The graph's input dtype decides what preprocessing writes (fp16 graphs take fp16).
+            self.spec = spec.replace(dtype="float16" if backend.input.dtype == np.float16 else "float32")
+            expected = self.spec.output_shape_per_image
         if tuple(backend.input.shape) != expected:
             backend.close()
             raise BundleError(f"the bundle's graph takes {backend.input.shape} per image but its preprocessing "
@@ -164,6 +170,9 @@ class Model:
         Returns:
             Per item, in input order: a list of Predictions, or a MedgeError.
         """
+        if self.task.kind != "classification":
+            raise MedgeError(f"this bundle's task is {self.task.kind}: it segments series; use "
+                             "model.segment(series_folder_or_volume), or medge run BUNDLE SERIES_DIR")
         images: list = []
         read_ms: list[float] = []
         flags: list[tuple] = []
@@ -253,6 +262,45 @@ class Model:
                 r.timings_ms["postprocess"] = post_ms
         return results
 
+    # ------------------------------------------------------------------ segmentation
+
+    def segment(self, source: Any, *, probabilities: bool = False, threads: int = 0):
+        """Segment one series (segmentation bundles).
+
+        Args:
+            source: a ``medge.Volume`` (from ``medge.read_series``), or what
+                ``read_series`` takes: a folder of one series, files, bytes, Datasets.
+            probabilities: also return the per-class probabilities on the series' grid (memory: classes x voxels
+                float32).
+            threads: CPU threads for the volume preprocessing (0: all cores).
+
+        Returns:
+            ``medge.Segmentation``: the uint8 label map on the series' own grid (slice order of the Volume),
+            labels, volumes in mL, warnings, timings per stage, precision and backend.
+
+        Raises:
+            MedgeError: a classification bundle; SeriesError / DicomError: the series cannot be read (a gapped
+                series is refused); OutsideEnvelope: outside the validated envelope (``envelope="enforce"``).
+        """
+        if self.task.kind != "segmentation":
+            raise MedgeError(f"this bundle's task is {self.task.kind}: it scores images; use model.predict(...) "
+                             "(segment needs a bundle converted with --task segmentation)")
+        from .segment import segment
+
+        return segment(self, source, probabilities=probabilities, threads=threads)
+
+    def write_segmentation(self, volume: Any, segmentation: Any, out_dir: Any, **kwargs: Any):
+        """Write ``segmentation`` of ``volume`` as a DICOM Segmentation into ``out_dir`` (highdicom), with this
+        bundle's labels, name, version and manifest SHA-256; returns the dataset (its ``filename`` is the
+        file). Keyword arguments go to :func:`medge.seg_out.write_segmentation`."""
+        from ..seg_out import write_segmentation
+
+        model = self.manifest.get("model") or {}
+        return write_segmentation(volume, segmentation.label_map, labels=list(self.task.labels),
+                                  bundle_name=str(model.get("name") or "medge-model"),
+                                  bundle_version=str(model.get("version") or "1"),
+                                  manifest_sha256=self.bundle.manifest_sha256, out_dir=out_dir, **kwargs)
+
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
@@ -267,6 +315,23 @@ class Model:
     def __repr__(self) -> str:
         name = self.manifest.get("model", {}).get("name", "?")
         return f"Model({name!r}, backend={self.backend})"
+
+
+def _volume_spec(manifest: dict, backend: Backend):
+    """The bundle's VolumeSpec (BundleError when it is not one)."""
+    from ..errors import SpecError
+    from ..volume import VolumeSpec
+
+    entry = dict(manifest["preprocess"])
+    if entry.pop("kind", None) != "volume":
+        backend.close()
+        raise BundleError("the bundle's task is segmentation but its preprocess section is not a volume spec "
+                          "(kind 'volume'): the bundle is inconsistent")
+    try:
+        return VolumeSpec.from_dict(entry).replace(dtype="float32")
+    except SpecError as exc:
+        backend.close()
+        raise BundleError(f"the bundle's volume spec is invalid: {exc}") from None
 
 
 def _as_image(item: Any) -> Image:

@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = [
     "read_series",
     "list_series",
+    "group_series",
     "Volume",
     "SeriesIssue",
     "SeriesSummary",
@@ -359,8 +360,39 @@ def _sources(source: Any) -> tuple[list[tuple[Any, str]], bool]:
                       "paths, bytes or pydicom Datasets")
 
 
-def _headers(source: Any) -> list[_Instance]:
-    """Every slice-like instance among the sources, headers read (pixels not)."""
+def group_series(sources: Sequence[Source]) -> tuple[dict[str, list], list[tuple[int, str]]]:
+    """Sources grouped by Series Instance UID, reading headers only, each source on its own.
+
+    What ``medge run`` needs: one bad file must not stop the other series.
+
+    Args:
+        sources: paths, bytes or pydicom Datasets.
+
+    Returns:
+        ({series UID: [its sources, in the given order]}, [(index of a source that
+        cannot be read, the reason)]). Objects that are not slices (a
+        Segmentation, an SR, a DICOMDIR) are left out, not failed.
+    """
+    _import_pydicom()
+    groups: dict[str, list] = {}
+    failed: list[tuple[int, str]] = []
+    for index, item in enumerate(sources):
+        try:
+            instances = _headers([item], allow_none=True)
+            for instance in instances:
+                uid = _uid(instance.header, "SeriesInstanceUID")
+                if uid is None:
+                    raise SeriesError("it has no valid Series Instance UID (0020,000E): it cannot be assigned to a "
+                                      "series")
+                groups.setdefault(uid, []).append(item)
+        except MedgeError as exc:
+            failed.append((index, str(exc)))
+    return groups, failed
+
+
+def _headers(source: Any, allow_none: bool = False) -> list[_Instance]:
+    """Every slice-like instance among the sources, headers read (pixels not); none found is a SeriesError
+    unless ``allow_none``."""
     from pydicom import dcmread
     from pydicom.dataset import Dataset
     from pydicom.errors import InvalidDicomError
@@ -406,7 +438,7 @@ def _headers(source: Any) -> list[_Instance]:
             instances.append(_Instance(item, header, what))
     if any(skipped.values()):
         _LOG.debug("read_series skipped %s", ", ".join(f"{n} {k}" for k, n in skipped.items() if n))
-    if not instances:
+    if not instances and not allow_none:
         found = ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
         raise SeriesError("no image slices found" + (f" (skipped: {found})" if found else "")
                           + ": pass a folder or files of one image series (CT, MR, PET...)")

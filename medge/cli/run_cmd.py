@@ -14,6 +14,13 @@ Everything that can be refused without the model is refused before the
 bundle is loaded: ``--device``, ``--out`` (suffix, folder, permissions),
 ``--batch``, missing inputs, and inputs without any DICOM file.
 
+Segmentation bundles (``medge-convert --task segmentation``): the DICOM
+files are grouped into series (Series Instance UID); each series is read
+with ``read_series`` (a gapped or otherwise irregular series is refused, and
+skipped), segmented, and gives one JSON line (series UID, grid, per-label
+volumes in mL, precision, timings) and with ``--out-dicom`` one DICOM
+Segmentation. A failed series counts as a failed file below.
+
 Exit status:
 
 - 0: every DICOM file found was predicted. Files skipped as not DICOM (or a
@@ -34,6 +41,7 @@ import csv
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -59,6 +67,10 @@ unreadable files or folders.
 
 Rows name each file by its path relative to the folder it was found in
 (files named here: as given).
+
+Segmentation bundles: the files are grouped into series, one JSON line and
+(with --out-dicom) one DICOM Segmentation per series; a series that cannot
+be read (e.g. missing slices) is reported and skipped.
 
 Exit status: 0 when every DICOM file found was predicted (skipped non-DICOM
 files do not count); 1 when a file failed, or a file or folder could not be
@@ -86,7 +98,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "backend; the first line on stderr says what runs)")
     parser.add_argument("--out-dicom", metavar="DIR",
                         help="also write DICOM results to DIR: a Comprehensive SR (TID 1500) per source series, "
-                             "and for --explain bundles heatmap overlays (Secondary Capture and PNG); needs "
+                             "and for --explain bundles heatmap overlays (Secondary Capture and PNG); for "
+                             "segmentation bundles one DICOM Segmentation per series; needs "
                              'pip install "medge[dicom-out]"')
     parser.add_argument("--allow-failed-gates", action="store_true",
                         help="with --precision: run it even though it failed (or never ran) its accuracy gates "
@@ -95,7 +108,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="images outside what the model was validated on (modality, photometric, bits, "
                              "size, spacing, body part): enforce refuses them (default), warn predicts them "
                              "flagged in a 'warnings' field, off does not check")
-    parser.add_argument("--batch", type=int, default=0, help="images per batch (default: the bundle's max)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="images per batch (default: the bundle's max); segmentation: windows per backend "
+                             "call (default: the bundle's sliding-window batch)")
     parser.add_argument("--trusted-key", metavar="PEM", help="Ed25519 public key the bundle must be signed with")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
@@ -152,11 +167,22 @@ def run(args) -> int:
         listed = f" ({found.summary()}, listed above)" if found.skipped else ""
         raise MedgeError(f"no DICOM files found in the given inputs{listed}")
     files = found.files
+    segmenting = _task_kind(args.bundle) == "segmentation"
+    if segmenting and out is not None and out.suffix.lower() != ".jsonl":
+        raise MedgeError(f"--out {args.out}: a segmentation bundle writes one JSON line per series (per-class "
+                         "volumes): give a .jsonl file")
     if args.out_dicom:
-        from ..dicom_out import ensure_available
+        if segmenting:
+            from ..seg_out import _import_highdicom
 
-        ensure_available()  # a missing highdicom is said before the model loads
+            _import_highdicom()  # a missing highdicom is said before the model loads
+        else:
+            from ..dicom_out import ensure_available
+
+            ensure_available()  # a missing highdicom is said before the model loads
     results_for_dicom: list = []
+    if segmenting:
+        return _run_segmentation(args, device, out, found)
 
     with load(args.bundle, backend=args.backend, device=device, precision=args.precision,
               trusted_key=args.trusted_key, allow_failed_gates=args.allow_failed_gates,
@@ -200,6 +226,76 @@ def run(args) -> int:
             sink.close()
     summary = f"medge run: {len(files) - failures} of {len(files)} files predicted"
     summary += f", {failures} failed" if failures else ""
+    summary += f"; {found.summary()}" if found.skipped else ""
+    print(summary, file=sys.stderr)
+    return 1 if failures or found.unreadable else 0
+
+
+def _task_kind(bundle: str) -> str:
+    """The bundle's task kind from its manifest (opening checks its schema; load verifies it later)."""
+    from ..bundle import Bundle
+
+    task = Bundle.open(bundle).manifest.get("task")
+    return task.get("kind", "") if isinstance(task, dict) else ""
+
+
+def _run_segmentation(args, device, out: Optional[Path], found) -> int:
+    """Segmentation bundles: the inputs grouped into series, one Segmentation (and SEG) per series.
+
+    A series that cannot be read (gapped, damaged, outside the envelope) is
+    reported and skipped; the others go on. One JSON line per series: its
+    Series Instance UID, grid, per-label volumes in mL, precision, backend,
+    timings, and the SEG file written; never a patient value.
+    """
+    from .._progress import Progress
+    from ..runtime.model import load
+    from ..series import group_series, read_series
+
+    files = found.files
+    groups, unreadable = group_series([file.path for file in files])
+    failures = 0
+    for index, reason in unreadable:
+        failures += 1
+        print(f"medge run: skipped {files[index].name} (failed): {reason}", file=sys.stderr)
+    done = 0
+    with load(args.bundle, backend=args.backend, device=device, precision=args.precision,
+              trusted_key=args.trusted_key, allow_failed_gates=args.allow_failed_gates,
+              envelope=args.envelope) as model:
+        print(f"medge run: {model.backend}", file=sys.stderr)
+        if args.batch and not 1 <= args.batch <= model.max_batch:
+            raise MedgeError(f"--batch must be within 1..{model.max_batch} for this bundle")
+        try:
+            stream = open(out, "w") if out is not None else sys.stdout
+        except OSError as exc:
+            raise MedgeError(f"cannot write --out {out}: {exc.strerror}") from exc
+        try:
+            with Progress("segmenting series", len(groups), enabled=args.progress) as bar:
+                for uid, sources in sorted(groups.items()):
+                    bar.update()
+                    try:
+                        started = time.perf_counter()
+                        volume = read_series(sources)
+                        read_ms = (time.perf_counter() - started) * 1e3
+                        result = model.segment(volume, batch_size=args.batch or None)
+                        record = {"series_instance_uid": uid, "files": len(sources), **result.to_dict()}
+                        record["timings_ms"]["read"] = round(read_ms, 3)  # segment() was given the Volume
+                        if args.out_dicom:
+                            written = model.write_segmentation(volume, result, args.out_dicom)
+                            record["seg_file"] = Path(written.filename).name
+                    except MedgeError as exc:
+                        failures += 1
+                        print(f"medge run: series {uid} skipped (failed): {exc}", file=sys.stderr)
+                        continue
+                    done += 1
+                    stream.write(json.dumps(record) + "\n")
+                    stream.flush()
+        finally:
+            if out is not None:
+                stream.close()
+    summary = f"medge run: {done} of {len(groups)} series segmented"
+    summary += f", {failures} failed" if failures else ""
+    if args.out_dicom:
+        summary += f"; {done} DICOM Segmentation(s) in {args.out_dicom}"
     summary += f"; {found.summary()}" if found.skipped else ""
     print(summary, file=sys.stderr)
     return 1 if failures or found.unreadable else 0

@@ -264,7 +264,8 @@ class Model:
 
     # ------------------------------------------------------------------ segmentation
 
-    def segment(self, source: Any, *, probabilities: bool = False, threads: int = 0):
+    def segment(self, source: Any, *, probabilities: bool = False, threads: int = 0,
+                batch_size: Optional[int] = None):
         """Segment one series (segmentation bundles).
 
         Args:
@@ -273,6 +274,7 @@ class Model:
             probabilities: also return the per-class probabilities on the series' grid (memory: classes x voxels
                 float32).
             threads: CPU threads for the volume preprocessing (0: all cores).
+            batch_size: windows per backend call (default: the bundle's sliding-window batch; at most max_batch).
 
         Returns:
             ``medge.Segmentation``: the uint8 label map on the series' own grid (slice order of the Volume),
@@ -287,7 +289,7 @@ class Model:
                              "(segment needs a bundle converted with --task segmentation)")
         from .segment import segment
 
-        return segment(self, source, probabilities=probabilities, threads=threads)
+        return segment(self, source, probabilities=probabilities, threads=threads, batch_size=batch_size)
 
     def write_segmentation(self, volume: Any, segmentation: Any, out_dir: Any, **kwargs: Any):
         """Write ``segmentation`` of ``volume`` as a DICOM Segmentation into ``out_dir`` (highdicom), with this

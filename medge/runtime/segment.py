@@ -18,7 +18,8 @@ from ..errors import MedgeError
 from ..segmentation import Segmentation, infer_logits, model_input, to_label_map, volumes_ml
 
 
-def segment(model: Any, source: Any, *, probabilities: bool = False, threads: int = 0) -> Segmentation:
+def segment(model: Any, source: Any, *, probabilities: bool = False, threads: int = 0,
+            batch_size: Any = None) -> Segmentation:
     """See :meth:`medge.runtime.model.Model.segment`."""
     from ..series import Volume, read_series
 
@@ -38,7 +39,7 @@ def segment(model: Any, source: Any, *, probabilities: bool = False, threads: in
     timings["preprocess"] = (time.perf_counter() - started) * 1e3
 
     backend = model.backend_impl
-    batch = max(1, min(int(task.sw_batch), backend.max_batch))
+    batch = max(1, min(int(task.sw_batch if batch_size is None else batch_size), backend.max_batch))
     infer_seconds = [0.0, 0]
     buffer = _host_window_buffer(backend, batch, task)
 

@@ -345,6 +345,25 @@ def _check_sections(data: dict, what: str) -> None:
             shape = _need(tensor.get("shape"), list, f"{key}[{index}].shape", what)
             if not all(d is None or _is_int(d) or isinstance(d, str) for d in shape):
                 raise BundleError(f"{what}: {key}[{index}].shape must hold integers, names or nulls")
+    preprocess, task = data.get("preprocess"), data.get("task")
+    # A 2-D PreprocessSpec has no "kind"; a segmentation bundle's VolumeSpec says "volume". The task and the
+    # spec must agree: a runtime must never feed a volume spec's output to a classifier or the reverse.
+    if isinstance(preprocess, dict) and "kind" in preprocess and preprocess["kind"] != "volume":
+        raise BundleError(f"{what}: preprocess.kind must be 'volume' (a segmentation bundle's volume spec) or absent")
+    if isinstance(task, dict) and isinstance(preprocess, dict):
+        volume = preprocess.get("kind") == "volume"
+        if (task.get("kind") == "segmentation") != volume:
+            raise BundleError(f"{what}: a segmentation task needs a volume spec (preprocess.kind 'volume') and a "
+                              f"volume spec a segmentation task; this manifest has task {task.get('kind')!r} with "
+                              f"{'a volume' if volume else 'a 2-D'} spec")
+        if task.get("kind") == "segmentation":
+            roi = _need(task.get("roi"), list, "task.roi", what)
+            if not roi or not all(_is_int(r) and r >= 1 for r in roi):
+                raise BundleError(f"{what}: task.roi must be a list of positive integers")
+            _need(task.get("classes"), int, "task.classes", what)
+            _need(task.get("sw_batch"), int, "task.sw_batch", what)
+            for key in ("overlap", "sigma_scale"):
+                _need(task.get(key), float, f"task.{key}", what)
     labels = _need(data.get("labels", []), list, "labels", what, optional=True) or []
     if not all(isinstance(label, str) for label in labels):
         raise BundleError(f"{what}: labels must be a list of strings")
@@ -1253,10 +1272,43 @@ def _section_io(m: dict) -> list[str]:
     return lines
 
 
+def _section_volume_preprocess(spec: dict) -> list[str]:
+    """A segmentation bundle's VolumeSpec (``preprocess.kind == "volume"``) in one line."""
+    voi = spec.get("voi")
+    if voi == "window" and isinstance(spec.get("window"), list) and len(spec["window"]) == 2:
+        parts = [f"window {_num(spec['window'][0], 'g')}/{_num(spec['window'][1], 'g')} "
+                 f"{spec.get('voi_function') or 'LINEAR'}"]
+    else:
+        parts = [f"value range {spec.get('value_range')}"]
+    if spec.get("target_spacing"):
+        parts.append(f"resampled to {' x '.join(_num(v, 'g') for v in spec['target_spacing'])} mm (row, column, "
+                     f"slice), {spec.get('interpolation')}")
+    elif spec.get("target_size"):
+        parts.append(f"resampled to {' x '.join(str(v) for v in spec['target_size'])} voxels, "
+                     f"{spec.get('interpolation')}")
+    else:
+        parts.append("on the series' own grid")
+    if spec.get("roi_size"):
+        parts.append(f"ROI {' x '.join(str(v) for v in spec['roi_size'])} ({spec.get('roi_fit')})")
+    if spec.get("neighbours"):
+        parts.append(f"2.5-D: {spec['neighbours']} neighbouring slice(s) each side as channels")
+    parts.append(f"mean {spec.get('mean')} std {spec.get('std')}")
+    lines = ["Preprocess  volume (series -> network grid)", "  " + ", ".join(parts)]
+    try:
+        from .volume import VolumeSpec
+
+        VolumeSpec.from_dict({k: v for k, v in spec.items() if k != "kind"})
+    except Exception as exc:  # noqa: BLE001 - any reason the runtime would refuse it is worth showing
+        lines.append(f"  INVALID for this medge: {exc}")
+    return lines
+
+
 def _section_preprocess(m: dict) -> list[str]:
     spec = m.get("preprocess")
     if not isinstance(spec, dict):
         return []
+    if spec.get("kind") == "volume":
+        return _section_volume_preprocess(spec)
     parts = [f"{spec.get('height', '?')}x{spec.get('width', '?')}, {spec.get('channels', 1)} channel(s), "
              f"{spec.get('dtype', 'float32')}"]
     voi = spec.get("voi", "dicom")
@@ -1305,9 +1357,14 @@ def _section_task(m: dict) -> list[str]:
     task = m.get("task")
     if not isinstance(task, dict):
         return ["Task      (not recorded: medge.load refuses this bundle; convert it again)"]
-    details = ", ".join(f"{k} {task[k]}" for k in ("classes", "activation", "positive_class")
+    details = ", ".join(f"{k} {task[k]}" for k in ("classes", "activation", "positive_class", "threshold")
                         if task.get(k) is not None)
     lines = [f"Task      {task.get('kind', '?')}" + (f" ({details})" if details else "")]
+    if task.get("kind") == "segmentation":
+        roi = task.get("roi") if isinstance(task.get("roi"), list) else []
+        lines.append(f"  {task.get('spatial_dims')}-D network, sliding window {' x '.join(map(str, roi))}, overlap "
+                     f"{task.get('overlap')}, {task.get('mode')} (sigma {task.get('sigma_scale')}), "
+                     f"{task.get('sw_batch')} window(s) per call")
     point = m.get("operating_point")
     if isinstance(point, dict):
         goal = f"{point.get('target')}={point.get('goal')}" if point.get("goal") is not None else point.get("target")
@@ -1405,6 +1462,9 @@ _ACCURACY_COLUMNS = [
     ("accuracy", "accuracy", ".4f"),
     ("sensitivity", "sensitivity", ".4f"),
     ("specificity", "specificity", ".4f"),
+    ("max_probability_error", "max|p err|", ".3g"),
+    ("voxel_agreement", "voxel agree", ".4f"),
+    ("min_dice", "min Dice", ".4f"),
 ]
 
 
@@ -1417,15 +1477,20 @@ def _section_accuracy(m: dict) -> list[str]:
     if not results:
         return [title, "  (no results)"]
     columns = [c for c in _ACCURACY_COLUMNS if any(r.get(c[0]) is not None for r in results)]
-    rows = [["precision", "batch"] + [c[1] for c in columns]]
+    names = acc.get("labels") if acc.get("kind") == "segmentation" and isinstance(acc.get("labels"), list) else []
+    rows = [["precision", "batch", "engine"] + [c[1] for c in columns] + [f"Dice {n}" for n in names[1:]]]
     notes = []
     for r in results:
-        row = [str(r.get("precision", "?")), str(r.get("batch_size", "?"))]
+        row = [str(r.get("precision", "?")), str(r.get("batch_size", "?")),
+               str(r.get("executed_by") or "-").replace(" CPU", "")]
+        dice = r.get("dice") if isinstance(r.get("dice"), list) else []
         if r.get("measured") is False:
-            row += ["-"] * len(columns)
-            notes.append(f"  {row[0]} batch {row[1]} not measured: {r.get('reason') or 'no reason given'}")
+            row += ["-"] * (len(columns) + len(names[1:]))
+            where = f" on {row[2]}" if r.get("executed_by") else ""
+            notes.append(f"  {row[0]} batch {row[1]}{where} not measured: {r.get('reason') or 'no reason given'}")
         else:
             row += [_num(r.get(key), fmt) for key, _, fmt in columns]
+            row += [_num(dice[i] if i < len(dice) else None, ".4f") for i in range(len(names[1:]))]
             if r.get("reason"):
                 notes.append(f"  {row[0]} batch {row[1]}: {r['reason']}")
         rows.append(row)

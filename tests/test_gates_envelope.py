@@ -202,7 +202,7 @@ def test_a_segmentation_network_is_refused_at_conversion(tmp_path):
     write_ct_series(tmp_path / "val", 4, seed=3, size=64)
     unet = _unet_like_onnx(tmp_path / "unet.onnx")
     spec = PreprocessSpec(32, 32, voi="window", window=(-600, 1500))
-    with pytest.raises(ConversionError, match=r"output is \(batch, 2, 32, 32\).*segmentation is not supported yet"):
+    with pytest.raises(ConversionError, match=r"output is \(batch, 2, 32, 32\).*--task segmentation"):
         convert(unet, tmp_path / "u.medge", spec=spec, validation=tmp_path / "val", precisions=["fp32"],
                 engine="none", log=lambda _: None)
     assert not (tmp_path / "u.medge").exists()

@@ -25,6 +25,9 @@ examples:
       --size 128 128 --window -600 1500 --labels-names no_lesion,lesion \\
       --precision fp32,fp16,int8 --batch 1:4:8 --engine tensorrt_rtx -o lesion.medge
   medge-convert model.pt2 --spec spec.json --calib calib/ --engine none -o model.medge --sign-key key.pem
+  medge-convert unet3d.onnx --task segmentation --window 40 400 --spacing 1.5 1.5 2.0 --overlap 0.5 \
+      --labels-names background,spleen --calib calib_series/ --val val_series/ --batch 1:2:4 -o spleen.medge
+      a 2-D or 3-D segmentation network; --calib / --val are folders of DICOM series (one or several)
 
 The preprocessing (--spec, or --size/--window/--range/...) must be what the model was
 trained with: it is stored in the bundle and used for calibration, validation and
@@ -54,6 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--check-inputs", metavar="PATH",
                       help="check vectors the bundle carries and re-runs at load: a DICOM folder or .npy "
                            "(default: chosen from --val, else --calib)")
+
+    seg = p.add_argument_group(
+        "segmentation (--task segmentation: 2-D or 3-D networks; --calib / --val are folders of DICOM series)")
+    seg.add_argument("--task", default="classification", choices=["classification", "segmentation"],
+                     help="what the outputs mean (default classification; per-pixel outputs need segmentation)")
+    seg.add_argument("--volume-spec", metavar="FILE",
+                     help="VolumeSpec JSON (medge.VolumeSpec.to_json) instead of the volume flags below")
+    seg.add_argument("--spacing", type=float, nargs=3, metavar=("ROW", "COL", "SLICE"),
+                     help="resample each series to this spacing in mm (default: keep its grid)")
+    seg.add_argument("--target-size", type=int, nargs=3, metavar=("D", "H", "W"),
+                     help="resample each series to this size instead of a spacing")
+    seg.add_argument("--neighbours", type=int, default=0, metavar="K",
+                     help="2-D networks trained on 2.5-D input: K neighbouring slices each side as channels")
+    seg.add_argument("--roi", type=int, nargs="+", metavar="N",
+                     help="the network's window, D H W (3-D) or H W (2-D); default: the model's input size")
+    seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
+    seg.add_argument("--sw-mode", default="gaussian", choices=["gaussian", "constant"],
+                     help="sliding-window blending (default gaussian, as MONAI)")
+    seg.add_argument("--sigma-scale", type=float, default=0.125, help="Gaussian sigma / window (default 0.125)")
+    seg.add_argument("--sw-batch", type=int, help="windows per backend call (default: the profile's opt batch)")
+    seg.add_argument("--threshold", type=float, help="sigmoid outputs: mask threshold (default 0.5)")
+    seg.add_argument("--min-dice", type=float,
+                     help="gate: smallest Dice of each label's mask against FP32's (default 0.95)")
+    seg.add_argument("--max-probability-error", type=float,
+                     help="gate: largest probability error against FP32 (default: none)")
 
     pre = p.add_argument_group("preprocessing (what the model was trained with)")
     pre.add_argument("--spec", help="PreprocessSpec JSON file (instead of the flags below)")
@@ -138,6 +166,42 @@ def _spec(args):
     return PreprocessSpec(**kwargs)
 
 
+def _volume_spec(args):
+    from ..volume import VolumeSpec
+
+    if args.volume_spec:
+        try:
+            return VolumeSpec.from_json(Path(args.volume_spec).read_text())
+        except OSError as exc:
+            raise MedgeError(f"cannot read the volume spec file {args.volume_spec}: {exc.strerror}") from exc
+    if not (args.window or args.range):
+        raise MedgeError("give the volume preprocessing: --volume-spec FILE, or --window CENTER WIDTH / --range LOW "
+                         "HIGH (with --spacing or --target-size to resample)")
+    if len(args.mean) != 1 or len(args.std) != 1:
+        raise MedgeError("a volume is normalised with one --mean and one --std")
+    kwargs = dict(target_spacing=tuple(args.spacing) if args.spacing else None,
+                  target_size=tuple(args.target_size) if args.target_size else None,
+                  mean=args.mean[0], std=args.std[0], neighbours=args.neighbours)
+    if args.window:
+        kwargs.update(voi="window", window=tuple(args.window), voi_function=args.voi_function)
+    else:
+        kwargs.update(voi="range", value_range=tuple(args.range))
+    return VolumeSpec(**kwargs)
+
+
+def _segmentation_options(args) -> dict:
+    if args.labels:
+        raise MedgeError("--labels (a CSV of class labels) applies to classification")
+    if args.roi is not None and len(args.roi) not in (2, 3):
+        raise MedgeError("--roi takes D H W (3-D networks) or H W (2-D networks)")
+    if args.spec or args.size:
+        raise MedgeError("--spec / --size describe 2-D classifier inputs; a segmentation bundle takes --volume-spec "
+                         "or the volume flags (--window/--range, --spacing, --roi)")
+    return dict(task="segmentation", volume_spec=_volume_spec(args), roi=tuple(args.roi) if args.roi else None,
+                overlap=args.overlap, sw_mode=args.sw_mode, sigma_scale=args.sigma_scale, sw_batch=args.sw_batch,
+                threshold=args.threshold, min_dice=args.min_dice, max_probability_error=args.max_probability_error)
+
+
 def run(args) -> int:
     from ..convert.pipeline import convert, parse_batch
 
@@ -164,6 +228,31 @@ def run(args) -> int:
         if not args.output:
             raise MedgeError("give the bundle to write with -o NAME.medge")
         names = [n.strip() for n in args.labels_names.split(",")] if args.labels_names else []
+        if args.task == "segmentation":
+            for flag, value in (("--explain", args.explain), ("--operating-point", args.operating_point),
+                                ("--max-auc-drop", args.max_auc_drop),
+                                ("--min-top1-agreement", args.min_top1_agreement),
+                                ("--max-abs-error", args.max_abs_error), ("--check-inputs", args.check_inputs),
+                                ("--positive-class", args.positive_class)):
+                if value:
+                    raise MedgeError(f"{flag} applies to classification, not --task segmentation")
+            for key in ("explain", "operating_point", "max_auc_drop", "min_top1_agreement", "max_abs_error"):
+                common.pop(key)
+            result = convert(
+                args.model, Path(args.output), calibration=args.calib, validation=args.val, name=args.name,
+                version=args.model_version, class_labels=names, activation=args.activation,
+                min_calibration_images=args.min_calibration_images, **_segmentation_options(args), **common)
+            print_summary(result)
+            if result.threshold_failures:
+                print("accuracy gates FAILED:\n  " + "\n  ".join(result.threshold_failures), file=sys.stderr)
+                return EXIT_GATE_FAILED
+            return 0
+        segmentation_only = [flag for flag, value in (
+            ("--volume-spec", args.volume_spec), ("--spacing", args.spacing), ("--target-size", args.target_size),
+            ("--roi", args.roi), ("--min-dice", args.min_dice), ("--threshold", args.threshold),
+            ("--max-probability-error", args.max_probability_error), ("--sw-batch", args.sw_batch)) if value]
+        if segmentation_only:
+            raise MedgeError(f"{', '.join(segmentation_only)} apply to --task segmentation")
         result = convert(
             args.model, Path(args.output), spec=_spec(args), calibration=args.calib, validation=args.val,
             labels=Path(args.labels) if args.labels else None, name=args.name, version=args.model_version,
@@ -178,7 +267,11 @@ def run(args) -> int:
 
 def print_summary(result) -> None:
     print()
-    if result.report is not None:
+    if result.report is not None and result.report.kind == "segmentation":
+        print(f"accuracy against fp32 at batch 1 on ONNX Runtime CPU ({result.report.images} validation series, "
+              "whole volumes through the sliding window; Dice of each label's mask against FP32's):")
+        print(result.report.table())
+    elif result.report is not None:
         print(f"accuracy against fp32 at batch 1 ({result.report.images} validation images, "
               f"executed by ONNX Runtime CPU):")
         print(result.report.table())

@@ -156,3 +156,103 @@ def test_saturation_bound():
     """Two u8*s8 products fit VPMADDUBSW's int16 for every activation exactly when |weight| <= 64."""
     assert 2 * 255 * 64 <= np.iinfo(np.int16).max < 2 * 255 * 65
     assert -2 * 255 * 64 >= np.iinfo(np.int16).min
+
+
+# ------------------------------------------------------------------------------------------------ accuracy control
+
+
+def _top1(path, x):
+    return ort_session(Path(path)).run(None, {"input": x})[0].argmax(1)
+
+
+def _float_fed(model) -> set:
+    """Names of the non-Q/DQ nodes none of whose inputs comes from a DequantizeLinear."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    return {n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and not any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)}
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_every_layer_kept_in_float_gives_fp32(fp32, tmp_path, target):
+    """The graph edit behind accuracy control: a layer 'kept in float' reads exactly FP32's inputs and weights."""
+    from medge.convert.precision import _keep_in_float, _layer_sensitivity
+
+    make_int8(fp32, tmp_path / "q.onnx", inputs(), target=target, min_images=16, min_top1_agreement=None)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    layers = _layer_sensitivity(model, inputs(16), 8, onnx.load(str(fp32)))
+    assert {layer["op"] for layer in layers} >= {"Conv", "Gemm"}
+    assert [layer["input_sqnr_db"] for layer in layers] == sorted(layer["input_sqnr_db"] for layer in layers)
+    # Quantised: noise on most inputs (200 dB stands for none: a tensor already on its grid, e.g. after Flatten).
+    assert sum(layer["input_sqnr_db"] < 100 for layer in layers) >= len(layers) // 2
+    # The graph that was quantised (here the FP32 graph itself: no BatchNorm to fold) gives the float weights
+    # (ONNX Runtime's placement stores them as integers) and the ReLUs its quantiser folded into uint8 ranges.
+    everything = _keep_in_float(model, [layer["node"] for layer in layers], onnx.load(str(fp32)))
+    assert not [n for n in everything.graph.node if n.op_type == "DequantizeLinear"
+                and n.output[0] in {i for m in everything.graph.node for i in m.input}
+                and any(n.output[0] in m.input for m in everything.graph.node if m.name in {l["node"] for l in layers})]
+    onnx.save(everything, str(tmp_path / "float.onnx"))
+    x = inputs(8)
+    ref = ort_session(fp32).run(None, {"input": x})[0]
+    out = ort_session(tmp_path / "float.onnx").run(None, {"input": x})[0]
+    quantised = ort_session(tmp_path / "q.onnx").run(None, {"input": x})[0]
+    assert np.abs(out - ref).max() < 1e-4 < np.abs(quantised - ref).max()
+
+
+def near_tie_cnn(fp32: Path, path: Path, x: np.ndarray) -> Path:
+    """The small CNN with a two-way head whose decision boundary runs through the middle of ``x``'s pooled
+    features (a random direction, threshold at its median; the third class never wins), so some of ``x`` lie
+    within INT8's error of the boundary."""
+    model = onnx.load(str(fp32))
+    probe = onnx.load(str(fp32))
+    probe.graph.output.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, None))
+    onnx.save(probe, str(path))
+    features = ort_session(path).run(["f"], {"input": x})[0]
+    direction = np.random.default_rng(5).standard_normal(features.shape[1]).astype(np.float32)
+    threshold = float(np.median(features @ direction))
+    for init in model.graph.initializer:
+        if init.name == "fc":
+            init.CopyFrom(numpy_helper.from_array(np.stack([direction, -direction, 0 * direction]), "fc"))
+        elif init.name == "fcb":
+            init.CopyFrom(numpy_helper.from_array(np.array([-threshold, threshold, -100], np.float32), "fcb"))
+    onnx.save(model, str(path))
+    return path
+
+
+# Targets above what plain INT8 gives this toy on images near its boundary (98.5% and 89%, asserted below) that
+# one or two float layers reach; its 5-6 layers allow at most 2-3 in float (MAX_FLOAT_LAYER_FRACTION).
+@pytest.mark.parametrize("target, min_top1", [("tensorrt", 0.99), ("onnxruntime", 0.97)])
+def test_accuracy_control_keeps_the_most_sensitive_layers_in_float_until_the_target_holds(fp32, tmp_path, target,
+                                                                                          min_top1):
+    x = inputs(400)
+    fp32 = near_tie_cnn(fp32, tmp_path / "near_tie.onnx", x)
+    plain = make_int8(fp32, tmp_path / "plain.onnx", x, target=target, min_images=16, method="minmax",
+                      min_top1_agreement=None)
+    assert plain.accuracy_control is None
+    reference = _top1(fp32, x)
+    before = float((_top1(tmp_path / "plain.onnx", x) == reference).mean())
+    assert before < min_top1, "the fixture must make INT8 miss the target for this test to mean anything"
+
+    summary = make_int8(fp32, tmp_path / "q.onnx", x, target=target, min_images=16, method="minmax",
+                        min_top1_agreement=min_top1)
+    control = json.loads(json.dumps(summary.to_manifest()))["accuracy_control"]
+    assert control["top1_agreement_before"] == pytest.approx(before, abs=1e-4)
+    assert control["top1_agreement"] >= min_top1 and control["check_images"] == 400
+    kept = control["float_layers"]
+    assert 1 <= len(kept) <= control["layers_ranked"] // 2 and "not reached" not in control["result"]
+    # The most sensitive first: the kept layers are the head of the SQNR ranking.
+    assert kept == control["most_sensitive"][: len(kept)]
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert {layer["node"] for layer in kept} <= _float_fed(model)
+    assert float((_top1(tmp_path / "q.onnx", x) == reference).mean()) == pytest.approx(control["top1_agreement"])
+    # The rest stays quantised, in the declared format.
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    if summary.format.u8s8_saturation_free:
+        assert max(int8_weight_extremes(model).values(), default=0) <= 64
+
+
+def test_accuracy_control_is_quiet_when_int8_already_agrees(fp32, tmp_path):
+    summary = make_int8(fp32, tmp_path / "q.onnx", inputs(), target="tensorrt", min_images=16,
+                        min_top1_agreement=0.5)
+    assert summary.accuracy_control["float_layers"] == [] and summary.accuracy_control["top1_agreement"] >= 0.5
+    with pytest.raises(ConversionError, match="min_top1_agreement"):
+        make_int8(fp32, tmp_path / "x.onnx", inputs(), target="tensorrt", min_images=16, min_top1_agreement=1.5)

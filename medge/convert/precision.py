@@ -130,6 +130,13 @@ ORT_INT8_FORMATS = {f.name: f for f in (
 #: session.x64quantprecision=1 fixes the 8-bit graph at FP32's speed and fails to load DenseNet121's.
 DEFAULT_ORT_INT8_FORMAT = "u8s8-7bit"
 
+#: Accuracy control (``make_int8(min_top1_agreement=...)``): the INT8 graph must give FP32's top-1 label on at
+#: least this fraction of the check images, else its most sensitive layers stay in float until it does.
+DEFAULT_MIN_TOP1_AGREEMENT = 0.99
+#: Accuracy control never keeps more than this fraction of the quantised layers in float: past it the graph is
+#: not an INT8 graph any more, and the conversion's gates report the failure instead.
+MAX_FLOAT_LAYER_FRACTION = 0.5
+
 #: Fewer calibration images than this give activation ranges that generalise poorly.
 DEFAULT_MIN_CALIBRATION_IMAGES = 32
 DEFAULT_PERCENTILE = 99.999
@@ -191,6 +198,8 @@ class CalibrationSummary:
     bias_dtype: str = "float32"
     source: str = ""
     format: Int8Format = TENSORRT_INT8_FORMAT
+    #: What accuracy control measured and did (``AccuracyControl.to_manifest()``); None when it was off.
+    accuracy_control: Optional[dict] = None
 
     def to_manifest(self) -> dict:
         """Plain JSON; ``format`` in words: {"name", "activations", "weights", "bias", "x86_u8s8_saturation_free"}."""
@@ -211,6 +220,7 @@ def make_int8(
     source: str = "",
     target: str = "tensorrt",
     ort_format: Optional[str] = None,
+    min_top1_agreement: Optional[float] = DEFAULT_MIN_TOP1_AGREEMENT,
     progress: Optional[bool] = None,
 ) -> CalibrationSummary:
     """Calibrate and write the INT8 Q/DQ graph of ``fp32_path``.
@@ -228,6 +238,11 @@ def make_int8(
         target: "tensorrt" (Q/DQ as TensorRT fuses it) or "onnxruntime"
             (as ONNX Runtime's CPU provider fuses it); see the module docstring.
         ort_format: for target "onnxruntime", a name in ORT_INT8_FORMATS (None: DEFAULT_ORT_INT8_FORMAT).
+        min_top1_agreement: accuracy control. The INT8 graph's top-1 label must equal FP32's on at least this
+            fraction of the calibration images (ONNX Runtime, as the CPU backend runs it); if it does not, the
+            layers whose quantised inputs lose the most signal (lowest SQNR) stay in float, as few as pass, at
+            most MAX_FLOAT_LAYER_FRACTION of them, and the summary's ``accuracy_control`` says which and why.
+            None: off.
         progress: progress line on stderr (None: when stderr is a terminal).
 
     Returns:
@@ -347,6 +362,12 @@ def make_int8(
                 calibrate_method=methods[method], extra_options=extra,
             )
         _LOG.debug("onnxruntime quantisation output:\n%s", chatter.getvalue())
+        if target == "onnxruntime":
+            _outputs_in_float(out_path)
+        control = None
+        if min_top1_agreement is not None:
+            control = _accuracy_control(fp32_path, out_path, calibration, quant_input, target=min_top1_agreement,
+                                        batch_size=batch_size)
     except ConversionError:
         raise
     except Exception as exc:
@@ -367,8 +388,42 @@ def make_int8(
         percentile=float(percentile) if method == "percentile" else None, seconds=round(seconds, 3),
         quantized_tensors=len({n.input[0] for n in q_nodes}), quantize_linear_nodes=len(q_nodes), source=source,
         target=target, weights_per_channel=fmt.weights_per_channel, activations_symmetric=fmt.activations_symmetric,
-        activation_dtype=fmt.activation_dtype, bias_dtype=fmt.bias_dtype, format=fmt,
+        activation_dtype=fmt.activation_dtype, bias_dtype=fmt.bias_dtype, format=fmt, accuracy_control=control,
     )
+
+
+def _outputs_in_float(path: Path) -> None:
+    """Take the Q/DQ pair off each graph output of ONNX Runtime's placement: the scores leave in float.
+
+    ONNX Runtime's quantiser quantises the network's output too, with a calibrated range: entropy calibration
+    clips the largest logits (the confident ones), and a uint8 step of the output range is a coarse error on a
+    score. Nothing runs after the output, so its Q/DQ buys no integer kernel; the TensorRT placement never has it.
+    """
+    onnx = _onnx()
+    model = onnx.load(str(path))
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    changed = False
+    for output in graph.output:
+        dq = producers.get(output.name)
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] in {i.name for i in graph.initializer}:
+            continue
+        readers = [n for n in graph.node if q.output[0] in n.input]
+        if readers != [dq]:
+            continue  # the quantised output feeds something else too: leave the pair
+        float_name = q.input[0]
+        for node in graph.node:  # the float tensor takes the output's name, for its producer and any reader
+            node.output[:] = [output.name if name == float_name else name for name in node.output]
+            node.input[:] = [output.name if name == float_name else name for name in node.input]
+        graph.node.remove(q)
+        graph.node.remove(dq)
+        changed = True
+    if changed:
+        used = {name for node in graph.node for name in node.input}
+        for init in [i for i in graph.initializer if i.name not in used]:
+            graph.initializer.remove(init)
+        onnx.save(model, str(path))
 
 
 def int8_weight_extremes(model) -> dict[str, int]:
@@ -414,3 +469,299 @@ def _check_tensorrt_qdq(model) -> None:
             data = initializers[node.input[0]]
             if data.data_type == onnx.TensorProto.INT32:
                 raise ConversionError(f"{node.name} dequantises an int32 tensor (a quantised bias), which TensorRT rejects")
+
+
+# ------------------------------------------------------------------------------------------------ accuracy control
+#
+# What NNCF's quantize_with_accuracy_control and Polygraphy's precision debugging do, written small: NNCF would
+# re-quantise the graph itself (its own Q/DQ placement, not TensorRT's or ONNX Runtime's) and Polygraphy brings a
+# TensorRT-centred toolchain; here the graph is calibrated once and layers are returned to float by editing Q/DQ,
+# so both placements keep their exact form and their ranges.
+
+
+def _session_outputs(model, x: np.ndarray, batch_size: int, *, optimise: bool = True, names=None) -> list:
+    """Outputs ``names`` (default: the first graph output) of ``model`` on ``x``, by batch, concatenated."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    names = names or [session.get_outputs()[0].name]
+    return [session.run(names, {input_name: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+
+
+def _top1(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([out[0] for out in _session_outputs(model, x, batch_size)]).argmax(1)
+
+
+def _qdq_pairs(model, float_initializers: Optional[dict] = None):
+    """(producers, initializers, [(node, [(float tensor, dequantised tensor)], [weight SQNR dB])]) for every node
+    that reads a DequantizeLinear output: the graph's quantised layers. Integer weights (ONNX Runtime's
+    placement) get an SQNR when ``float_initializers`` has their float original (``<name>_quantized`` naming)."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        activations, weights = [], []
+        for name in node.input:
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producers.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                # An integer initializer (ONNX Runtime's placement): compared with its float original, if known.
+                source = dq.input[0]
+                original = (float_initializers or {}).get(source[: -len("_quantized")]) \
+                    if source.endswith("_quantized") else None
+                if source in initializers and original is not None and "bias" not in source.lower() \
+                        and numpy_helper.to_array(initializers[source]).dtype != np.int32:
+                    w = numpy_helper.to_array(original).astype(np.float64)
+                    zero = (numpy_helper.to_array(initializers[dq.input[2]])
+                            if len(dq.input) > 2 and dq.input[2] in initializers else None)
+                    restored = _dequantize(numpy_helper.to_array(initializers[source]),
+                                           numpy_helper.to_array(initializers[dq.input[1]]), zero, _axis(dq))
+                    if restored.shape == w.shape:
+                        weights.append(_sqnr_db(float((w**2).sum()), float(((w - restored) ** 2).sum())))
+                continue
+            if q.input[0] in initializers:
+                weights.append(_weight_sqnr_db(q, initializers))
+            else:
+                activations.append((q.input[0], dq.output[0]))
+        if activations or weights:
+            layers.append((node, activations, weights))
+    return producers, initializers, layers
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    return 200.0 if noise <= 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
+
+
+def _axis_shape(scale: np.ndarray, ndim: int, axis: int) -> tuple:
+    shape = [1] * ndim
+    if scale.ndim and scale.size > 1:
+        shape[axis % ndim] = scale.size
+    return tuple(shape)
+
+
+def _dequantize(data: np.ndarray, scale: np.ndarray, zero_point: Optional[np.ndarray], axis: int) -> np.ndarray:
+    shape = _axis_shape(scale, data.ndim, axis)
+    zero = 0 if zero_point is None else zero_point.astype(np.float64).reshape(shape)
+    return ((data.astype(np.float64) - zero) * scale.astype(np.float64).reshape(shape)).astype(np.float32)
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def _weight_sqnr_db(q, initializers) -> float:
+    """SQNR of a float weight through its QuantizeLinear (TensorRT's placement keeps weights as float + Q/DQ)."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(initializers[q.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(initializers[q.input[1]]).astype(np.float64)
+    zero = numpy_helper.to_array(initializers[q.input[2]]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.int8)
+    info = np.iinfo(zero.dtype)
+    shape = _axis_shape(scale, w.ndim, _axis(q))
+    z = zero.astype(np.float64).reshape(shape) if zero.size > 1 else float(zero)
+    s = scale.reshape(shape)
+    restored = (np.clip(np.rint(w / s) + z, info.min, info.max) - z) * s
+    return _sqnr_db(float((w**2).sum()), float(((w - restored) ** 2).sum()))
+
+
+def _layer_sensitivity(model, x: np.ndarray, batch_size: int, float_model=None) -> list[dict]:
+    """Every quantised layer with the SQNR of its quantised inputs on ``x``, least SQNR (most damaged) first.
+
+    Activation SQNR compares each tensor before its QuantizeLinear with after its DequantizeLinear, in the INT8
+    graph itself (ONNX Runtime with graph optimisations off, so every Q/DQ runs as written; what
+    onnxruntime.quantization.qdq_loss_debug calls the QDQ error, accumulated over batches instead of stored). Where
+    the quantiser folded a ReLU into a QuantizeLinear, the tensor before it is compared after that ReLU (taken from
+    ``float_model``, the graph that was quantised), so the ReLU is not counted as noise.
+    """
+    onnx = _onnx()
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    _, _, layers = _qdq_pairs(probe, None if float_model is None else
+                              {init.name: init for init in float_model.graph.initializer})
+    if float_model is not None:
+        float_producers = {out: node for node in float_model.graph.node for out in node.output}
+        restored: dict[str, str] = {}
+        layers = [(node, [(_with_folded_activation(probe.graph, before, float_producers, restored), after)
+                          for before, after in activations], weights) for node, activations, weights in layers]
+    tensors = sorted({t for _, activations, _ in layers for pair in activations for t in pair})
+    present = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in present:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    signal = dict.fromkeys(tensors, 0.0)
+    noise = dict.fromkeys(tensors, 0.0)
+    for values in _session_outputs(probe, x, batch_size, optimise=False, names=tensors):
+        by_name = dict(zip(tensors, values))
+        for _, activations, _ in layers:
+            for before, after in activations:
+                a, b = by_name[before].astype(np.float64), by_name[after].astype(np.float64)
+                signal[after] += float((a * a).sum())
+                noise[after] += float(((a - b) ** 2).sum())
+    ranked = []
+    for node, activations, weights in layers:
+        sqnr = [_sqnr_db(signal[after], noise[after]) for _, after in activations] + list(weights)
+        ranked.append({"node": node.name, "op": node.op_type, "input_sqnr_db": round(min(sqnr), 2)})
+    return sorted(ranked, key=lambda layer: layer["input_sqnr_db"])
+
+
+#: Activations ONNX Runtime's quantiser folds into the QuantizeLinear after them (a uint8 range that starts at 0
+#: is a ReLU): a layer that reads the tensor before that QuantizeLinear must get the activation back.
+_FOLDED_ACTIVATIONS = ("Relu", "Clip")
+
+
+def _with_folded_activation(graph, tensor: str, float_producers: dict, restored: dict) -> str:
+    """``tensor`` (a float tensor before a QuantizeLinear) after the ReLU / Clip the quantiser folded into that
+    QuantizeLinear, if it folded one (the graph that was quantised has such a node making ``tensor``, this graph
+    does not): a node is added to ``graph`` once per tensor. Otherwise ``tensor`` itself."""
+    onnx = _onnx()
+    folded = float_producers.get(tensor)
+    maker = next((n for n in graph.node if tensor in n.output), None)
+    if folded is None or folded.op_type not in _FOLDED_ACTIVATIONS or maker is None or maker.op_type == folded.op_type:
+        return tensor
+    if tensor not in restored:
+        activation = onnx.NodeProto()
+        activation.CopyFrom(folded)
+        activation.name = f"{folded.name or folded.op_type}_restored_for_float"
+        activation.input[0] = tensor
+        activation.output[:] = [tensor + "_restored_activation"]
+        graph.node.insert(list(graph.node).index(maker) + 1, activation)
+        restored[tensor] = activation.output[0]
+    return restored[tensor]
+
+
+def _keep_in_float(model, node_names, float_model):
+    """A copy of ``model`` in which the named nodes read float inputs: the tensor before each QuantizeLinear that
+    feeds them (with the ReLU / Clip the quantiser folded into that QuantizeLinear, taken from ``float_model``,
+    the graph that was quantised), or for an integer initializer (ONNX Runtime's placement) its float original
+    from ``float_model`` (the quantiser's ``<name>_quantized`` naming), else its dequantised value. Q/DQ nodes
+    and initializers left unused are removed."""
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    float_initializers = {init.name: init for init in float_model.graph.initializer}
+    float_producers = {out: node for node in float_model.graph.node for out in node.output}
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    graph = edited.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    restored: dict[str, str] = {}  # float tensor -> the same tensor after its folded activation, made once
+    wanted = set(node_names)
+    for node in list(graph.node):
+        if node.name not in wanted:
+            continue
+        for index, name in enumerate(node.input):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            source = dq.input[0]
+            q = producers.get(source)
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[index] = _with_folded_activation(graph, q.input[0], float_producers, restored)
+                continue
+            if source not in initializers:
+                continue
+            float_name = source + "_float"
+            if float_name not in initializers:
+                original = float_initializers.get(source[: -len("_quantized")]) if source.endswith("_quantized") else None
+                if original is not None and original.data_type == onnx.TensorProto.FLOAT:
+                    value = numpy_helper.to_array(original)
+                else:
+                    zero = (numpy_helper.to_array(initializers[dq.input[2]])
+                            if len(dq.input) > 2 and dq.input[2] in initializers else None)
+                    value = _dequantize(numpy_helper.to_array(initializers[source]),
+                                        numpy_helper.to_array(initializers[dq.input[1]]), zero, _axis(dq))
+                initializers[float_name] = numpy_helper.from_array(value.astype(np.float32), float_name)
+                graph.initializer.append(initializers[float_name])
+            node.input[index] = float_name
+    # Drop the Q/DQ nodes nothing reads any more, then the initializers nothing reads.
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return edited
+
+
+def _accuracy_control(fp32_path: Path, out_path: Path, x: np.ndarray, quant_input: Path, *, target: float,
+                      batch_size: int) -> dict:
+    """Keep the most sensitive layers of the INT8 graph at ``out_path`` in float until its top-1 agreement with
+    FP32 on ``x`` reaches ``target`` (rewriting the file); returns the manifest record of what was done."""
+    onnx = _onnx()
+    if not 0.0 < target <= 1.0:
+        raise ConversionError(f"min_top1_agreement must be in (0, 1], got {target}")
+    reference = _top1(onnx.load(str(fp32_path)), x, batch_size)
+    model = onnx.load(str(out_path))
+    for index, node in enumerate(model.graph.node):  # unique names: layers are kept in float by name
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    before = float((_top1(model, x, batch_size) == reference).mean())
+    record = {"min_top1_agreement": target, "check_images": int(len(x)),
+              "check_set": "the calibration images (the conversion's gates measure the validation images)",
+              "top1_agreement_before": round(before, 4), "top1_agreement": round(before, 4), "float_layers": []}
+    if before >= target:
+        return record
+    started = time.monotonic()
+    float_model = onnx.load(str(quant_input))
+    ranked = _layer_sensitivity(model, x, batch_size, float_model)
+    limit = max(1, int(len(ranked) * MAX_FLOAT_LAYER_FRACTION))
+    tried: dict[int, float] = {}
+
+    def agreement(count: int) -> float:
+        if count not in tried:
+            names = [layer["node"] for layer in ranked[:count]]
+            tried[count] = float((_top1(_keep_in_float(model, names, float_model), x, batch_size)
+                                  == reference).mean())
+        return tried[count]
+
+    # Grow the float set 1, 2, 4, ... layers down the ranking until the target holds, then bisect to the fewest.
+    passing, count = None, 1
+    while passing is None:
+        count = min(count, limit)
+        if agreement(count) >= target:
+            passing = count
+        elif count == limit:
+            break
+        count *= 2
+    record.update({"layers_ranked": len(ranked), "ranked_by": "SQNR of the layer's quantised inputs on the check images",
+                   "most_sensitive": ranked[:10]})
+    if passing is None:
+        record["result"] = (f"the target was not reached with up to {limit} of {len(ranked)} layers in float "
+                            f"(best {max(tried.values()):.2%}); the graph stays fully quantised for the gates to judge")
+        _LOG.warning("INT8 accuracy control: %s", record["result"])
+        record["seconds"] = round(time.monotonic() - started, 1)
+        return record
+    failing = passing // 2
+    while passing - failing > 1:
+        middle = (passing + failing) // 2
+        if agreement(middle) >= target:
+            passing = middle
+        else:
+            failing = middle
+    kept = ranked[:passing]
+    onnx.save(_keep_in_float(model, [layer["node"] for layer in kept], float_model), str(out_path))
+    record.update({"top1_agreement": round(tried[passing], 4), "float_layers": kept, "evaluations": len(tried),
+                   "seconds": round(time.monotonic() - started, 1),
+                   "result": (f"top-1 agreement {before:.2%} < {target:.0%} fully quantised; {passing} of "
+                              f"{len(ranked)} layers (lowest input SQNR first) kept in float: {tried[passing]:.2%}")})
+    _LOG.info("INT8 accuracy control: %s", record["result"])
+    return record

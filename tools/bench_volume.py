@@ -294,13 +294,21 @@ def dice_per_class(mask: np.ndarray, reference: np.ndarray, classes: int) -> lis
 class MonaiChain:
     """The MONAI chain: LoadImaged -> transforms -> sliding_window_inference (eager) -> argmax, Invertd -> highdicom."""
 
-    name = "MONAI (PyTorch eager)"
+    #: How the MONAI chain goes back onto the series' grid: "argmax-nearest" (argmax on the network's grid,
+    #: Invertd with nearest_interp=True: the cheapest) or "softmax-linear" (MONAI's spleen bundle inference.json:
+    #: softmax, Invertd with bilinear interpolation of the probabilities, then argmax: what medge's
+    #: model.segment computes).
+    POSTPROCESSING = ("argmax-nearest", "softmax-linear")
 
-    def __init__(self, module, recipe: Recipe, threads: int) -> None:
+    def __init__(self, module, recipe: Recipe, threads: int, post: str = "argmax-nearest") -> None:
         import torch
         from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityRanged, Spacingd)
 
+        if post not in self.POSTPROCESSING:
+            raise ValueError(f"post must be one of {self.POSTPROCESSING}, got {post!r}")
         torch.set_num_threads(threads)
+        self.post = post
+        self.name = f"MONAI ({post})"
         self.torch = torch
         self.module = module.eval()
         self.recipe = recipe
@@ -333,10 +341,16 @@ class MonaiChain:
 
         mark = time.perf_counter()
         with torch.inference_mode():
-            data["pred"] = torch.argmax(logits[0], dim=0, keepdim=True).to(torch.uint8)
-        data = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=True)(data)
+            if self.post == "argmax-nearest":
+                data["pred"] = torch.argmax(logits[0], dim=0, keepdim=True).to(torch.uint8)
+            else:
+                data["pred"] = torch.softmax(logits[0], dim=0)
+        nearest = self.post == "argmax-nearest"
+        data = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=nearest)(data)
+        with torch.inference_mode():
+            labels = data["pred"][0] if nearest else torch.argmax(data["pred"], dim=0)
         # (x, y, z) -> (slices, rows, columns); PydicomReader stacks slices ascending along the normal.
-        mask = np.ascontiguousarray(np.asarray(data["pred"][0]).transpose(2, 1, 0)).astype(np.uint8)
+        mask = np.ascontiguousarray(np.asarray(labels).transpose(2, 1, 0)).astype(np.uint8)
         t["postprocess"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -492,6 +506,7 @@ class ChainResult:
     times: dict = field(default_factory=lambda: {s: [] for s in STAGES})
     dice: list = field(default_factory=list)
     truth_dice: list = field(default_factory=list)
+    other_dice: dict = field(default_factory=dict)  # reference name -> Dice per class (masks not timed)
 
     def median_ms(self, stage: str) -> float:
         values = self.times[stage]
@@ -499,11 +514,13 @@ class ChainResult:
 
 
 def interleaved(chains: Sequence[Any], folder: Path, rounds: int, out_root: Path, classes: int,
-                truth: Optional[np.ndarray] = None, log: Callable[[str], None] = print) -> list[ChainResult]:
+                truth: Optional[np.ndarray] = None, other_references: Optional[dict] = None,
+                log: Callable[[str], None] = print) -> list[ChainResult]:
     """``rounds`` rounds of every chain in turn; chain 0 is the reference (its mask: Dice 1 by definition).
 
     A first unmeasured run of each chain warms caches (file cache, thread pools, lazy imports) for all alike;
-    its mask gives the Dice against chain 0's and, with ``truth`` (the sphere's voxels), against the truth.
+    its mask gives the Dice against chain 0's, against each of ``other_references`` (name -> mask, e.g. the
+    MONAI chain's other way back onto the grid) and, with ``truth`` (the sphere's voxels), against the truth.
     """
     results = [ChainResult(c.name, getattr(c, "precision", "fp32")) for c in chains]
     reference = None
@@ -512,6 +529,8 @@ def interleaved(chains: Sequence[Any], folder: Path, rounds: int, out_root: Path
         if index == 0:
             reference = mask
         results[index].dice = dice_per_class(mask, reference, classes)
+        for name, other in (other_references or {}).items():
+            results[index].other_dice[name] = dice_per_class(mask, other, classes)
         if truth is not None:
             results[index].truth_dice = dice_per_class(mask, truth.astype(np.uint8), 2)
     for r in range(rounds):
@@ -535,7 +554,11 @@ def table(results: Sequence[ChainResult]) -> str:
     lines.append("| total MONAI / total chain | " + " | ".join(ratio) + " |")
     for k, name in enumerate(LABELS[1:]):
         cells = [f"{r.dice[k]:.4f}" if len(r.dice) > k else "-" for r in results]
-        lines.append(f"| Dice '{name}' vs MONAI FP32 | " + " | ".join(cells) + " |")
+        lines.append(f"| Dice '{name}' vs {reference.name} | " + " | ".join(cells) + " |")
+    for other in results[0].other_dice:
+        for k, name in enumerate(LABELS[1:]):
+            cells = [f"{r.other_dice[other][k]:.4f}" for r in results]
+            lines.append(f"| Dice '{name}' vs {other} (untimed) | " + " | ".join(cells) + " |")
     if all(r.truth_dice for r in results):
         cells = [f"{r.truth_dice[0]:.4f}" for r in results]
         lines.append("| Dice 'sphere' vs synthetic truth | " + " | ".join(cells) + " |")
@@ -557,6 +580,16 @@ def versions() -> dict:
 # --------------------------------------------------------------------------- medge bundle
 
 
+def calibration_window_count(folder: Path, spec: Any, recipe: Recipe) -> int:
+    """How many sliding windows the calibration series gives (what INT8 calibration sees)."""
+    import medge
+    from medge.sliding_window import window_starts
+
+    volume = medge.read_series(folder)
+    grid = spec.output_shape(volume.shape, volume.spacing)[2:]
+    return len(window_starts(grid, recipe.roi, (recipe.overlap,) * 3))
+
+
 def build_bundle(cache: Path, module, recipe: Recipe, net: Net, calibration: Path, validation: Path,
                  precisions: Sequence[str], log: Callable[[str], None] = print) -> Path:
     """The segmentation bundle of ``monai_axes(module)`` (converted once, cached by weights and recipe)."""
@@ -571,12 +604,15 @@ def build_bundle(cache: Path, module, recipe: Recipe, net: Net, calibration: Pat
     spec = VolumeSpec(voi="range", value_range=recipe.value_range, target_spacing=recipe.spacing,
                       roi_size=recipe.roi, roi_fit="pad")
     onnx_path = export_onnx(module, cache / f"unet_{key}.onnx", recipe.roi)
+    # medge's 32-image floor is for 2-D images; here every calibration "image" is a whole 3-D window (96^3 voxels
+    # per channel), so the calibration series' own window count is the floor: all its windows are used.
+    windows = calibration_window_count(calibration, spec, recipe)
     log(f"converting the bundle ({', '.join(precisions)}) into {bundle} ...")
     start = time.perf_counter()
     convert(onnx_path, bundle, task="segmentation", volume_spec=spec, roi=recipe.roi, overlap=recipe.overlap,
             sw_mode=recipe.mode, sw_batch=recipe.sw_batch, calibration=calibration, validation=validation,
             precisions=tuple(precisions), batch=(1, recipe.sw_batch, recipe.sw_batch), engine="none",
-            class_labels=LABELS, name="bench-unet", overwrite=True, log=log)
+            class_labels=LABELS, name="bench-unet", overwrite=True, min_calibration_images=min(32, windows), log=log)
     log(f"converted in {time.perf_counter() - start:.0f} s")
     return bundle
 
@@ -604,6 +640,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--train-steps", type=int, default=150,
                         help="Adam steps to train the UNet on CPU (cached; default 150, a few minutes)")
     parser.add_argument("--random-weights", action="store_true", help="no training: masks without margins")
+    parser.add_argument("--monai-post", choices=MonaiChain.POSTPROCESSING, default="argmax-nearest",
+                        help="the MONAI chain's way back onto the series' grid (default argmax-nearest, the cheaper)")
     parser.add_argument("--precisions", default="fp32,int8", help="graphs to convert (default fp32,int8)")
     parser.add_argument("--medge-api", choices=("auto", "segment", "pieces"), default="auto",
                         help="segment: medge.load + model.segment; pieces: medge's building blocks with an ONNX "
@@ -636,7 +674,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     api = args.medge_api
     if api == "auto":
         api = "segment" if segment_api_available() else "pieces"
-    chains: list[Any] = [MonaiChain(module, recipe, cores)]
+    chains: list[Any] = [MonaiChain(module, recipe, cores, args.monai_post)]
     if api == "segment":
         calibration = series_folder(cache, slices=max(16, args.slices // 2), size=args.size, seed=12,
                                     sphere=None)
@@ -652,7 +690,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         chains.append(MedgePiecesChain(onnx_path, recipe, cores, net.classes))
 
     with tempfile.TemporaryDirectory(prefix="bench_volume_") as tmp:
-        results = interleaved(chains, folder, args.rounds, Path(tmp), net.classes, truth=truth_mask(folder))
+        # The MONAI chain's other way back onto the grid, once, untimed: Dice against both ways.
+        other_post = [p for p in MonaiChain.POSTPROCESSING if p != args.monai_post][0]
+        other = MonaiChain(module, recipe, cores, other_post)
+        other_mask, _ = other.run(folder, Path(tmp) / "other")
+        results = interleaved(chains, folder, args.rounds, Path(tmp), net.classes, truth=truth_mask(folder),
+                              other_references={other.name: other_mask})
     load = os.getloadavg()
     text = table(results)
     print()
@@ -664,6 +707,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "series": {"slices": args.slices, "size": args.size}, "network": note, "recipe": asdict(recipe),
             "medge_api": api, "rounds": args.rounds,
             "chains": [{"name": r.name, "precision": r.precision, "dice": r.dice, "dice_vs_truth": r.truth_dice,
+                        "dice_vs_other_references": r.other_dice,
                         "median_ms": {s: r.median_ms(s) for s in STAGES}, "seconds": r.times} for r in results],
             "table": text,
         }

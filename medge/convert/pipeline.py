@@ -780,8 +780,24 @@ def _import_segmentation_model(model, work: Path, example_input, roi, some: np.n
         example_input = samples = _centre_windows(some, [int(r) for r in roi])
     elif example_input is not None:
         samples = np.asarray(example_input, dtype=np.float32)[:2]
+    elif Path(model).suffix.lower() != ".onnx":
+        # torch.export / TorchScript files: compared with ONNX Runtime on real windows too.
+        window = [int(r) for r in roi] if roi is not None else _recorded_window(Path(model))
+        if window is not None:
+            samples = _centre_windows(some, window)
+            if Path(model).suffix.lower() != ".pt2":
+                example_input = samples
     imported = import_model(model, work, example_input=example_input, sample_inputs=samples, spatial_dims=(2, 3))
     return imported
+
+
+def _recorded_window(path: Path):
+    """The spatial input size a torch.export program records (None for other files)."""
+    if path.suffix.lower() != ".pt2":
+        return None
+    from .export import _example_for, _load_exported_program
+
+    return [int(d) for d in _example_for(_load_exported_program(path), "torch.export", None).shape[2:]]
 
 
 def _centre_windows(array: np.ndarray, roi: list) -> np.ndarray:

@@ -147,12 +147,28 @@ def to_label_map(logits: np.ndarray, volume: Any, spec: Any, task: Any, *,
     """
     from .volume import to_original_grid
 
-    probabilities = task.probabilities(logits, axis=0)
-    back = to_original_grid(probabilities, spec, volume.shape, volume.spacing, mode="linear", fill=0,
-                            compute_dtype=np.float32)
-    label_map = task.labels_of(back, axis=0, probabilities=True)
+    resampled = spec.resampled_size(volume.shape, volume.spacing)
+    size, offset = spec.roi_placement(resampled)
+    if tuple(resampled) == tuple(volume.shape) and tuple(size) == tuple(resampled) and not any(offset):
+        # The model saw the series' own grid: labels straight from the logits (argmax of the probabilities
+        # is the argmax of the logits; a sigmoid threshold is a logit threshold), no probability volume.
+        label_map = task.labels_of(logits, axis=0)
+        back = task.probabilities(logits, axis=0) if keep_probabilities or task.activation == "sigmoid" else None
+    elif task.activation == "softmax" and task.classes == 2 and not keep_probabilities:
+        # Two classes: linear interpolation keeps p0 + p1 = 1, so the argmax is p1 > 1/2 (ties and voxels the
+        # crop removed, filled with 0, stay background); half the resampling work of both channels.
+        foreground = task.probabilities(logits, axis=0)[1]
+        back = None
+        label_map = (to_original_grid(foreground, spec, volume.shape, volume.spacing, mode="linear", fill=0,
+                                      compute_dtype=np.float32) > 0.5).view(np.uint8)
+    else:
+        back = to_original_grid(task.probabilities(logits, axis=0), spec, volume.shape, volume.spacing,
+                                mode="linear", fill=0, compute_dtype=np.float32)
+        label_map = task.labels_of(back, axis=0, probabilities=True)
     if task.activation == "sigmoid":
-        counts = (back >= task.threshold).reshape(len(back), -1).sum(axis=1)
+        counts = np.array([int(np.count_nonzero(channel >= task.threshold)) for channel in back])
+    elif task.label_count <= 16:  # a comparison per label beats bincount's scattered increments
+        counts = np.array([int(np.count_nonzero(label_map == v)) for v in range(1, task.label_count)])
     else:
         counts = np.bincount(label_map.ravel(), minlength=task.label_count)[1:]
     return label_map, (back if keep_probabilities else None), counts

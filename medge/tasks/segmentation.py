@@ -219,11 +219,16 @@ class SegmentationTask(Task):
         """
         x = np.asarray(outputs)
         if self.activation == "softmax":
-            return x.argmax(axis=axis).astype(np.uint8)
-        p = x if probabilities else self.probabilities(x, axis)
-        best = p.argmax(axis=axis)
-        above = np.take_along_axis(p, np.expand_dims(best, axis), axis=axis).squeeze(axis) >= self.threshold
-        return np.where(above, best + 1, 0).astype(np.uint8)
+            return _argmax(x, axis)[0]
+        if not probabilities:  # sigmoid(l) >= t <=> l >= logit(t): no exp over the whole volume
+            best, highest = _argmax(x, axis)
+            cut = float(np.log(self.threshold / (1.0 - self.threshold)))
+        else:
+            best, highest = _argmax(x, axis)
+            cut = self.threshold
+        best += 1
+        best[highest < cut] = 0
+        return best
 
     def masks(self, outputs: np.ndarray, axis: int = 1) -> np.ndarray:
         """Per label 1..: a bool mask along a new leading axis (sigmoid masks may overlap; softmax ones do not)."""
@@ -333,3 +338,27 @@ class SegmentationTask(Task):
         counts = np.stack([(labels == v).sum(axis=1) for v in range(self.label_count)], axis=1)
         counts[:, 0] = 0
         return np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), 0)
+
+
+def _argmax(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 index of the largest value along ``axis``, that value), first index on ties like numpy's argmax.
+
+    One pass per class with running maxima: numpy's argmax over a short leading axis of a large volume
+    walks it with a stride and is several times slower.
+    """
+    count = x.shape[axis]
+    index = [slice(None)] * x.ndim
+
+    def channel(k: int) -> np.ndarray:  # a view, not a copy (np.take would copy)
+        index[axis] = k
+        return x[tuple(index)]
+
+    highest = np.array(channel(0), copy=True)
+    best = np.zeros(highest.shape, dtype=np.uint8)
+    better = np.empty(highest.shape, dtype=bool)
+    for k in range(1, count):
+        values = channel(k)
+        np.greater(values, highest, out=better)
+        np.copyto(best, np.uint8(k), where=better)
+        np.maximum(highest, values, out=highest)
+    return best, highest

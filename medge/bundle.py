@@ -1410,7 +1410,7 @@ def _section_envelope(m: dict) -> list[str]:
         return ", ".join(str(v) for v in value)
 
     return ["Envelope  what inputs must look like (from " + f"{env.get('images', '?')} "
-            + f"{' and '.join(env.get('sources') or []) or '?'} images)",
+            + f"{' and '.join(env.get('sources') or []) or '?'} {env.get('unit') or 'images'})",
             f"  modality {values('modalities')}; photometric {values('photometric_interpretations')}; "
             f"bits stored {values('bits_stored')}",
             f"  rows {values('rows')}, columns {values('columns')}; pixel spacing {values('pixel_spacing_mm')} mm; "

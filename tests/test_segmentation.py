@@ -72,7 +72,8 @@ def test_calibration_and_check_vectors_use_the_sliding_windows(seg_bundle):
     vectors = CheckVectors.from_bundle(Bundle.open(seg_bundle.bundle_path))
     assert vectors.inputs.shape == (8, 1, *ROI) and vectors.reference.shape == (8, 2, *ROI)
     envelope = manifest["envelope"]
-    assert envelope["modalities"] == ["CT"] and envelope["rows"] == [48, 48] and envelope["images"] == 3
+    assert envelope["modalities"] == ["CT"] and envelope["rows"] == [48, 48]
+    assert envelope["images"] == 3 and envelope["unit"] == "series"
 
 
 def test_the_trained_unet_finds_the_sphere_in_another_series(seg_bundle, seg_data):

@@ -708,7 +708,7 @@ def _segmentation_bundle(writer, model, output, volume_spec, roi, overlap, sw_mo
         checks = CheckVectors.choose(candidates, reference, task, errors,
                                      "validation set" if val is not None else "calibration set", count=count)
         sets = [(what, s) for what, s in (("calibration", calib), ("validation", val)) if s is not None]
-        envelope = Envelope.observe([h for _, s in sets for h in s.headers], [what for what, _ in sets])
+        envelope = Envelope.observe([h for _, s in sets for h in s.headers], [what for what, _ in sets], unit="series")
 
         engines: list = []
         if engine != "none":

@@ -50,8 +50,9 @@ class Envelope:
         rows, columns: (min, max) frame size seen.
         pixel_spacing_mm: (min, max) over row and column spacing, where the headers gave it.
         body_parts: Body Part Examined defined terms seen, where present.
-        images: how many images it was built from.
+        images: how many images (or series, see ``unit``) it was built from.
         sources: which sets (calibration, validation) it was built from.
+        unit: what ``images`` counts: "images", or "series" for segmentation bundles (one item per series).
     """
 
     modalities: frozenset = frozenset()
@@ -63,12 +64,14 @@ class Envelope:
     body_parts: frozenset = frozenset()
     images: int = 0
     sources: tuple = ()
+    unit: str = "images"
 
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def observe(cls, images: Iterable[Image], sources: Iterable[str] = ()) -> Optional["Envelope"]:
-        """The envelope of ``images`` (None when there are none)."""
+    def observe(cls, images: Iterable[Image], sources: Iterable[str] = (), unit: str = "images"
+                ) -> Optional["Envelope"]:
+        """The envelope of ``images`` (None when there are none); ``unit`` names what one item is."""
         modalities, photometrics, bits, body_parts = set(), set(), set(), set()
         rows, columns, spacing = [], [], []
         count = 0
@@ -92,7 +95,7 @@ class Envelope:
             return None
         return cls(frozenset(modalities), frozenset(photometrics), frozenset(bits), (min(rows), max(rows)),
                    (min(columns), max(columns)), (min(spacing), max(spacing)) if spacing else None,
-                   frozenset(body_parts), count, tuple(sources))
+                   frozenset(body_parts), count, tuple(sources), unit)
 
     def to_manifest(self) -> dict:
         return {"modalities": sorted(self.modalities),
@@ -101,7 +104,8 @@ class Envelope:
                 "rows": list(self.rows) if self.rows else None,
                 "columns": list(self.columns) if self.columns else None,
                 "pixel_spacing_mm": list(self.pixel_spacing_mm) if self.pixel_spacing_mm else None,
-                "body_parts": sorted(self.body_parts), "images": self.images, "sources": list(self.sources)}
+                "body_parts": sorted(self.body_parts), "images": self.images, "sources": list(self.sources),
+                "unit": self.unit}
 
     @classmethod
     def from_manifest(cls, entry: Any) -> Optional["Envelope"]:
@@ -137,9 +141,12 @@ class Envelope:
         images = entry.get("images", 0)
         if not isinstance(images, int) or isinstance(images, bool):
             raise BundleError("the manifest's envelope.images must be an integer")
+        unit = entry.get("unit", "images")
+        if unit not in ("images", "series"):
+            raise BundleError("the manifest's envelope.unit must be 'images' or 'series'")
         return cls(strings("modalities"), strings("photometric_interpretations"), frozenset(bits),
                    pair("rows", int), pair("columns", int), pair("pixel_spacing_mm", float), strings("body_parts"),
-                   images, tuple(strings("sources")))
+                   images, tuple(strings("sources")), unit)
 
     # ------------------------------------------------------------------ checking
 
@@ -185,7 +192,7 @@ class Envelope:
                  f"columns {_range(self.columns) if self.columns else 'not recorded'}",
                  f"pixel spacing {(_range(self.pixel_spacing_mm, _spacing_number) + ' mm') if self.pixel_spacing_mm else 'not recorded'}",
                  f"body part {_listed(self.body_parts) or 'not recorded'}"]
-        return lines + [f"from {self.images} images ({', '.join(self.sources) or 'unknown sets'})"]
+        return lines + [f"from {self.images} {self.unit} ({', '.join(self.sources) or 'unknown sets'})"]
 
 
 class EnvelopeCheck:

@@ -249,6 +249,34 @@ def test_a_2d_unet_runs_slice_by_slice(seg_data, tmp_path):
     np.testing.assert_array_equal(seg.label_map, expected)
 
 
+def test_a_2d_unet_on_25d_input_sees_each_slice_with_its_neighbours(seg_data, tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    nets = pytest.importorskip("monai.networks.nets", reason="monai is not installed")
+    from medge.convert.export import ort_session
+    from medge.convert.pipeline import convert
+    from medge.volume import VolumeSpec, preprocess_volume
+
+    root, _ = seg_data
+    torch.manual_seed(3)
+    net = nets.UNet(spatial_dims=2, in_channels=3, out_channels=2, channels=(4, 8), strides=(2,),
+                    num_res_units=0).eval()
+    spec = VolumeSpec(voi="window", window=WINDOW, neighbours=1)
+    result = convert(net, tmp_path / "unet25d.medge", task="segmentation", volume_spec=spec, roi=(48, 48),
+                     validation=root / "val", precisions=["fp32"], batch=(1, 4, 4), engine="none",
+                     log=lambda _: None)
+    volume = medge.read_series(root / "deploy" / "two")
+    with medge.load(result.bundle_path, backend="onnxruntime") as model:
+        seg = model.segment(volume)
+    session = ort_session(result.bundle_path / result.manifest["graphs"]["fp32"]["file"])
+    slices = preprocess_volume(volume, spec=spec)  # (D, 3, H, W): each slice with the one before and after
+    expected = session.run(None, {session.get_inputs()[0].name: slices})[0].argmax(1)
+    np.testing.assert_array_equal(seg.label_map, expected)
+    with pytest.raises(ConversionError, match=r"exported on windows of the volume spec, 3 channel\(s\)"):
+        convert(nets.UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,),
+                          num_res_units=0).eval(), tmp_path / "wrong.medge", task="segmentation", volume_spec=spec,
+                roi=(48, 48), validation=root / "val", precisions=["fp32"], engine="none", log=lambda _: None)
+
+
 def test_a_3d_segresnet_converts_with_its_report(seg_data, tmp_path):
     torch = pytest.importorskip("torch", reason="torch is not installed")
     nets = pytest.importorskip("monai.networks.nets", reason="monai is not installed")

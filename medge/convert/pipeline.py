@@ -787,8 +787,16 @@ def _import_segmentation_model(model, work: Path, example_input, roi, some: np.n
             samples = _centre_windows(some, window)
             if Path(model).suffix.lower() != ".pt2":
                 example_input = samples
-    imported = import_model(model, work, example_input=example_input, sample_inputs=samples, spatial_dims=(2, 3))
-    return imported
+    try:
+        return import_model(model, work, example_input=example_input, sample_inputs=samples, spatial_dims=(2, 3))
+    except ConversionError as exc:
+        if example_input is None or isinstance(model, (str, Path)):
+            raise
+        channels = int(np.asarray(example_input).shape[1])
+        raise ConversionError(
+            f"the network was exported on windows of the volume spec, {channels} channel(s) ("
+            f"{'2k + 1 with neighbours k = ' + str(volume_spec.neighbours) if volume_spec.neighbours else 'neighbours 0'}"
+            f"): if it takes another channel count, fix the spec's neighbours. {exc}") from None
 
 
 def _recorded_window(path: Path):

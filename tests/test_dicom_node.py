@@ -642,8 +642,8 @@ def test_paused_requestor_reactor_closes_pynetdicoms_response_race():
 def test_node_refuses_a_task_without_dicom_results(model, tmp_path, monkeypatch):
     from medge.serve.dicom_node import DicomNode
 
-    class Other:
-        manifest = {"task": {"kind": "segmentation"}}
+    class Other:  # segmentation has its writer (tests/test_dicom_node_seg.py); detection has none
+        manifest = {"task": {"kind": "detection"}}
 
     with pytest.raises(MedgeError, match="classification"):
         DicomNode(Other(), spool=tmp_path)

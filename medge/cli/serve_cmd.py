@@ -29,6 +29,13 @@ bundle's name, version and manifest SHA-256), heatmaps become Secondary
 Capture overlays, and results are sent by C-STORE to --forward, through an
 on-disk outbox with retries (nothing is lost while the destination is down).
 
+A segmentation bundle (medge-convert --task segmentation) answers series,
+not images: accepted instances are spooled per series under --spool, and
+each complete series (its associations closed, or --series-idle) is read as
+a volume (a series with missing, duplicated or unevenly spaced slices gets
+no result and is counted failed), segmented, and sent on as one DICOM SEG.
+--sr-max-instances does not apply to it (a SEG needs the whole series).
+
 Per-instance C-STORE statuses: 0x0000 accepted; 0xA700 busy or shutting down
 (send again later); 0xA900 SOP class differs from the presentation context;
 0xC210 unreadable (damaged, truncated, undecodable); 0xC211 outside the
@@ -40,7 +47,8 @@ Logs never carry patient attributes. SIGTERM or Ctrl-C: stop gracefully."""
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``serve`` on the ``medge`` command's subparsers; returns the new parser."""
     parser = subparsers.add_parser(
-        "serve", help="run a bundle as a DICOM node (C-STORE in, SR and overlays out to --forward)",
+        "serve", help="run a bundle as a DICOM node (C-STORE in; SR and overlays, or one SEG per series, out to "
+                      "--forward)",
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="NAME.medge bundle")
     parser.add_argument("--ae-title", default="MEDGE", help="the node's AE title (default: MEDGE)")
@@ -52,7 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="where results are sent by C-STORE (default: none; results are written to "
                              "SPOOL/results)")
     parser.add_argument("--spool", default="medge-spool",
-                        help="folder of the result outbox, kept across restarts (default: ./medge-spool)")
+                        help="folder of the result outbox (and, for segmentation bundles, of the series being "
+                             "received), kept across restarts (default: ./medge-spool)")
     tls = parser.add_argument_group("TLS (transport encryption of patient data)")
     tls.add_argument("--tls-cert", metavar="PEM", help="the node's certificate (PEM); with --tls-key makes the "
                                                        "port TLS-only")
@@ -72,9 +81,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ops.add_argument("--max-delay-ms", type=float, default=5.0,
                      help="how long an image waits for batch-mates (default: 5)")
     ops.add_argument("--series-idle", type=float, default=5.0, metavar="S",
-                     help="write a series' SR once none of its images arrived for S seconds, even if its "
-                          "association is still open (default: 5; it is written sooner when every association "
-                          "that sent it has closed)")
+                     help="write a series' SR (segment it, for a segmentation bundle) once none of its images "
+                          "arrived for S seconds, even if its association is still open (default: 5; it is "
+                          "written sooner when every association that sent it has closed)")
     ops.add_argument("--sr-max-instances", type=int, default=100, metavar="N",
                      help="at most N images per SR (default: 100): a longer series gets several SRs in one SR "
                           "series, the first written while the rest still arrives; 1 gives one SR per image, at once")
@@ -176,9 +185,13 @@ def run(args) -> int:
                     pass
             finally:
                 stats = node.stop(deliver_timeout_s=args.drain_timeout)
-            print(f"medge serve: stopped: {stats['received']} received, {stats['predicted']} predicted, "
-                  f"{stats['delivered_instances']} results delivered, {stats['outbox_files']} result files left in "
-                  f"the outbox", file=sys.stderr, flush=True)
+            if node.segmenting:
+                done = (f"{stats['segmented_series']} series segmented, {sum(stats['failed_series'].values())} "
+                        f"failed, {stats['delivered_series']} SEGs delivered")
+            else:
+                done = f"{stats['predicted']} predicted, {stats['delivered_instances']} results delivered"
+            print(f"medge serve: stopped: {stats['received']} received, {done}, {stats['outbox_files']} result "
+                  f"files left in the outbox", file=sys.stderr, flush=True)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -93,9 +93,12 @@ import concurrent.futures
 import contextlib
 import io
 import itertools
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import ssl
 import threading
 import time
@@ -140,6 +143,9 @@ _UNCOMPRESSED = ("ImplicitVRLittleEndian", "ExplicitVRLittleEndian", "DeflatedEx
 _COMPRESSED = ("JPEGBaseline8Bit", "JPEGExtended12Bit", "JPEGLossless", "JPEGLosslessSV1", "JPEGLSLossless",
                "JPEGLSNearLossless", "JPEG2000Lossless", "JPEG2000", "HTJ2KLossless", "HTJ2KLosslessRPCL", "HTJ2K",
                "RLELossless")
+#: What a segmentation bundle's node sends: Segmentation Storage (BINARY, what medge writes) and Label Map
+#: Segmentation Storage (medge.seg_out's LABELMAP type).
+SEG_SOP_CLASS_UIDS = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
                     1800.0, 3600.0)
 # A file refused this many times with a permanent status moves to outbox/undeliverable.
@@ -419,6 +425,15 @@ class _Metrics:
                                                  buckets=_LATENCY_BUCKETS)
         self.latency = prom.Histogram(p + "latency_seconds", "C-STORE received to its SR delivered",
                                       registry=registry, buckets=_LATENCY_BUCKETS)
+        # Segmentation bundles: one result per series, so series-level counters and latency.
+        self.segmented = prom.Counter(p + "segmented_series", "Series segmented (their SEG written to the outbox)",
+                                      registry=registry)
+        self.series_failed = prom.Counter(p + "failed_series", "Series without a SEG, by stage (read: not a "
+                                          "consistent series; segment; write; deliver)", ["stage"],
+                                          registry=registry)
+        self.series_latency = prom.Histogram(p + "series_latency_seconds", "Last instance of a series received to "
+                                             "its SEG delivered (includes the settle or idle wait)",
+                                             registry=registry, buckets=_LATENCY_BUCKETS)
 
     def value(self, name: str, labels: Optional[dict] = None) -> float:
         return float(self.registry.get_sample_value(name, labels or {}) or 0.0)
@@ -560,6 +575,7 @@ class _Instance:
     received: float
     predictions: Any = None
     error: Optional[BaseException] = None
+    path: Optional[Path] = None  # segmentation bundles: the instance as received, in the series' spool folder
 
 
 @dataclass
@@ -572,24 +588,31 @@ class _Series:
     last_closed: float = 0.0
     parts: int = 0
     overlays: int = 0
+    folder: Optional[Path] = None  # segmentation bundles: where its instances are spooled
 
 
 class DicomNode:
     """A DICOM C-STORE SCP that predicts every accepted image with ``model`` and delivers the results.
 
+    With a segmentation bundle, accepted instances are spooled per series
+    instead, and each complete series is segmented into one DICOM SEG (module
+    docstring, "Segmentation bundles").
+
     Args:
-        model: a loaded ``medge.Model`` (classification); the node does not close it.
+        model: a loaded ``medge.Model`` (classification or segmentation); the node does not close it.
         ae_title: the node's AE title.
         host, port: where to listen (port 0: any free port, see ``port`` after ``start``).
         forward: a Destination (or "HOST:PORT:AE") for the results; None: keep them in ``<spool>/results``.
-        spool: folder of the outbox (and results without ``forward``); kept across restarts.
+        spool: folder of the outbox (and results without ``forward``), and of the series being received for a
+            segmentation bundle; kept across restarts.
         ssl_context: TLS for the port (``server_tls_context``); None: plain TCP.
         forward_tls: TLS towards ``forward`` (``client_tls_context``).
         metrics_port: serve Prometheus metrics on http://metrics_host:metrics_port/ (None: not served;
             0: any free port, see ``metrics_port`` after ``start``).
         max_delay_ms: the Batcher's wait for batch-mates.
         max_queue: images waiting for the model before C-STOREs wait (then 0xA700 after ``queue_timeout_s``).
-        series_idle_s, settle_s, max_per_sr: when a series' SR is written (module docstring).
+        series_idle_s, settle_s, max_per_sr: when a series' SR (or SEG) is written (module docstring);
+            ``max_per_sr`` does not apply to segmentation bundles (a SEG needs the whole series).
         outbox_max_files, outbox_max_bytes: the outbox bound.
         retry_initial_s, retry_max_s: delivery backoff.
         max_associations: concurrent associations.
@@ -602,7 +625,7 @@ class DicomNode:
             competing with them for the GIL). Default: CPU count - 1, at most 4; 0 builds them in-process.
 
     Raises:
-        MedgeError: the bundle's task has no DICOM result writer yet, or a setting is out of range.
+        MedgeError: the bundle's task has no DICOM result writer, or a setting is out of range.
         MissingDependency: pynetdicom, highdicom or prometheus-client is missing (``medge[serve]``).
     """
 
@@ -623,9 +646,11 @@ class DicomNode:
         if not _valid_ae(ae_title):
             raise MedgeError(f"the AE title must have 1-16 characters without a backslash, got {ae_title!r}")
         kind = (getattr(model, "manifest", {}).get("task") or {}).get("kind")
-        if kind != "classification":
-            raise MedgeError(f"medge serve writes DICOM results for classification bundles; this bundle's task is "
-                             f"{kind!r}")
+        if kind not in ("classification", "segmentation"):
+            raise MedgeError(f"medge serve writes DICOM results for classification and segmentation bundles; this "
+                             f"bundle's task is {kind!r}")
+        #: True for a segmentation bundle: series are spooled, segmented whole, and answered with a DICOM SEG.
+        self.segmenting = kind == "segmentation"
         for name, value in (("max_per_sr", max_per_sr), ("outbox_max_files", outbox_max_files),
                             ("max_associations", max_associations), ("max_queue", max_queue)):
             if not isinstance(value, int) or value < 1:
@@ -687,6 +712,10 @@ class DicomNode:
         self._threads: list[threading.Thread] = []
         self._metrics_server = None
         self._started = False
+        # Segmentation bundles: complete series wait here for the segmenting thread (one series at a time).
+        self._segment_queue: deque = deque()
+        self._segment_backlog = 0  # series queued or being segmented
+        self._spool_names = itertools.count()
 
     # ------------------------------------------------------------------------------------------ lifetime
 
@@ -706,9 +735,12 @@ class DicomNode:
             raise MedgeError("this DicomNode was already started; make a new one")
         self._started = True
         _install_log_filter()
-        self._batcher = Batcher(self.model, max_delay_ms=self.max_delay_ms, max_queue=self.max_queue,
-                                name="medge-serve-batcher")
-        if self.sr_workers:
+        if self.segmenting:
+            self._recover_spooled_series()
+        else:
+            self._batcher = Batcher(self.model, max_delay_ms=self.max_delay_ms, max_queue=self.max_queue,
+                                    name="medge-serve-batcher")
+        if self.sr_workers and not self.segmenting:
             import multiprocessing
 
             # spawn, not fork: this process has threads (the Batcher, the backend's own pools).
@@ -716,9 +748,12 @@ class DicomNode:
                 max_workers=self.sr_workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_sr_worker_init)
             self._pool.submit(int)  # start a worker now: it imports highdicom while the node starts
-        self.metrics.queue_depth.set_function(lambda: self._batcher.stats().queue_depth if self._batcher else 0)
+        self.metrics.queue_depth.set_function(self._queue_depth)
         self._update_outbox_gauges()
-        for target, name in ((self._results_main, "medge-serve-results"), (self._deliver_main, "medge-serve-send")):
+        threads = [(self._results_main, "medge-serve-results"), (self._deliver_main, "medge-serve-send")]
+        if self.segmenting:
+            threads.append((self._segment_main, "medge-serve-segment"))
+        for target, name in threads:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -769,6 +804,8 @@ class DicomNode:
         self._stopping = True
         if self._batcher is not None:
             self._batcher.close(drain=False)
+        self._segment_queue.clear()
+        self._segment_backlog = 0
         self._flush_all = True
         self._deliver_deadline = time.monotonic()
         with self._lock:
@@ -799,11 +836,14 @@ class DicomNode:
             for association in server.active_associations:
                 _LOG.warning("medge serve: aborting an association still open after %.1f s", grace_s)
                 association.abort()
-        self._batcher.close(drain=True)  # every accepted instance is predicted
+        if self._batcher is not None:
+            self._batcher.close(drain=True)  # every accepted instance is predicted
         with self._lock:
             self._flush_all = True
             self._lock.notify_all()
-        self._threads[0].join()  # results thread: every SR written to the outbox
+        self._threads[0].join()  # results thread: every SR (every series' SEG) written to the outbox
+        for thread in self._threads[2:]:  # the segmenting thread, done once the results thread is
+            thread.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._deliver_deadline = time.monotonic() + max(0.0, deliver_timeout_s)
@@ -820,7 +860,7 @@ class DicomNode:
                          self.outbox.files, self.outbox.directory)
         else:
             _LOG.info("medge serve: stopped; %d accepted, %d results delivered", stats["received"],
-                      stats["delivered_instances"])
+                      stats["delivered_series"] if self.segmenting else stats["delivered_instances"])
         return stats
 
     def __enter__(self) -> "DicomNode":
@@ -833,22 +873,34 @@ class DicomNode:
 
     def stats(self) -> dict:
         """Counters: received, refused (by reason), predicted, failed (by stage), forwarded (by kind),
-        delivered_instances, outbox_files, queue_depth."""
+        delivered_instances, outbox_files, queue_depth; for segmentation bundles also segmented_series,
+        failed_series (by stage) and delivered_series (queue_depth: series waiting to be segmented)."""
         m = self.metrics
         refused = {r: m.value("medge_dicom_refused_total", {"reason": r})
                    for r in ("unreadable", "outside_envelope", "sop_class", "busy")}
-        failed = {s: m.value("medge_dicom_failed_total", {"stage": s}) for s in ("predict", "write", "deliver")}
+        failed = {s: m.value("medge_dicom_failed_total", {"stage": s}) for s in ("predict", "segment", "write", "deliver")}
         return {"received": int(m.value("medge_dicom_received_total")),
                 "duplicates": int(m.value("medge_dicom_duplicates_total")),
                 "refused": {k: int(v) for k, v in refused.items()},
                 "predicted": int(m.value("medge_dicom_predicted_total")),
                 "failed": {k: int(v) for k, v in failed.items()},
-                "forwarded": {k: int(m.value("medge_dicom_forwarded_total", {"kind": k})) for k in ("sr", "overlay")},
+                "forwarded": {k: int(m.value("medge_dicom_forwarded_total", {"kind": k}))
+                              for k in ("sr", "overlay", "seg")},
                 "delivered_instances": int(m.value("medge_dicom_latency_seconds_count")),
                 "forward_failures": int(sum(m.value("medge_dicom_forward_failures_total", {"reason": r})
                                             for r in ("connect", "status", "refused"))),
                 "outbox_files": self.outbox.files,
-                "queue_depth": self._batcher.stats().queue_depth if self._batcher else 0}
+                "queue_depth": self._queue_depth(),
+                "segmented_series": int(m.value("medge_dicom_segmented_series_total")),
+                "failed_series": {s: int(m.value("medge_dicom_failed_series_total", {"stage": s}))
+                                  for s in ("read", "segment", "write", "deliver")},
+                "delivered_series": int(m.value("medge_dicom_series_latency_seconds_count"))}
+
+    def _queue_depth(self) -> int:
+        """Images waiting for the model; for a segmentation bundle, series waiting to be segmented."""
+        if self.segmenting:
+            return self._segment_backlog
+        return self._batcher.stats().queue_depth if self._batcher else 0
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Wait until every accepted instance has its SR delivered (or failed for good) and the outbox is empty."""
@@ -953,6 +1005,9 @@ class DicomNode:
                 self._forget_seen(uid)
                 return self._refuse(STATUS_UNREADABLE, "unreadable", _short(exc), uid)
         del dataset
+        if self.segmenting:
+            del image  # checked; the series is read again, whole, from the spool when it is complete
+            return self._spool_instance(event, header, received_wall, received)
         instance = _Instance(uid=str(header.SOPInstanceUID), header=header, image=image, key=group_key(header),
                              association=self._association_id(event.assoc), received_wall=received_wall,
                              received=received)
@@ -972,6 +1027,90 @@ class DicomNode:
                          "queue %.1f s): the machine is overloaded", instance.uid, took, decoded - received,
                          checked - decoded, time.monotonic() - checked)
         return STATUS_SUCCESS
+
+    def _spool_instance(self, event: Any, header: Any, received_wall: float, received: float) -> Any:
+        """Segmentation bundles: keep the instance as received (atomic write) in its series' spool folder;
+        acknowledged once it is on disk."""
+        from ..dicom_out._common import group_key
+
+        uid = str(header.SOPInstanceUID)
+        key = group_key(header)
+        association = self._association_id(event.assoc)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(key, folder=self._new_series_folder())
+            # pending: the series is not due while one of its instances is being written.
+            series.pending += 1
+            series.associations.add(association)
+            self._open_associations.add(association)
+            folder = series.folder
+        path = folder / f"{_spool_name(uid)}.dcm"
+        partial = path.with_name(path.name + ".partial")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            key_file = folder / "series.json"
+            if not key_file.exists():
+                key_file.write_text(json.dumps({"study_instance_uid": key[0], "series_instance_uid": key[1]}))
+            partial.write_bytes(event.encoded_dataset(include_meta=True))  # the stored values, as sent
+            os.replace(partial, path)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            with self._lock:
+                series.pending -= 1
+                if not series.pending and not series.done and self._series.get(key) is series:
+                    del self._series[key]
+                    shutil.rmtree(folder, ignore_errors=True)
+            self._forget_seen(uid)
+            _LOG.error("medge serve: cannot spool instance %s in %s: %s", uid, folder, exc.strerror or exc)
+            return self._refuse(STATUS_OUT_OF_RESOURCES, "busy", "cannot spool the instance (disk full?)", uid)
+        instance = _Instance(uid=uid, header=None, image=None, key=key, association=association,
+                             received_wall=received_wall, received=received, path=path)
+        with self._lock:
+            series.pending -= 1
+            series.done.append(instance)
+            series.last_received = max(series.last_received, received)
+            self._accepted += 1
+        self.metrics.received.inc()
+        return STATUS_SUCCESS
+
+    def _new_series_folder(self) -> Path:
+        """A spool folder of its own for each series the node collects (a series that arrives again after it
+        was segmented gets a new one, so removing the old one never touches it)."""
+        return self.spool / "series" / f"{time.time_ns():020d}-{next(self._spool_names):06d}"
+
+    def _recover_spooled_series(self) -> None:
+        """Series spooled by an earlier run that stopped before segmenting them (a crash): segmented first."""
+        root = self.spool / "series"
+        if not root.is_dir():
+            return
+        now_wall, now = time.time(), time.monotonic()
+        recovered = 0
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            for leftover in folder.glob("*.partial"):
+                leftover.unlink(missing_ok=True)
+            files = sorted(folder.glob("*.dcm"))
+            try:
+                names = json.loads((folder / "series.json").read_text())
+                key = (str(names["study_instance_uid"]), str(names["series_instance_uid"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                files = []
+            if not files:
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            series = self._series.get(key)
+            if series is None:  # one series in several folders (it arrived again): one SEG over all of them
+                series = self._series[key] = _Series(key, folder=folder, last_received=now, last_closed=now)
+            for path in files:
+                received_wall = min(now_wall, path.stat().st_mtime)
+                series.done.append(_Instance(uid=path.stem, header=None, image=None, key=key, association=0,
+                                             received_wall=received_wall, received=now - (now_wall - received_wall),
+                                             path=path))
+            self._accepted += len(files)
+            recovered += len(files)
+        if recovered:
+            _LOG.info("medge serve: %d spooled instances of %d series from an earlier run were not segmented; "
+                      "segmenting them first", recovered, len(self._series))
 
     def _duplicate(self, uid: str, now: float) -> bool:
         """Was ``uid`` accepted within the duplicate window? If not, it is recorded as accepted now."""
@@ -1028,8 +1167,8 @@ class DicomNode:
             with self._lock:
                 if not self._completed and not self._closed and not self._flush_all:
                     self._lock.wait(0.1)
-                elif self._flush_all and self._jobs and not self._completed:
-                    self._lock.wait(0.05)  # draining: wait for the pool's SRs without spinning
+                elif self._flush_all and (self._jobs or self._segment_backlog) and not self._completed:
+                    self._lock.wait(0.05)  # draining: wait for the pool's SRs (the SEGs) without spinning
                 completed = list(self._completed)
                 self._completed.clear()
                 closed = list(self._closed)
@@ -1047,19 +1186,26 @@ class DicomNode:
                     due = [s for s in self._series.values() if self._due(s, now, final)]
                     parts = []
                     for series in due:
-                        take = series.done[: self.max_per_sr]
-                        series.done = series.done[self.max_per_sr:]
+                        limit = len(series.done) if self.segmenting else self.max_per_sr  # a SEG needs it all
+                        take = series.done[:limit]
+                        series.done = series.done[limit:]
                         parts.append((series, take))
                         if not series.pending and not series.done:
                             del self._series[series.key]
-                for series, instances in parts:
-                    self._write_sr(series, instances)
-                self._reap_jobs()
+                    if self.segmenting:
+                        self._segment_queue.extend(parts)
+                        self._segment_backlog += len(parts)
+                        if parts:
+                            self._lock.notify_all()
+                if not self.segmenting:
+                    for series, instances in parts:
+                        self._write_sr(series, instances)
+                    self._reap_jobs()
             except Exception:  # noqa: BLE001 - a bug here must not stop the node's results
                 _LOG.exception("medge serve: internal error in the results thread")
             if final:
                 with self._lock:
-                    if (not self._completed and not self._jobs
+                    if (not self._completed and not self._jobs and not self._segment_backlog
                             and not any(s.done or s.pending for s in self._series.values())):
                         self._results_done = True
                         break
@@ -1067,7 +1213,12 @@ class DicomNode:
     def _due(self, series: _Series, now: float, final: bool) -> bool:
         if not series.done:
             return False
-        if final or len(series.done) >= self.max_per_sr:
+        if self.segmenting:
+            if series.pending:  # an instance of it is being written to the spool
+                return False
+            if final:
+                return True
+        elif final or len(series.done) >= self.max_per_sr:
             return True
         if series.pending:
             return False
@@ -1103,6 +1254,82 @@ class DicomNode:
             for prediction in predictions:
                 if getattr(prediction, "heatmap", None) is not None:
                     self._write_overlay(series, instance, image, prediction)
+
+    # ------------------------------------------------------------------------------------------ segmentation
+
+    def _segment_main(self) -> None:
+        """Segment complete series one at a time, beside the receiving threads; until stopped and drained."""
+        while True:
+            with self._lock:
+                while not self._segment_queue and not self._results_done:
+                    self._lock.wait(0.2)
+                if not self._segment_queue:
+                    return
+                series, instances = self._segment_queue.popleft()
+            try:
+                self._segment_series(series, instances)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not stop the node's other series
+                _LOG.error("medge serve: internal error segmenting series %s (%s)", series.key[1],
+                           type(exc).__name__)
+            finally:
+                with self._lock:
+                    self._segment_backlog -= 1
+                    self._lock.notify_all()
+
+    def _segment_series(self, series: _Series, instances: list) -> None:
+        """Read the spooled series (gapped or inconsistent: refused), segment it, put its SEG in the outbox;
+        the spool folder(s) are removed whatever happens."""
+        from ..series import read_series
+
+        # The same SOP Instance received twice (duplicate window off) is one file: read it once.
+        paths = list(dict.fromkeys(i.path for i in instances))
+        uids = list(dict.fromkeys(i.uid for i in instances))
+        series_uid = series.key[1]
+        completed_wall = max(i.received_wall for i in instances)
+        stage = "read"
+        started = time.perf_counter()
+        try:
+            try:
+                volume = read_series(paths, policy="refuse")
+                stage = "segment"
+                segmentation = self.model.segment(volume)
+                stage = "write"
+                dataset = self.model.write_segmentation(volume, segmentation, None)
+                took_ms = (time.perf_counter() - started) * 1e3
+                meta = {"kind": "seg", "sop_instance_uid": str(dataset.SOPInstanceUID),
+                        "series_instance_uid": series_uid, "instances": uids, "completed": completed_wall,
+                        "segment_ms": round(took_ms, 1)}
+                path = self.outbox.put(dataset, meta)
+            except MedgeError as exc:
+                self._series_failed(series_uid, uids, stage, str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug in a stage; its text could quote values
+                self._series_failed(series_uid, uids, stage, f"a bug: {type(exc).__name__}")
+                return
+        finally:
+            for folder in {p.parent for p in paths}:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.metrics.segmented.inc()
+        timings = segmentation.timings_ms
+        _LOG.info("medge serve: series %s segmented: %d instances, %.0f ms (read %.0f, preprocess %.0f, infer %.0f, "
+                  "postprocess %.0f, SEG %.0f); SEG %s in the outbox", series_uid, len(uids), took_ms,
+                  timings.get("read", 0.0), timings.get("preprocess", 0.0), timings.get("infer", 0.0),
+                  timings.get("postprocess", 0.0), took_ms - sum(float(timings.get(k, 0.0)) for k in
+                                                                  ("read", "preprocess", "infer",
+                                                                   "sliding_window", "postprocess")),
+                  meta["sop_instance_uid"])
+        self._after_put(path, meta)
+
+    def _series_failed(self, series_uid: str, uids: list, stage: str, reason: str) -> None:
+        self.metrics.series_failed.labels(stage).inc()
+        self.metrics.failed.labels("write" if stage == "write" else "segment").inc(len(uids))
+        for uid in uids:  # the sender may send the series again (complete this time) and get a SEG
+            self._forget_seen(uid)
+        with self._lock:
+            self._finished += len(uids)
+        _LOG.error("medge serve: series %s (%d instances) gets no SEG (%s): %s", series_uid, len(uids),
+                   {"read": "not a consistent series", "segment": "segmentation failed",
+                    "write": "the SEG could not be written"}[stage], reason)
 
     def _write_overlay(self, series: _Series, instance: _Instance, image: Any, prediction: Any) -> None:
         from ..dicom_out import build_overlay_sc, render_overlay
@@ -1214,6 +1441,10 @@ class DicomNode:
                 self.metrics.latency.observe(max(0.0, now - float(when)))
             with self._lock:
                 self._finished += len(received)
+        elif kind == "seg":
+            self.metrics.series_latency.observe(max(0.0, time.time() - float(meta.get("completed") or time.time())))
+            with self._lock:
+                self._finished += len(meta.get("instances") or [])
 
     def _deliver_main(self) -> None:
         """Send the outbox to the destination, oldest first, with backoff; until stopped and drained."""
@@ -1263,7 +1494,7 @@ class DicomNode:
         # A response lost anyway (see paused_requestor_reactor) costs this wait, then a retry (same SOP Instance UID).
         ae.dimse_timeout = 30
         ae.connection_timeout = 10
-        for uid in (SR_SOP_CLASS_UID, SC_SOP_CLASS_UID):
+        for uid in (SEG_SOP_CLASS_UIDS if self.segmenting else (SR_SOP_CLASS_UID, SC_SOP_CLASS_UID)):
             ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         destination = self.forward
         tls_args = (self.forward_tls, destination.host) if self.forward_tls is not None else None
@@ -1340,7 +1571,13 @@ class DicomNode:
             return False
         target = self.outbox.set_aside(path, reason)
         self._attempts.pop(path.name, None)
-        self.metrics.failed.labels("deliver").inc(len(meta.get("received") or []) or 0)
+        if meta.get("kind") == "seg":
+            self.metrics.series_failed.labels("deliver").inc()
+            self.metrics.failed.labels("deliver").inc(len(meta.get("instances") or []))
+            with self._lock:
+                self._finished += len(meta.get("instances") or [])
+        else:
+            self.metrics.failed.labels("deliver").inc(len(meta.get("received") or []) or 0)
         if meta.get("kind") == "sr":
             with self._lock:
                 self._finished += len(meta.get("received") or [])
@@ -1411,6 +1648,14 @@ def _encode_sr(entries: list, provenance: Any, instance_number: int) -> tuple[st
     with quiet_pydicom("encoding a DICOM SR"):
         sr.save_as(buffer, enforce_file_format=True)
     return str(sr.SOPInstanceUID), buffer.getvalue()
+
+
+def _spool_name(uid: str) -> str:
+    """A spool file name for an instance: its SOP Instance UID when it is a well-formed one (so an earlier
+    run's spool is readable), else a hash of it."""
+    if re.fullmatch(r"[0-9][0-9.]{0,63}", uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode()).hexdigest()[:40]
 
 
 def _short(exc: BaseException) -> str:

@@ -80,7 +80,8 @@ class Segmentation:
         return {"series_instance_uid": self.series_instance_uid, "slices": int(slices), "rows": int(rows),
                 "columns": int(columns), "volumes_ml": {k: round(float(v), 4) for k, v in self.volumes_ml.items()},
                 "precision": self.precision, "backend": self.backend,
-                "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+                "timings_ms": {k: (int(v) if isinstance(v, (int, np.integer)) else round(float(v), 3))
+                               for k, v in self.timings_ms.items()},
                 "warnings": list(self.warnings)}
 
 

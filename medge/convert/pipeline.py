@@ -663,7 +663,7 @@ def _segmentation_bundle(writer, model, output, volume_spec, roi, overlap, sw_mo
             graph_meta["fp16"] = {"precision": "fp16", "target": "any", "input_dtype": info["input_dtype"],
                                   "output_dtype": info["output_dtype"]}
         if "int8" in precisions:
-            windows = _calibration_windows(calib.arrays, task)
+            windows = _calibration_windows(calib.arrays, task, batch[1])
             log(f"    calibration: {len(windows)} windows of {task.roi} from {len(calib.arrays)} series (the "
                 "windows the sliding window feeds)")
             for graph, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):
@@ -820,13 +820,18 @@ def _centre_windows(array: np.ndarray, roi: list) -> np.ndarray:
     return np.ascontiguousarray(windows[:, :, 0] if len(roi) == 2 else windows, dtype=np.float32)
 
 
-def _calibration_windows(arrays: list, task) -> np.ndarray:
+def _calibration_windows(arrays: list, task, batch_size: int) -> np.ndarray:
     """The windows the sliding window feeds the network, from every calibration series, evenly thinned to
-    at most _SEG_MAX_CALIBRATION_WINDOWS (and _SEG_CALIBRATION_BYTES)."""
+    at most _SEG_MAX_CALIBRATION_WINDOWS (and _SEG_CALIBRATION_BYTES), and to a multiple of the calibration
+    batch: ONNX Runtime's entropy and percentile calibrators fail on a last, smaller batch (numpy's
+    "inhomogeneous shape" ValueError when they stack the per-batch histograms)."""
     from ..segmentation import window_inputs
 
     windows = np.concatenate([window_inputs(a, task) for a in arrays])
     limit = max(1, min(_SEG_MAX_CALIBRATION_WINDOWS, _SEG_CALIBRATION_BYTES // max(windows[0].nbytes, 1)))
+    limit = min(limit, len(windows))
+    if limit >= batch_size:
+        limit -= limit % batch_size
     if len(windows) > limit:
         windows = windows[np.linspace(0, len(windows) - 1, limit).round().astype(np.int64)]
     return np.ascontiguousarray(windows)

@@ -53,14 +53,17 @@ def test_table_has_every_stage_ratio_and_dice(bench):
     monai = bench.ChainResult("MONAI", "fp32")
     medge = bench.ChainResult("medge", "fp32")
     for result, seconds in ((monai, 3.0), (medge, 1.0)):
-        for stage in bench.STAGES:
+        for stage in (*bench.STAGES, *bench.DETAILS):
             result.times[stage] = [seconds, seconds * 2, seconds * 4]  # median: seconds * 2
+        result.times["network"] = [seconds / 2] * 3
     monai.dice, medge.dice = [1.0], [0.995]
     text = bench.table([monai, medge])
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()[2:]}
     for stage in bench.STAGES:
         assert rows[f"{stage} (ms)"] == ["6000", "2000"]
     assert rows["total MONAI / total chain"] == ["1.00", "3.00"]
+    assert rows["- of which the network's calls (ms)"] == ["1500", "500"]
+    assert rows["- of which window gather + blend (ms)"] == ["4500", "1500"]
     assert rows["Dice 'sphere' vs MONAI"] == ["1.0000", "0.9950"]
 
 
@@ -93,11 +96,12 @@ def test_monai_and_medge_chains_give_the_same_mask(bench, tmp_path):
     assert results[0].dice == [1.0]
     # Every stage was timed, and the stages add up to (at most) the total.
     for result in results:
-        for stage in bench.STAGES:
+        for stage in (*bench.STAGES, *bench.DETAILS):
             assert len(result.times[stage]) == 1 and result.times[stage][0] > 0, (result.name, stage)
+        assert result.times["network"][0] < result.times["inference"][0]
         parts = sum(result.times[s][0] for s in bench.STAGES if s != "total")
         assert parts <= result.times["total"][0] * 1.001
-    assert set(timings) == set(bench.STAGES)
+    assert set(timings) == {*bench.STAGES, *bench.DETAILS}
     # Each chain wrote one DICOM SEG that references the series.
     import pydicom
 
@@ -133,7 +137,7 @@ def test_monai_chain_and_model_segment_give_the_same_mask(bench, tmp_path):
     foreground = int((monai_mask == 1).sum())
     assert 0.05 * monai_mask.size < foreground < 0.95 * monai_mask.size, "a mask that is all one class tests nothing"
     assert results[1].dice[0] >= 0.99, results[1].dice
-    for stage in bench.STAGES:
+    for stage in (*bench.STAGES, *bench.DETAILS):
         assert results[1].times[stage][0] > 0, stage
     parts = sum(results[1].times[s][0] for s in bench.STAGES if s != "total")
     assert parts <= results[1].times["total"][0] * 1.001

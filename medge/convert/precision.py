@@ -709,7 +709,13 @@ def _accuracy_control(fp32_path: Path, out_path: Path, x: np.ndarray, quant_inpu
     onnx = _onnx()
     if not 0.0 < target <= 1.0:
         raise ConversionError(f"min_top1_agreement must be in (0, 1], got {target}")
-    reference = _top1(onnx.load(str(fp32_path)), x, batch_size)
+    fp32 = onnx.load(str(fp32_path))
+    scores = fp32.graph.output[0].type.tensor_type.shape
+    if len(scores.dim) != 2:
+        # Top-1 agreement is a classifier's measure; a per-pixel output is judged by its task's own metrics.
+        return {"min_top1_agreement": target, "skipped": f"the first output has {len(scores.dim)} axes, not "
+                                                         "(batch, classes): top-1 agreement does not apply"}
+    reference = _top1(fp32, x, batch_size)
     model = onnx.load(str(out_path))
     for index, node in enumerate(model.graph.node):  # unique names: layers are kept in float by name
         if not node.name:

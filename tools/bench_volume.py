@@ -607,6 +607,21 @@ def versions() -> dict:
 # --------------------------------------------------------------------------- medge bundle
 
 
+def print_accuracy(bundle: Path) -> None:
+    """The bundle's accuracy report (validation series vs FP32), one line per precision, batch and engine."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    report = manifest.get("accuracy") or {}
+    print(f"bundle accuracy report ({report.get('images', '?')} validation series, every precision vs FP32's masks):")
+    for row in report.get("results", []):
+        dice = ", ".join(f"{d:.4f}" for d in row.get("dice") or [])
+        print(f"  {row.get('precision'):8s} batch {row.get('batch_size')}  {row.get('executed_by'):16s} "
+              f"Dice [{dice}]  max probability error {row.get('max_probability_error')}")
+    gates = manifest.get("gates") or {}
+    verdicts = {name: v.get("verdict") for name, v in (gates.get("verdicts") or {}).items()}
+    if verdicts:
+        print(f"  gates {gates.get('limits')}: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))
+
+
 def calibration_window_count(folder: Path, spec: Any, recipe: Recipe) -> int:
     """How many sliding windows the calibration series gives (what INT8 calibration sees)."""
     import medge
@@ -670,6 +685,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--train-steps", type=int, default=150,
                         help="Adam steps to train the UNet on CPU (cached; default 150, a few minutes)")
     parser.add_argument("--random-weights", action="store_true", help="no training: masks without margins")
+    parser.add_argument("--medge-runs", default="fp32,fp32@openvino,auto",
+                        help="medge chains to time, PRECISION[@BACKEND] (auto: medge.load's own choice); "
+                             "default fp32,fp32@openvino,auto")
     parser.add_argument("--monai-post", choices=MonaiChain.POSTPROCESSING, default="argmax-nearest",
                         help="the MONAI chain's way back onto the series' grid (default argmax-nearest, the cheaper)")
     parser.add_argument("--precisions", default="fp32,int8", help="graphs to convert (default fp32,int8)")
@@ -710,8 +728,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     sphere=None)
         precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
         bundle = build_bundle(cache, module, recipe, net, calibration, calibration, precisions)
-        chains.append(MedgeModelChain(bundle, "fp32"))
-        chains.append(MedgeModelChain(bundle, None))  # what auto chooses (passed gates, fastest first)
+        print_accuracy(bundle)
+        for run in (r.strip() for r in args.medge_runs.split(",") if r.strip()):
+            precision, _, backend = run.partition("@")
+            # "auto": what medge.load chooses (gates passed, fastest first); "fp32": FP32 on auto's backend.
+            chains.append(MedgeModelChain(bundle, None if precision == "auto" else precision, backend or "auto"))
     else:
         print("medge: the segmentation task (model.segment) is not in this checkout: the medge chain is built from "
               "its pieces (read_series, preprocess_volume, sliding_window on ONNX Runtime FP32, to_original_grid, "

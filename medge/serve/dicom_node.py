@@ -872,20 +872,24 @@ class DicomNode:
     # ------------------------------------------------------------------------------------------ status
 
     def stats(self) -> dict:
-        """Counters: received, refused (by reason), predicted, failed (by stage), forwarded (by kind),
-        delivered_instances, outbox_files, queue_depth; for segmentation bundles also segmented_series,
-        failed_series (by stage) and delivered_series (queue_depth: series waiting to be segmented)."""
+        """Counters: received, refused (by reason), predicted, failed (instances, by stage: predict, write,
+        deliver), forwarded (by kind: sr, overlay), delivered_instances, outbox_files, queue_depth; and
+        segmented_series, failed_series (by stage: read, segment, write, deliver), delivered_series.
+
+        For a segmentation bundle, failed's stages are segment (the series was refused or its segmentation
+        failed), write and deliver, forwarded's kind is seg, and queue_depth counts series waiting to be
+        segmented."""
         m = self.metrics
         refused = {r: m.value("medge_dicom_refused_total", {"reason": r})
                    for r in ("unreadable", "outside_envelope", "sop_class", "busy")}
-        failed = {s: m.value("medge_dicom_failed_total", {"stage": s}) for s in ("predict", "segment", "write", "deliver")}
+        failed = {s: m.value("medge_dicom_failed_total", {"stage": s}) for s in (("segment" if self.segmenting else "predict"), "write", "deliver")}
         return {"received": int(m.value("medge_dicom_received_total")),
                 "duplicates": int(m.value("medge_dicom_duplicates_total")),
                 "refused": {k: int(v) for k, v in refused.items()},
                 "predicted": int(m.value("medge_dicom_predicted_total")),
                 "failed": {k: int(v) for k, v in failed.items()},
                 "forwarded": {k: int(m.value("medge_dicom_forwarded_total", {"kind": k}))
-                              for k in ("sr", "overlay", "seg")},
+                              for k in (("seg",) if self.segmenting else ("sr", "overlay"))},
                 "delivered_instances": int(m.value("medge_dicom_latency_seconds_count")),
                 "forward_failures": int(sum(m.value("medge_dicom_forward_failures_total", {"reason": r})
                                             for r in ("connect", "status", "refused"))),

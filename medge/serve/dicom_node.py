@@ -50,6 +50,26 @@ guard its entry point (``if __name__ == "__main__":``), as for any
 multiprocessing spawn. Heatmaps, when the bundle gives them, become Secondary
 Captures (see ``medge.dicom_out.overlay``).
 
+Segmentation bundles (``model.task.kind == "segmentation"``): a SEG needs
+the whole series, so accepted instances (checked as above, then acknowledged
+once written) are spooled as received under ``<spool>/series/<folder per
+series>`` (stored values on disk, not in memory; nothing of them is
+logged), and nothing goes through the Batcher. A series is complete by the
+same rules as an SR (its associations closed + ``settle_s``, or
+``series_idle_s`` without a new instance); ``max_per_sr`` does not apply.
+The complete series is read with ``medge.read_series`` (policy refuse: a
+series with missing, duplicated or unevenly spaced slices, or slices that
+disagree, gets no SEG; it is counted failed with the reason in the log),
+segmented with ``model.segment`` in one segmenting thread (one series at a
+time, beside the receiving threads), and its DICOM SEG
+(``model.write_segmentation``: the bundle's labels, name, version and
+manifest SHA-256) goes to the outbox and on like an SR. Its spool folder is
+removed either way. An instance arriving after its series was taken starts
+a new series (a SEG of its own, or a failure if it is not a volume on its
+own): send a series in one go. Series found in the spool at start (the node
+stopped before segmenting them) are segmented first. The spool is not
+bounded beyond the disk; the outbox bound holds as for SRs.
+
 Delivering: each result object is first written to the on-disk outbox (file +
 JSON sidecar, atomic rename), then sent by C-STORE SCU to ``forward``. A
 failed association or a transient status (0xA7xx) is retried with exponential
@@ -65,8 +85,8 @@ results are written to ``<spool>/results`` instead.
 Stopping (``stop()``, SIGTERM in ``medge serve``): stop listening, refuse new
 C-STOREs with 0xA700, let open associations finish for ``grace_s`` (then abort
 them: what they had not been acknowledged for is the sender's to resend),
-predict everything accepted, write every result to the outbox, and deliver
-for up to ``deliver_timeout_s``. What is still undelivered stays in the outbox
+predict everything accepted (segment every accepted series), write every
+result to the outbox, and deliver for up to ``deliver_timeout_s``. What is still undelivered stays in the outbox
 for the next start. Not covered: a crash (SIGKILL, power loss) between an
 instance's acknowledgement and its result reaching the outbox (normally
 milliseconds to the series' settle time) loses that result.
@@ -83,7 +103,11 @@ while the node runs (see ``_PynetdicomLogFilter``), pydicom's by
 Metrics (Prometheus text format, ``metrics_port``): received, refused by
 reason, predicted, failed by stage, forwarded by kind, forward failures,
 outbox files and bytes, queue depth, and latency histograms (C-STORE received
-to prediction; C-STORE received to its SR's delivery).
+to prediction; C-STORE received to its SR's delivery). Segmentation bundles:
+segmented series, failed series by stage (read, segment, write, deliver),
+SEGs forwarded (kind seg), series waiting to be segmented (queue depth), and
+the series latency histogram (last instance of the series received to its
+SEG delivered, the settle or idle wait included).
 """
 
 from __future__ import annotations
@@ -1295,6 +1319,7 @@ class DicomNode:
         try:
             try:
                 volume = read_series(paths, policy="refuse")
+                read_ms = (time.perf_counter() - started) * 1e3
                 stage = "segment"
                 segmentation = self.model.segment(volume)
                 stage = "write"
@@ -1315,13 +1340,12 @@ class DicomNode:
                 shutil.rmtree(folder, ignore_errors=True)
         self.metrics.segmented.inc()
         timings = segmentation.timings_ms
+        # read: read_series here, plus segment's own "read" (the envelope check of the series).
+        stages = [read_ms + float(timings.get("read", 0.0))] + [
+            float(timings.get(k, 0.0)) for k in ("preprocess", "infer", "sliding_window", "postprocess")]
         _LOG.info("medge serve: series %s segmented: %d instances, %.0f ms (read %.0f, preprocess %.0f, infer %.0f, "
-                  "postprocess %.0f, SEG %.0f); SEG %s in the outbox", series_uid, len(uids), took_ms,
-                  timings.get("read", 0.0), timings.get("preprocess", 0.0), timings.get("infer", 0.0),
-                  timings.get("postprocess", 0.0), took_ms - sum(float(timings.get(k, 0.0)) for k in
-                                                                  ("read", "preprocess", "infer",
-                                                                   "sliding_window", "postprocess")),
-                  meta["sop_instance_uid"])
+                  "sliding window %.0f, postprocess %.0f, SEG %.0f); SEG %s in the outbox", series_uid, len(uids),
+                  took_ms, *stages, took_ms - sum(stages), meta["sop_instance_uid"])
         self._after_put(path, meta)
 
     def _series_failed(self, series_uid: str, uids: list, stage: str, reason: str) -> None:

@@ -17,6 +17,10 @@ spleen bundle):
                torch.inference_mode, threads = this machine's cores
   postprocess  argmax, Invertd(nearest_interp=True) back onto the series' grid,
                axes to the series' (slices, rows, columns) slice order
+               (``--monai-post softmax-linear``: softmax, Invertd with bilinear
+               probabilities, argmax, as MONAI's spleen bundle and as medge's
+               model.segment; its mask is always computed once, untimed, for
+               the Dice)
   seg_write    the source headers read with pydicom (stop_before_pixels) and
                sorted along the slice normal, highdicom.seg.Segmentation (BINARY,
                the same segment and algorithm descriptions medge writes), dcmwrite
@@ -43,6 +47,14 @@ the spleen bundle, batch norm) trained here for ``--train-steps`` on CPU on synt
 volumes at the recipe's spacing (sphere vs not), cached under
 ``~/.cache/medge/bench/volume`` (generated, never downloaded), so masks have
 margins and mean something. ``--random-weights`` skips training.
+
+medge runs (``--medge-runs``, default ``fp32,fp32@openvino,auto``): FP32 on the
+backend medge.load picks for it, FP32 on OpenVINO, and what ``auto`` picks
+(the fastest precision whose Dice gates passed at conversion). The bundle has
+FP32 and INT8 graphs (INT8 calibrated on every sliding window of a second
+series, which is also the validation series of its accuracy report). FP16 is
+not converted by default; ``--precisions fp32,fp16,int8 --medge-runs
+fp16@openvino,...`` adds it.
 
 Rounds are interleaved (MONAI, medge FP32, medge auto, MONAI, ...) so machine
 load affects every chain alike; the table gives medians. Dice per class is each
@@ -203,7 +215,10 @@ def trained_unet(cache: Path, net: Net, recipe: Recipe, steps: int, log: Callabl
     model = make_unet(net)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval(), f"UNet trained here for {steps} steps on synthetic spheres (cached {path.name})"
+        about = path.with_suffix(".json")
+        note = json.loads(about.read_text())["note"] if about.exists() else (
+            f"UNet trained here for {steps} steps on synthetic spheres")
+        return model.eval(), f"{note} (cached {path.name})"
     rng = np.random.default_rng(0)
     volumes = [_training_volume(100 + i, recipe, rng) for i in range(8)]
     crop = 32
@@ -231,9 +246,10 @@ def trained_unet(cache: Path, net: Net, recipe: Recipe, steps: int, log: Callabl
         loss_value = float(loss.detach())
     model.eval()
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
     note = (f"UNet trained here for {steps} steps on synthetic spheres ({time.perf_counter() - start:.0f} s, "
-            f"final loss {loss_value:.3f}; cached {path.name})")
+            f"final loss {loss_value:.3f})")
+    path.with_suffix(".json").write_text(json.dumps({"note": note}))
+    torch.save(model.state_dict(), path)  # last: its presence says the training finished
     log(note)
     return model, note
 

@@ -716,11 +716,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_known_warnings()
 
     cores = os.cpu_count() or 1
+    load_before = os.getloadavg()
     recipe = Recipe(overlap=args.overlap, mode=args.mode)
     net = Net()
     cache = args.cache
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine_name()}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"machine: {machine_name()}; load average {' '.join(f'{v:.2f}' for v in load_before)}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
 
     folder = series_folder(cache, slices=args.slices, size=args.size, seed=11)
@@ -770,7 +771,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(text)
     if args.json:
         payload = {
-            "machine": machine_name(), "load_average_after": load, "versions": versions(),
+            "machine": machine_name(), "load_average_before": load_before, "load_average_after": load,
+            "versions": versions(),
             "series": {"slices": args.slices, "size": args.size}, "network": note, "recipe": asdict(recipe),
             "medge_api": api, "rounds": args.rounds,
             "chains": [{"name": r.name, "precision": r.precision, "dice": r.dice, "dice_vs_truth": r.truth_dice,

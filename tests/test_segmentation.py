@@ -195,6 +195,11 @@ def test_a_volume_spec_and_a_2d_spec_go_with_their_task(seg_bundle, seg_data, tm
         convert(_fp32_graph(seg_bundle), tmp_path / "b.medge", spec=PreprocessSpec(32, 32, voi="window",
                 window=WINDOW), volume_spec=VolumeSpec(voi="window", window=WINDOW), validation=root / "val",
                 engine="none")
+    with pytest.raises(ConversionError, match=r"give 16 sliding windows of \(16, 32, 32\); INT8 calibration needs at "
+                                              r"least 32 \(more calibration series"):
+        convert(_fp32_graph(seg_bundle), tmp_path / "d.medge", task="segmentation", overlap=0.5,
+                volume_spec=VolumeSpec(voi="window", window=WINDOW), calibration=root / "calib",
+                precisions=["fp32", "int8"], engine="none", log=lambda _: None)
     with pytest.raises(ConversionError, match=r"--roi \(8, 8, 8\) differs from the model's input window"):
         convert(_fp32_graph(seg_bundle), tmp_path / "c.medge", task="segmentation", roi=(8, 8, 8),
                 volume_spec=VolumeSpec(voi="window", window=WINDOW), validation=root / "val", precisions=["fp32"],

@@ -664,6 +664,11 @@ def _segmentation_bundle(writer, model, output, volume_spec, roi, overlap, sw_mo
                                   "output_dtype": info["output_dtype"]}
         if "int8" in precisions:
             windows = _calibration_windows(calib.arrays, task, batch[1])
+            if len(windows) < min_calibration_images:
+                raise ConversionError(
+                    f"the calibration series give {len(windows)} sliding windows of {task.roi}; INT8 calibration "
+                    f"needs at least {min_calibration_images} (more calibration series, a larger --overlap, or "
+                    "--min-calibration-images N knowingly: each window is a whole network input)")
             log(f"    calibration: {len(windows)} windows of {task.roi} from {len(calib.arrays)} series (the "
                 "windows the sliding window feeds)")
             for graph, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):

@@ -96,9 +96,9 @@ plain association to it fails at the handshake and changes nothing else.
 ``forward_tls`` (``client_tls_context``) does the same for the destination.
 
 Logs (logger ``medge.serve``) name SOP Instance UIDs, AE titles, addresses
-and counts, never patient attributes; pynetdicom's own records are kept out
-while the node runs (see ``_PynetdicomLogFilter``), pydicom's by
-``quiet_pydicom``.
+and counts, never patient attributes; pynetdicom's and highdicom's own
+records are kept out while the node runs (see ``_PynetdicomLogFilter``),
+pydicom's by ``quiet_pydicom``.
 
 Metrics (Prometheus text format, ``metrics_port``): received, refused by
 reason, predicted, failed by stage, forwarded by kind, forward failures,
@@ -371,7 +371,9 @@ class _PynetdicomLogFilter(logging.Filter):
     quote values). Records below WARNING are dropped; WARNING and above from
     the network layers (transport, association, ACSE, DUL, state machine, AE,
     timer) pass unchanged when they are a plain message without an exception;
-    everything else is replaced by a fixed line naming only its module.
+    everything else is replaced by a fixed line naming only its module. The
+    same filter sits on highdicom's loggers (SRs and SEGs built in the node's
+    process).
     """
 
     NETWORK = ("pynetdicom.transport", "pynetdicom.association", "pynetdicom.acse", "pynetdicom.dul",
@@ -382,8 +384,8 @@ class _PynetdicomLogFilter(logging.Filter):
             return False
         if record.name in self.NETWORK and record.exc_info is None and isinstance(record.msg, str):
             return True
-        record.msg = "pynetdicom reported a %s in %s (text withheld: it can quote data set values)"
-        record.args = (record.levelname.lower(), record.name)
+        record.msg = "%s reported a %s in %s (text withheld: it can quote data set values)"
+        record.args = (record.name.partition(".")[0], record.levelname.lower(), record.name)
         record.exc_info = None
         record.exc_text = None
         record.stack_info = None
@@ -396,8 +398,10 @@ _filter_users = 0
 
 
 def _pynetdicom_loggers() -> list:
-    names = [n for n in list(logging.Logger.manager.loggerDict) if n.startswith("pynetdicom.")]
-    return [logging.getLogger(name) for name in ["pynetdicom", *names]]
+    """pynetdicom's loggers, and highdicom's (its INFO records name source attributes and modules as it copies
+    them into an SR or a SEG built in the node's process; its warnings can quote values)."""
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.startswith(("pynetdicom.", "highdicom."))]
+    return [logging.getLogger(name) for name in ["pynetdicom", "highdicom", *names]]
 
 
 def _install_log_filter() -> None:
@@ -758,6 +762,8 @@ class DicomNode:
         if self._started:
             raise MedgeError("this DicomNode was already started; make a new one")
         self._started = True
+        if self.segmenting:
+            import highdicom.seg  # noqa: F401 - its module loggers exist before the log filter is installed
         _install_log_filter()
         if self.segmenting:
             self._recover_spooled_series()
@@ -906,7 +912,8 @@ class DicomNode:
         m = self.metrics
         refused = {r: m.value("medge_dicom_refused_total", {"reason": r})
                    for r in ("unreadable", "outside_envelope", "sop_class", "busy")}
-        failed = {s: m.value("medge_dicom_failed_total", {"stage": s}) for s in (("segment" if self.segmenting else "predict"), "write", "deliver")}
+        stages = ("segment" if self.segmenting else "predict", "write", "deliver")
+        failed = {s: m.value("medge_dicom_failed_total", {"stage": s}) for s in stages}
         return {"received": int(m.value("medge_dicom_received_total")),
                 "duplicates": int(m.value("medge_dicom_duplicates_total")),
                 "refused": {k: int(v) for k, v in refused.items()},

@@ -10,10 +10,10 @@ an AVX2-only one. Three checks, from cheap to thorough:
   without VNNI (``-cpu EPYC-Milan``) and gives this machine's outputs, while the 8-bit format, emulated the
   same way, visibly saturates (so the emulation is not vacuous).
 
-MONAI DenseNet121 (random weights made decisive, tools/int8_cpu_study.py; needs monai and torch, marked slow):
-the same-outputs-without-VNNI check holds; the >= 99% agreement does not, on any CPU and for either INT8
-placement, because random features carry too little input-dependent signal for per-tensor INT8 (a strict
-xfail that says so, and turns into a failure the day it passes).
+MONAI DenseNet121 trained on synthetic CT (tools/int8_cpu_study.py ``trained_densenet121``, cached under
+~/.cache/medge; needs monai and torch; MEDGE_DENSENET=1, marked slow): both INT8 graphs, as medge-convert
+writes them (with make_int8's accuracy control), agree with FP32 on >= 99% of the validation slices on ONNX
+Runtime and on OpenVINO, and the ONNX Runtime graph gives the same outputs without VNNI.
 """
 
 from __future__ import annotations
@@ -150,34 +150,42 @@ def densenet(tmp_path_factory):
     pytest.importorskip("monai", reason="monai is not installed: pip install monai (MONAI DenseNet121)")
     study = _study_tool()
     work = tmp_path_factory.mktemp("densenet")
-    fp32, calibration, validation = study.densenet_model(work, calibration_count=128, validation_count=128)
-    graphs, formats = {"fp32": fp32}, {}
+    # Trained once per machine (2-6 minutes on 2 cores), then read from ~/.cache/medge.
+    fp32, calibration, validation = study.densenet_model(work, calibration_count=64, validation_count=256)
+    graphs, summaries = {"fp32": fp32}, {}
     for name, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):
         graphs[name] = work / f"model.{name}.onnx"
-        formats[name] = make_int8(fp32, graphs[name], calibration, target=target, batch_size=BATCH).format
-    return {"graphs": graphs, "formats": formats, "x": validation,
+        summaries[name] = make_int8(fp32, graphs[name], calibration, target=target, batch_size=BATCH)
+    return {"graphs": graphs, "summaries": summaries, "x": validation, "study": study,
             "outputs": {name: run_graph(g, validation) for name, g in graphs.items()}}
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "random-weight DenseNet121: its pooled features vary across images by about 1% of their energy, so per-tensor "
-    "INT8 activations flip a few % (TensorRT-placed) to ~20% (ONNX Runtime-placed) of the decisive head's labels "
-    "on every CPU, VNNI or not (tools/int8_cpu_study.py); a trained DenseNet121 is needed for this target"))
 def test_densenet121_int8_graphs_agree_with_fp32(densenet):
     reference = densenet["outputs"]["fp32"]
-    assert len(set(reference.argmax(1))) == 2, "the decisive head must give both labels"
+    labels = reference.argmax(1)
+    assert 0.2 < labels.mean() < 0.8, "the trained network must give both labels on the validation slices"
+    failures = []
     for name in ("int8", "int8-ort"):
-        out = densenet["outputs"][name]
-        top1 = agreement(out, reference)
-        assert top1 >= MIN_TOP1_AGREEMENT, f"{name}: top-1 agreement {top1:.2%}, max |err| {np.abs(out - reference).max():.3f}"
+        control = densenet["summaries"][name].accuracy_control
+        assert control is not None and control["top1_agreement"] >= MIN_TOP1_AGREEMENT, control
+        engines = {"ONNX Runtime": densenet["outputs"][name]}
+        openvino = densenet["study"].openvino_outputs(densenet["graphs"][name], densenet["x"], BATCH)
+        if openvino is not None:
+            engines["OpenVINO"] = openvino
+        for engine, out in engines.items():
+            top1 = agreement(out, reference)
+            if top1 < MIN_TOP1_AGREEMENT:
+                failures.append(f"{name} on {engine}: top-1 agreement {top1:.2%}, max |err| "
+                                f"{np.abs(out - reference).max():.3f}, float layers {len(control['float_layers'])}")
+    assert not failures, "; ".join(failures)
 
 
 @pytest.mark.slow
 def test_densenet121_onnxruntime_graph_cannot_saturate(densenet):
     import onnx
 
-    assert densenet["formats"]["int8-ort"].u8s8_saturation_free
+    assert densenet["summaries"]["int8-ort"].format.u8s8_saturation_free
     assert max(int8_weight_extremes(onnx.load(str(densenet["graphs"]["int8-ort"]))).values()) <= 64
 
 

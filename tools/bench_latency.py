@@ -23,16 +23,15 @@ The baselines, in the same run on the same DICOMs:
   ``torch.nn.functional.interpolate(antialias=True)``, normalisation,
   PyTorch eager FP32 on the demo's architecture (with ``demo_model.pt`` when
   present; untrained weights time the same). DICOM bytes in memory.
-- ``--densenet121 DIR``: MONAI DenseNet121 (2-D, 1 channel, 224x224; made and
-  converted by ``tools/bench_cpu_inference.py``'s recipe into DIR, reused
-  when there) against MONAI's chain: ``LoadImage(reader="PydicomReader")``
+- ``--densenet121 DIR``: MONAI DenseNet121 (2-D, 1 channel, 224x224; trained
+  on synthetic CT and converted by ``tools/bench_cpu_inference.py``'s recipe
+  into DIR, reused when there) against MONAI's chain: ``LoadImage(reader="PydicomReader")``
   + ``ScaleIntensityRange`` (the bundle's window) + ``Resize`` (224x224) +
   ``NormalizeIntensity`` (the bundle's mean / std) + PyTorch eager FP32 on
   the same module. MONAI's reader returns (columns, rows); one transpose
   view puts it in the bundle's orientation. Its resampling (area) differs
   from medge's (antialiased bilinear), so the two inputs are close, not
-  equal: their top-1 agreement is printed, and a synthetic head with small
-  margins shows the difference. DICOM files on disk (page cache warm),
+  equal: their top-1 agreement is printed. DICOM files on disk (page cache warm),
   since LoadImage reads paths.
 
 Each medge row also reports its top-1 agreement with the bundle's FP32 graph
@@ -44,6 +43,7 @@ latency vs throughput) into ``--out``. Absolute times are for the machine
 named in the output.
 
 Usage: python tools/bench_latency.py BUNDLE [--out bench/results/latency_cpu_2core] [--batch 1 8]
+       python tools/bench_latency.py --demo [--out ...]     # converts the demo bundle now (engine none) into --out
        python tools/bench_latency.py --densenet121 DIR [--out ...]
 """
 
@@ -306,6 +306,7 @@ def markdown(result: dict) -> str:
              f"{result['seconds']} s per pipeline in {result['rounds']} interleaved rounds after warm-up; "
              f"medge.read_dicom of commit {result.get('reader_commit', 'unknown')}; load average (1 min) "
              + " -> ".join(f"{v:.1f}" for v in result.get("load_average", [])) + " over the timed rounds",
+             f"Versions: {result.get('versions', '-')}",
              f"medge.load(device='cpu') chooses: {result.get('auto_cpu', '-')}", "",
              "| pipeline | batch | p50 ms | p90 ms | p99 ms | max ms | images/s | read ms | preprocess ms | infer ms | "
              "postprocess ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -335,6 +336,19 @@ def markdown(result: dict) -> str:
             lines.append(f"| {p['offered_images_per_s']:.0f} | {p['achieved_images_per_s']:.0f} | "
                          f"{p['latency_ms']['p50']:.2f} | {p['latency_ms']['p99']:.2f} | {hist} |")
     return "\n".join(lines)
+
+
+def versions() -> str:
+    """The versions of what the rows run, for the table (installed packages only)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in ("medge", "onnxruntime", "openvino", "torch", "monai", "pydicom", "numpy"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(found)
 
 
 def reader_table(data: list, monai: bool, rounds: int = 5) -> list[dict]:
@@ -382,6 +396,8 @@ def main(argv=None) -> int:
     parser.add_argument("bundle", type=Path, nargs="?", help="a demo bundle (medge-convert --demo)")
     parser.add_argument("--densenet121", type=Path, metavar="DIR",
                         help="benchmark MONAI DenseNet121 against MONAI's chain instead (bundle made in DIR)")
+    parser.add_argument("--demo", action="store_true",
+                        help="convert the demo model now (medge-convert --demo --engine none) into --out and use it")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latency"))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per pipeline (all rounds)")
@@ -396,10 +412,15 @@ def main(argv=None) -> int:
 
     import medge
 
-    if (args.bundle is None) == (args.densenet121 is None):
-        parser.error("give a demo BUNDLE or --densenet121 DIR")
+    if sum((args.bundle is not None, args.densenet121 is not None, args.demo)) != 1:
+        parser.error("give one of: a demo BUNDLE, --demo, --densenet121 DIR")
     threads = args.threads or os.cpu_count()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.demo:  # converted every time, so a retrained demo model is what gets measured
+        from medge.convert.demo import convert_demo
+
+        args.bundle = convert_demo(args.out / "demo.medge", engine="none", overwrite=True,
+                                   log=lambda line: print(line, file=sys.stderr)).bundle_path
     module, trained = None, True
     if args.densenet121 is not None:
         from bench_cpu_inference import densenet121_bundle  # tools/ (a script's folder is on sys.path)
@@ -421,7 +442,7 @@ def main(argv=None) -> int:
         configs = [("auto", None)] + configs
     result = {"bundle": str(args.bundle), "machine": machine_name(), "threads": threads, "seconds": args.seconds,
               "rounds": args.rounds, "reader_commit": reader_commit(), "single_caller": [], "batcher": [],
-              "targets": [], "agreement": [], "readers": []}
+              "targets": [], "agreement": [], "readers": [], "versions": versions()}
     with medge.load(args.bundle, device="cpu", threads=threads) as chosen:
         result["auto_cpu"] = str(chosen.backend)
     models, pipelines = [], []

@@ -5,14 +5,19 @@ Random-weight masks have no margins (every voxel is nearly tied), so the
 truth: its masks then mean something (Dice against the truth is checked),
 and Dice against FP32 measures a precision, not noise. Nothing is downloaded.
 
-Imported by test_segmentation.py and test_segmentation_run.py; session scope
-so a full run converts the bundle once.
+Imported by test_segmentation.py and test_segmentation_run.py. pytest makes
+one fixture definition per module that imports a fixture, so session scope
+alone would convert twice; the results are also kept in ``_MADE`` (one
+process, one session) so a full run converts the bundle once.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+#: What the session fixtures made, by name (see the module docstring).
+_MADE: dict = {}
 
 #: Series geometry shared by calibration, validation and deployment (the envelope records rows x columns).
 SERIES = dict(slices=24, rows=48, columns=48)
@@ -62,12 +67,15 @@ def seg_data(tmp_path_factory):
     """Folders: calib (2 series), val (1), deploy (2 good series + 1 gapped), each series in its own folder."""
     from medge.synthetic import write_ct_volume_series
 
+    if "data" in _MADE:
+        return _MADE["data"]
     root = tmp_path_factory.mktemp("segdata")
     truths = {}
     for name, seed in (("calib/a", 101), ("calib/b", 102), ("val/a", 103), ("deploy/one", 104),
                        ("deploy/two", 105)):
         _, truths[name] = write_ct_volume_series(root / name, seed=seed, shuffle=True, **SERIES)
     write_ct_volume_series(root / "deploy/gapped", seed=106, missing=[9], **SERIES)
+    _MADE["data"] = root, truths
     return root, truths
 
 
@@ -78,6 +86,8 @@ def seg_bundle(seg_data, tmp_path_factory):
     from medge.convert.pipeline import convert
     from medge.volume import VolumeSpec
 
+    if "bundle" in _MADE:
+        return _MADE["bundle"]
     root, _ = seg_data
     net = train_unet()
     lines: list = []
@@ -87,4 +97,5 @@ def seg_bundle(seg_data, tmp_path_factory):
                      batch=(1, 2, 2), engine="none", min_calibration_images=8, name="unet3d", version="0.1",
                      log=lines.append)
     result.log = lines
+    _MADE["bundle"] = result
     return result

@@ -336,3 +336,52 @@ def test_medge_convert_segmentation_and_inspect(seg_bundle, seg_data, tmp_path, 
     assert convert_main([str(_fp32_graph(seg_bundle)), "--task", "segmentation", "--size", "32", "32", "--window",
                          "40", "400", "--val", str(root / "val"), "-o", str(tmp_path / "x.medge")]) == 2
     assert "--spec / --size describe 2-D classifier inputs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the task on its own (numpy only)
+
+
+def test_softmax_and_sigmoid_labels_masks_and_dice():
+    from medge.tasks import SegmentationTask
+
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)
+    logits[0, 1, 0, 0, 0] = logits[0, 0, 0, 0, 0]  # a tie: the first class wins, as numpy's argmax
+    softmax = SegmentationTask.for_outputs(["batch", 3, 4, 5, 6], ["batch", 1, 4, 5, 6])
+    assert softmax.labels == ("background", "class1", "class2") and softmax.window == (4, 5, 6)
+    np.testing.assert_array_equal(softmax.labels_of(logits), logits.argmax(1))
+    sigmoid = SegmentationTask.for_outputs(["batch", 3, 4, 5, 6], ["batch", 1, 4, 5, 6], activation="sigmoid",
+                                           threshold=0.6, labels=["a", "b", "c"])
+    assert sigmoid.labels == ("background", "a", "b", "c") and sigmoid.label_count == 4
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    expected = np.where(p.max(1) >= 0.6, p.argmax(1) + 1, 0)
+    np.testing.assert_array_equal(sigmoid.labels_of(logits), expected)
+    np.testing.assert_array_equal(sigmoid.masks(logits), np.moveaxis(p >= 0.6, 1, 0))
+    same = sigmoid.compare(logits, logits)
+    assert same["dice"] == [1.0, 1.0, 1.0] and same["voxel_agreement"] == 1.0 and same["max_abs_error"] == 0.0
+    shifted = logits.copy()
+    shifted[:, 2] += 5.0  # the third channel (label "c") above the threshold almost everywhere
+    result = sigmoid.compare(shifted, logits)
+    assert result["dice"][:2] == [1.0, 1.0] and result["dice"][2] < 0.95 and result["min_dice"] == result["dice"][2]
+    assert sigmoid.gate_failures(result, {"min_dice": 0.95}) == [
+        f"Dice of c vs fp32 {result['dice'][2]:.4f} < 0.95"]
+    assert any("labels differ from FP32" in f for f in sigmoid.check_failures(shifted, logits, 1.0))
+    assert sigmoid.check_failures(logits + 1e-4, logits, 1e-3) == []
+    empty = SegmentationTask.for_outputs(["batch", 2, 4, 4], ["batch", 1, 4, 4])
+    background = np.stack([np.ones((1, 4, 4)), np.zeros((1, 4, 4))], axis=1).astype(np.float32)
+    assert empty.compare(background, background)["dice"] == [None]  # absent from both: not gated
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(output=["batch", 2, 8, 8, 8], inp=["batch", 1, 8, 8, 4]), "does not cover its input"),
+    (dict(output=["batch", 2, 64], inp=["batch", 1, 64]), r"output is \(batch, 2, 64\)"),
+    (dict(output=["batch", 1, 8, 8], inp=["batch", 1, 8, 8]), "use --activation sigmoid"),
+    (dict(output=["batch", 3, 8, 8], inp=["batch", 1, 8, 8], labels=["a", "b"]), "need 3 label names"),
+    (dict(output=["batch", 2, 8, 8], inp=["batch", 1, 8, 8], overlap=1.0), "overlap must be in"),
+])
+def test_segmentation_outputs_that_do_not_fit_are_refused(kwargs, match):
+    from medge.tasks import SegmentationTask
+
+    output, inp = kwargs.pop("output"), kwargs.pop("inp")
+    with pytest.raises(ConversionError, match=match):
+        SegmentationTask.for_outputs(output, inp, **kwargs)

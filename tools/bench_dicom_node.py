@@ -331,7 +331,9 @@ class SegDestination:
 
 
 _SEGMENTED = re.compile(r"series (\S+) segmented: (\d+) instances, (\d+) ms \(read (\d+), preprocess (\d+), "
-                        r"infer (\d+), sliding window (\d+), postprocess (\d+), SEG (-?\d+)\)")
+                        r"infer (\d+), sliding window (\d+), postprocess (\d+), SEG (-?\d+)\) after (-?\d+) ms "
+                        r"to completeness and (\d+) ms queued")
+_DELIVERED = re.compile(r"SEG of series (\S+) delivered, (\d+) ms after its last instance arrived")
 
 
 def run_seg_once(bundle: Path, destination: SegDestination, volumes: list, warmup: list, work: Path,
@@ -381,8 +383,11 @@ def run_seg_once(bundle: Path, destination: SegDestination, volumes: list, warmu
     (work / f"node-seg-{time.time_ns()}.log").write_text(log)
     stages = {m.group(1): {"instances": int(m.group(2)), "node_ms": int(m.group(3)), "read": int(m.group(4)),
                            "preprocess": int(m.group(5)), "infer": int(m.group(6)),
-                           "sliding_window": int(m.group(7)), "postprocess": int(m.group(8)), "seg": int(m.group(9))}
+                           "sliding_window": int(m.group(7)), "postprocess": int(m.group(8)), "seg": int(m.group(9)),
+                           "settle": int(m.group(10)), "queued": int(m.group(11))}
               for m in _SEGMENTED.finditer(log)}
+    for m in _DELIVERED.finditer(log):
+        stages.setdefault(m.group(1), {})["node_latency"] = int(m.group(2))
     per_series = []
     for uid in sorted(expected):
         per_series.append({"series": uid, "complete_to_seg_ms": (arrivals[uid] - completed[uid]) * 1e3,
@@ -430,8 +435,10 @@ def main_segmentation(args: argparse.Namespace) -> int:
                 print(f"round {round_index + 1}: series of {row.get('instances', '?')}: sent in "
                       f"{row['send_ms']:.0f} ms; complete -> SEG delivered {row['complete_to_seg_ms']:.0f} ms "
                       f"(node: read {row.get('read', '?')}, preprocess {row.get('preprocess', '?')}, infer "
-                      f"{row.get('infer', '?')}, sliding window {row.get('sliding_window', '?')}, postprocess {row.get('postprocess', '?')}, SEG build "
-                      f"{row.get('seg', '?')} ms; total {row.get('node_ms', '?')} ms)", flush=True)
+                      f"{row.get('infer', '?')}, sliding window {row.get('sliding_window', '?')}, postprocess "
+                      f"{row.get('postprocess', '?')}, SEG build {row.get('seg', '?')} ms; total "
+                      f"{row.get('node_ms', '?')} ms; settle {row.get('settle', '?')}, queued {row.get('queued', '?')} "
+                      "ms)", flush=True)
             for line in run["node_warnings"]:
                 print(f"    node: {line}", flush=True)
     finally:
@@ -451,6 +458,10 @@ def main_segmentation(args: argparse.Namespace) -> int:
              f"| sending its {args.slices} instances (first C-STORE -> last answered) | {median('send_ms'):.0f} |",
              f"| **series complete (last C-STORE answered) -> SEG delivered** | {median('complete_to_seg_ms'):.0f} |",
              f"| first C-STORE -> SEG delivered | {median('first_store_to_seg_ms'):.0f} |",
+             f"| node: last instance received -> SEG delivered (its own clock) | {median('node_latency'):.0f} |",
+             f"| node: last instance received -> series found complete (association closed + settle) | "
+             f"{median('settle'):.0f} |",
+             f"| node: waiting for the segmenting thread (the previous series) | {median('queued'):.0f} |",
              f"| node: read_series + segment + SEG built and in the outbox | {median('node_ms'):.0f} |",
              f"| node: read (read_series, envelope) | {median('read'):.0f} |",
              f"| node: preprocess | {median('preprocess'):.0f} |",

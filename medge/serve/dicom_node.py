@@ -617,6 +617,7 @@ class _Series:
     parts: int = 0
     overlays: int = 0
     folder: Optional[Path] = None  # segmentation bundles: where its instances are spooled
+    taken: float = 0.0  # segmentation bundles: when it was found complete (monotonic)
 
 
 class DicomNode:
@@ -1224,6 +1225,7 @@ class DicomNode:
                         limit = len(series.done) if self.segmenting else self.max_per_sr  # a SEG needs it all
                         take = series.done[:limit]
                         series.done = series.done[limit:]
+                        series.taken = now
                         parts.append((series, take))
                         if not series.pending and not series.done:
                             del self._series[series.key]
@@ -1321,6 +1323,9 @@ class DicomNode:
         uids = list(dict.fromkeys(i.uid for i in instances))
         series_uid = series.key[1]
         completed_wall = max(i.received_wall for i in instances)
+        # For the log: last instance received -> found complete (the settle or idle wait) -> segmenting starts.
+        settle_ms = (series.taken - max(i.received for i in instances)) * 1e3
+        queued_ms = (time.monotonic() - series.taken) * 1e3
         stage = "read"
         started = time.perf_counter()
         try:
@@ -1351,8 +1356,9 @@ class DicomNode:
         stages = [read_ms + float(timings.get("read", 0.0))] + [
             float(timings.get(k, 0.0)) for k in ("preprocess", "infer", "sliding_window", "postprocess")]
         _LOG.info("medge serve: series %s segmented: %d instances, %.0f ms (read %.0f, preprocess %.0f, infer %.0f, "
-                  "sliding window %.0f, postprocess %.0f, SEG %.0f); SEG %s in the outbox", series_uid, len(uids),
-                  took_ms, *stages, took_ms - sum(stages), meta["sop_instance_uid"])
+                  "sliding window %.0f, postprocess %.0f, SEG %.0f) after %.0f ms to completeness and %.0f ms "
+                  "queued; SEG %s in the outbox", series_uid, len(uids), took_ms, *stages, took_ms - sum(stages),
+                  settle_ms, queued_ms, meta["sop_instance_uid"])
         self._after_put(path, meta)
 
     def _series_failed(self, series_uid: str, uids: list, stage: str, reason: str) -> None:
@@ -1477,7 +1483,10 @@ class DicomNode:
             with self._lock:
                 self._finished += len(received)
         elif kind == "seg":
-            self.metrics.series_latency.observe(max(0.0, time.time() - float(meta.get("completed") or time.time())))
+            latency = max(0.0, time.time() - float(meta.get("completed") or time.time()))
+            self.metrics.series_latency.observe(latency)
+            _LOG.info("medge serve: SEG of series %s delivered, %.0f ms after its last instance arrived",
+                      meta.get("series_instance_uid"), latency * 1e3)
             with self._lock:
                 self._finished += len(meta.get("instances") or [])
 

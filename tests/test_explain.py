@@ -88,10 +88,23 @@ def test_mapping_back_inverts_the_letterbox():
 
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory):
+    """The demo bundle as the issue's Done-when converts it: --explain --operating-point sensitivity=0.95."""
     from medge.convert.demo import convert_demo
 
     return convert_demo(tmp_path_factory.mktemp("explain") / "explain.medge", engine="none", explain=True,
-                        log=lambda _: None)
+                        operating_point="sensitivity=0.95", log=lambda _: None)
+
+
+def _nodules(labels_csv: Path) -> dict:
+    """{filename: (row, column, radius) of the nodule in pixels, or None} from a demo set's labels.csv."""
+    with open(labels_csv, newline="") as f:
+        return {row["filename"]: (float(row["lesion_row"]), float(row["lesion_col"]), float(row["lesion_radius"]))
+                if row["label"] == "1" else None for row in csv.DictReader(f)}
+
+
+def _peak_inside(heatmap: np.ndarray, nodule: tuple) -> bool:
+    peak_row, peak_column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return bool(np.hypot(peak_row - nodule[0], peak_column - nodule[1]) <= nodule[2])
 
 
 def test_every_precision_carries_the_maps_and_the_report_measures_their_agreement(explained):
@@ -100,50 +113,82 @@ def test_every_precision_carries_the_maps_and_the_report_measures_their_agreemen
         assert r["heatmap_correlation"] is not None
         assert r["heatmap_correlation"] > (0.999 if r["precision"] == "fp32" else 0.9), r
     assert explained.manifest["task"]["heatmap_output"] == "cam"
-    assert explained.manifest["explanation"]["feature_shape"] == [256, 4, 4]
+    from medge.demo import demo_metadata
+
+    channels, h, w = explained.manifest["explanation"]["feature_shape"]
+    assert [channels, h, w] == demo_metadata()["architecture"]["feature_map"]
+    assert (h, w) == (32, 32)  # cells of 4 pixels at 128 x 128: the smallest nodule (radius 3.2) holds a centre
 
 
-def test_the_heatmap_concentrates_on_the_lesion_on_lesion_slices(explained, tmp_path):
-    """The demo's last feature map is 4x4 (cells of 128 pixels at 512x512), so its peak lands on a cell centre,
-    rarely inside a nodule of radius 14-25 pixels. What must hold is that the map explains the lesion: the mean
-    heat inside the nodule is well above the image's mean on lesion slices. (The peak's position is measured
-    too and reported by tools/explain_study.py.)"""
-    from medge.demo import write_demo_dicoms
+def test_the_heatmap_peaks_inside_the_nodule_on_lesion_slices(explained, tmp_path):
+    """The whole demo validation set (128 slices, 64 with a nodule of radius 13-25 pixels at 512 x 512): the
+    argmax of Prediction.heatmap lies inside the nodule the generator drew. The demo's last feature map has
+    cells of 16 pixels at 512, so a peak on the right cell is inside even the smallest nodule. Measured when the
+    model was trained (demo_model.json, metrics.localisation; FP32 on ONNX Runtime): 64/64 inside, in-lesion
+    heat 7.2x the map's mean (median; min 5.7). The thresholds leave room for the engine's precision and a
+    retrained model, not for one that does not localise: the previous demo network (4x4 map) had 1/64 inside
+    and ratios of 2.2-2.6."""
+    from medge.demo import DEFAULT_COUNTS, write_demo_dicoms
 
-    files, labels_csv = write_demo_dicoms(tmp_path / "val", "validation", 32)
-    with open(labels_csv, newline="") as f:
-        truth = {row["filename"]: row for row in csv.DictReader(f)}
-    ratios = []
+    files, labels_csv = write_demo_dicoms(tmp_path / "val", "validation")
+    assert len(files) == DEFAULT_COUNTS["validation"]
+    nodules = _nodules(labels_csv)
+    inside, ratios, decided_lesion = [], [], []
     rows, columns = np.mgrid[:512, :512]
     with medge.load(explained.bundle_path) as model:
         for path, prediction in zip(files, model.predict_batch(files)):
             assert prediction.heatmap.shape == (512, 512) and prediction.heatmap.dtype == np.float32
-            row = truth[path.name]
-            if row["label"] != "1" or prediction.label != "lesion":
+            nodule = nodules[path.name]
+            if nodule is None:
                 continue
-            nodule = np.hypot(rows - float(row["lesion_row"]), columns - float(row["lesion_col"])) <= float(
-                row["lesion_radius"])
-            ratios.append(float(prediction.heatmap[nodule].mean() / prediction.heatmap.mean()))
-    assert len(ratios) >= 10
-    assert np.mean(np.array(ratios) >= 1.5) >= 0.9, ratios
+            decided_lesion.append(prediction.label == "lesion")  # the map then explains the lesion class
+            inside.append(_peak_inside(prediction.heatmap, nodule))
+            disc = np.hypot(rows - nodule[0], columns - nodule[1]) <= nodule[2]
+            ratios.append(float(prediction.heatmap[disc].mean() / max(float(prediction.heatmap.mean()), 1e-12)))
+    assert len(inside) == DEFAULT_COUNTS["validation"] // 2
+    assert np.mean(decided_lesion) >= 0.95
+    assert np.mean(inside) >= 0.9, f"peak inside the nodule on {sum(inside)}/{len(inside)} lesion slices"
+    assert np.median(ratios) >= 4.0 and np.mean(np.array(ratios) >= 3.0) >= 0.95, sorted(ratios)[:8]
 
 
-def test_medge_run_writes_sr_and_overlays_that_read_back(explained, tmp_path, capsys):
-    """medge run --out-dicom on lesion slices: one SR per series and one overlay per image, read back."""
-    pytest.importorskip("highdicom", reason='highdicom is not installed: pip install "medge[dicom-out]"')
+def test_medge_run_on_the_sample_series_writes_sr_and_overlays_that_read_back(explained, tmp_path, capsys):
+    """The issue's Done-when: the bundle converted with --explain --operating-point sensitivity=0.95 runs
+    `medge run --out-dicom` on the `medge demo` sample series; pydicom and highdicom read the SR and the overlays
+    back, the SR carries the chosen threshold, and the heatmap peaks inside the nodule on its lesion slices."""
+    hd = pytest.importorskip("highdicom", reason='highdicom is not installed: pip install "medge[dicom-out]"')
     import pydicom
 
     from medge.cli.main import main
-    from medge.demo import write_demo_dicoms
+    from medge.synthetic import write_samples
 
-    files, _ = write_demo_dicoms(tmp_path / "in", "validation", 4)
+    write_samples(tmp_path / "in")
+    series = sorted((tmp_path / "in").glob("ct_0*.dcm"))  # the CT series; the other samples are encodings
+    nodules = _nodules(tmp_path / "in" / "labels.csv")
+    assert len(series) == 4 and sum(nodules[f.name] is not None for f in series) == 2
+    threshold = explained.manifest["task"]["threshold"]
+    assert explained.manifest["operating_point"]["target"] == "sensitivity" and 0.0 < threshold < 1.0
     out = tmp_path / "dicom"
-    assert main(["run", str(explained.bundle_path), str(tmp_path / "in"), "--out", str(tmp_path / "r.jsonl"),
+    assert main(["run", str(explained.bundle_path), *map(str, series), "--out", str(tmp_path / "r.jsonl"),
                  "--out-dicom", str(out)]) == 0
     assert "DICOM result file(s)" in capsys.readouterr().err
     srs, overlays = sorted((out / "sr").glob("*.dcm")), sorted((out / "overlays").glob("*.dcm"))
-    assert len(srs) >= 1 and len(overlays) == len(files) and len(list((out / "png").glob("*.png"))) == len(files)
+    assert len(srs) == 1 and len(overlays) == len(series) and len(list((out / "png").glob("*.png"))) == len(series)
     sr = pydicom.dcmread(srs[0])
     assert sr.Modality == "SR" and sr.ContentSequence
-    overlay = pydicom.dcmread(overlays[0])
-    assert overlay.PhotometricInterpretation == "RGB" and overlay.pixel_array.shape[-1] == 3
+    groups = hd.sr.srread(srs[0]).content.get_image_measurement_groups()
+    assert len(groups) == len(series)
+    for group in groups:
+        measured = {m.name.meaning: m.value for m in group.get_measurements()}
+        assert measured["Threshold Value"] == pytest.approx(threshold)
+    source_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in series}
+    for path in overlays:
+        overlay = pydicom.dcmread(path)
+        assert overlay.PhotometricInterpretation == "RGB" and overlay.pixel_array.shape == (512, 512, 3)
+        image = hd.imread(path)
+        assert image.SOPInstanceUID == overlay.SOPInstanceUID
+        assert {str(item.ReferencedSOPInstanceUID) for item in overlay.SourceImageSequence} <= source_uids
+    with medge.load(explained.bundle_path) as model:
+        predictions = model.predict_batch(series)
+    for path, prediction in zip(series, predictions):
+        if nodules[path.name] is not None:
+            assert prediction.label == "lesion" and _peak_inside(prediction.heatmap, nodules[path.name]), path.name

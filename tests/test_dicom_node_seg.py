@@ -163,6 +163,17 @@ def assert_seg_matches(seg, datasets, model) -> None:
     assert seg.Modality == "SEG" and seg.SeriesInstanceUID != uid_of(datasets)
 
 
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_dicom_node.py"
+    spec = importlib.util.spec_from_file_location("bench_dicom_node", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def spooled_files(node) -> list:
     return [p for p in (node.spool / "series").rglob("*") if p.is_file()] if (node.spool / "series").exists() else []
 
@@ -200,6 +211,9 @@ def test_two_series_over_two_associations_give_exactly_two_segs(node_factory, de
     assert "PLANTED" not in logged
     # highdicom, building the SEG in the node's process, logs source attributes at INFO: kept out.
     assert not [r for r in caplog.records if r.name.startswith("highdicom") and r.levelno < logging.WARNING]
+    # tools/bench_dicom_node.py --series reads its stage times from these lines: they must still parse.
+    bench = _bench_module()
+    assert len(bench._SEGMENTED.findall(logged)) == 2 and len(bench._DELIVERED.findall(logged)) == 2
 
 
 def test_a_series_with_a_missing_slice_gets_no_seg_and_the_other_still_does(node_factory, destination, series,

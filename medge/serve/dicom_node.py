@@ -640,6 +640,8 @@ class DicomNode:
             0: any free port, see ``metrics_port`` after ``start``).
         max_delay_ms: the Batcher's wait for batch-mates.
         max_queue: images waiting for the model before C-STOREs wait (then 0xA700 after ``queue_timeout_s``).
+            These two, ``overlays`` and ``sr_workers`` concern classification bundles only (a segmentation
+            bundle's node has no Batcher and builds each SEG in its segmenting thread).
         series_idle_s, settle_s, max_per_sr: when a series' SR (or SEG) is written (module docstring);
             ``max_per_sr`` does not apply to segmentation bundles (a SEG needs the whole series).
         outbox_max_files, outbox_max_bytes: the outbox bound.

@@ -18,8 +18,9 @@ the generator knows where it put each nodule, and the term asks the lesion
 class's activation map (the classifier's weights applied to the last feature
 map, the very quantity medge's ``--explain`` outputs) to be largest on the
 cells inside the nodule. Without it the network classifies as well but its
-map peaks inside the nodule on 0-8 % of lesion slices (measured): global
-average pooling lets the deep context spread the evidence over the lung. The
+map peaks inside the nodule on under 8 % of lesion slices (measured, see
+LOCALISATION_WEIGHT): global average pooling lets the deep context spread the
+evidence over the lung. The
 term changes where the evidence sits, not what the map means: the logit is
 still the mean of the map plus a bias, so CAM stays the model's own reasoning.
 How often the peak lands inside the nodule on held-out slices goes into the
@@ -72,8 +73,12 @@ INPUT_SIZE = 128
 #: everything else inside the lungs.
 LUNG_WINDOW = (-600.0, 1500.0)
 
-#: Weight of the localisation term against the cross-entropy. 1.0 and 0.2 were
-#: tried; see LOCALISATION_RESULTS in the report of the run (metrics.localisation).
+#: Weight of the localisation term against the cross-entropy. Measured on the
+#: 500 held-out lesion slices (same data, 10 epochs): without the term, this
+#: network's CAM peak is inside the nodule on 7.8 % of them (a variant gating the
+#: stride-4 map with the deep context: 0.2 %; the previous 4x4-map network: 1 %);
+#: with 0.2 on 100 %, in-lesion heat a median 4.8x the map's mean; with 1.0 on
+#: 100 %, 7.3x. Classification stays at AUC 1.0 in all of them.
 LOCALISATION_WEIGHT = 1.0
 
 EPOCHS = 10

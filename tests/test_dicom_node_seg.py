@@ -268,6 +268,16 @@ def test_stop_segments_what_was_accepted_and_cleans_the_spool(node_factory, dest
     assert spooled_files(node) == [] and not any((node.spool / "series").iterdir())
 
 
+def test_without_forward_the_seg_is_written_to_the_spool(node_factory, series, model):
+    node = node_factory()
+    assert send(node.port, series["two"]) == [0] * 24
+    assert node.wait_idle(60)
+    written = sorted((node.spool / "results").glob("*.dcm"))
+    assert len(written) == 1 and not list((node.spool / "results").glob("*.json"))
+    assert_seg_matches(hd.seg.segread(written[0]), series["two"], model)
+    assert node.stats()["delivered_series"] == 1 and spooled_files(node) == []
+
+
 def test_a_series_spooled_before_a_crash_is_segmented_at_the_next_start(node_factory, destination, series, model,
                                                                         tmp_path):
     import json

@@ -268,6 +268,16 @@ def test_stop_segments_what_was_accepted_and_cleans_the_spool(node_factory, dest
     assert spooled_files(node) == [] and not any((node.spool / "series").iterdir())
 
 
+def test_instances_received_twice_are_one_slice_of_one_seg(node_factory, destination, series, model):
+    dest = destination()
+    node = node_factory(forward=f"127.0.0.1:{dest.port}:DEST", duplicate_window_s=0)  # no duplicate detection
+    assert send(node.port, series["one"] + series["one"][:5]) == [0] * 29
+    assert node.wait_idle(60)  # every acknowledgement settled, although 5 were the same instances again
+    segs = dest.segs()
+    assert list(segs) == [uid_of(series["one"])] and len(segs[uid_of(series["one"])]) == 1
+    assert_seg_matches(segs[uid_of(series["one"])][0], series["one"], model)
+
+
 def test_without_forward_the_seg_is_written_to_the_spool(node_factory, series, model):
     node = node_factory()
     assert send(node.port, series["two"]) == [0] * 24

@@ -1339,15 +1339,17 @@ class DicomNode:
                 stage = "write"
                 dataset = self.model.write_segmentation(volume, segmentation, None)
                 took_ms = (time.perf_counter() - started) * 1e3
+                # accepted: acknowledgements this SEG settles (one more than the files for an instance stored
+                # twice with the duplicate window off), what wait_idle counts.
                 meta = {"kind": "seg", "sop_instance_uid": str(dataset.SOPInstanceUID),
-                        "series_instance_uid": series_uid, "instances": uids, "completed": completed_wall,
-                        "segment_ms": round(took_ms, 1)}
+                        "series_instance_uid": series_uid, "instances": uids, "accepted": len(instances),
+                        "completed": completed_wall, "segment_ms": round(took_ms, 1)}
                 path = self.outbox.put(dataset, meta)
             except MedgeError as exc:
-                self._series_failed(series_uid, uids, stage, str(exc))
+                self._series_failed(series_uid, uids, len(instances), stage, str(exc))
                 return
             except Exception as exc:  # noqa: BLE001 - a bug in a stage; its text could quote values
-                self._series_failed(series_uid, uids, stage, f"a bug: {type(exc).__name__}")
+                self._series_failed(series_uid, uids, len(instances), stage, f"a bug: {type(exc).__name__}")
                 return
         finally:
             for folder in {p.parent for p in paths}:
@@ -1363,13 +1365,13 @@ class DicomNode:
                   settle_ms, queued_ms, meta["sop_instance_uid"])
         self._after_put(path, meta)
 
-    def _series_failed(self, series_uid: str, uids: list, stage: str, reason: str) -> None:
+    def _series_failed(self, series_uid: str, uids: list, accepted: int, stage: str, reason: str) -> None:
         self.metrics.series_failed.labels(stage).inc()
         self.metrics.failed.labels("write" if stage == "write" else "segment").inc(len(uids))
         for uid in uids:  # the sender may send the series again (complete this time) and get a SEG
             self._forget_seen(uid)
         with self._lock:
-            self._finished += len(uids)
+            self._finished += accepted
         _LOG.error("medge serve: series %s (%d instances) gets no SEG (%s): %s", series_uid, len(uids),
                    {"read": "not a consistent series", "segment": "segmentation failed",
                     "write": "the SEG could not be written"}[stage], reason)
@@ -1490,7 +1492,7 @@ class DicomNode:
             _LOG.info("medge serve: SEG of series %s delivered, %.0f ms after its last instance arrived",
                       meta.get("series_instance_uid"), latency * 1e3)
             with self._lock:
-                self._finished += len(meta.get("instances") or [])
+                self._finished += int(meta.get("accepted") or len(meta.get("instances") or []))
 
     def _deliver_main(self) -> None:
         """Send the outbox to the destination, oldest first, with backoff; until stopped and drained."""
@@ -1621,7 +1623,7 @@ class DicomNode:
             self.metrics.series_failed.labels("deliver").inc()
             self.metrics.failed.labels("deliver").inc(len(meta.get("instances") or []))
             with self._lock:
-                self._finished += len(meta.get("instances") or [])
+                self._finished += int(meta.get("accepted") or len(meta.get("instances") or []))
         else:
             self.metrics.failed.labels("deliver").inc(len(meta.get("received") or []) or 0)
         if meta.get("kind") == "sr":

@@ -125,7 +125,7 @@ def test_the_heatmap_peaks_inside_the_nodule_on_lesion_slices(explained, tmp_pat
     argmax of Prediction.heatmap lies inside the nodule the generator drew. The demo's last feature map has
     cells of 16 pixels at 512, so a peak on the right cell is inside even the smallest nodule. Measured when the
     model was trained (demo_model.json, metrics.localisation; FP32 on ONNX Runtime): 64/64 inside, in-lesion
-    heat 7.2x the map's mean (median; min 5.7). The thresholds leave room for the engine's precision and a
+    heat 5.3x the map's mean (median; min 4.3). The thresholds leave room for the engine's precision and a
     retrained model, not for one that does not localise: the previous demo network (4x4 map) had 1/64 inside
     and ratios of 2.2-2.6."""
     from medge.demo import DEFAULT_COUNTS, write_demo_dicoms
@@ -148,7 +148,7 @@ def test_the_heatmap_peaks_inside_the_nodule_on_lesion_slices(explained, tmp_pat
     assert len(inside) == DEFAULT_COUNTS["validation"] // 2
     assert np.mean(decided_lesion) >= 0.95
     assert np.mean(inside) >= 0.9, f"peak inside the nodule on {sum(inside)}/{len(inside)} lesion slices"
-    assert np.median(ratios) >= 4.0 and np.mean(np.array(ratios) >= 3.0) >= 0.95, sorted(ratios)[:8]
+    assert np.median(ratios) >= 3.5 and np.mean(np.array(ratios) >= 3.0) >= 0.95, sorted(ratios)[:8]
 
 
 def test_medge_run_on_the_sample_series_writes_sr_and_overlays_that_read_back(explained, tmp_path, capsys):

@@ -23,8 +23,8 @@ HEAD_CHANNELS = 256
 #: Channels of the last feature map, the one global average pooling and the
 #: linear layer read and so the one class activation maps are made of. 16, not
 #: 32: with 32 the stride-4 part cost 10.6 M multiply-adds (+37 %) and ONNX
-#: Runtime's batch-8 CPU latency grew by 40-50 %, for the same accuracy and a
-#: peak inside the nodule on every held-out lesion slice either way.
+#: Runtime's batch-8 CPU latency grew by 40-90 % (16: 21-48 %), for the same
+#: accuracy and a peak inside the nodule on every held-out lesion slice either way.
 MAP_CHANNELS = 16
 #: The last feature map's stride (the second block's output). The nodules have
 #: a radius of 3.2..6.4 pixels at 128 x 128; a CAM peaks on a cell centre, and

@@ -39,6 +39,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# PyTorch's OpenMP workers spin at barriers by default; on a shared machine (other processes on the cores) a
+# worker that lost its core stalls the others: DenseNet121 eager at batch 8 took 5.9 s with 2 threads at load
+# average 4 against 0.62 s with OMP_WAIT_POLICY=PASSIVE (0.56 s with 1 thread). A fair baseline sets it, as a
+# careful user would; it must be set before torch loads. ONNX Runtime (its own pool) and OpenVINO (TBB) do not
+# read it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from _machine import machine_name  # tools/_machine.py (a script's folder is on sys.path)
 
 DENSENET_NAME = "densenet121-lesion"
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
     lines = [f"{bundle.manifest['model']['name']}, batch {args.batch}, {threads} threads, {', '.join(versions)}; "
              f"median of {args.rounds} interleaved rounds; agreement on {len(x)} validation slices",
              f"Machine: {machine_name()}; load average (1 min) {load_before[0]:.1f} before timing, "
-             f"{load_after[0]:.1f} after", "",
+             f"{load_after[0]:.1f} after; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (PyTorch's OpenMP)", "",
              "| engine, graph | median ms / batch | images/s | vs ORT FP32 | top-1 vs FP32 | max abs err |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in rows:

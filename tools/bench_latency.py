@@ -61,6 +61,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# PyTorch's OpenMP workers spin at barriers by default; on a shared machine (other processes on the cores) a
+# worker that lost its core stalls the others: DenseNet121 eager at batch 8 took 5.9 s with 2 threads at load
+# average 4 against 0.62 s with OMP_WAIT_POLICY=PASSIVE (0.56 s with 1 thread). A fair baseline sets it, as a
+# careful user would; it must be set before torch loads. ONNX Runtime (its own pool) and OpenVINO (TBB) do not
+# read it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from _machine import machine_name  # tools/_machine.py (a script's folder is on sys.path)
 
 
@@ -306,7 +313,8 @@ def markdown(result: dict) -> str:
              f"{result['seconds']} s per pipeline in {result['rounds']} interleaved rounds after warm-up; "
              f"medge.read_dicom of commit {result.get('reader_commit', 'unknown')}; load average (1 min) "
              + " -> ".join(f"{v:.1f}" for v in result.get("load_average", [])) + " over the timed rounds",
-             f"Versions: {result.get('versions', '-')}",
+             f"Versions: {result.get('versions', '-')}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+             "(PyTorch's OpenMP workers)",
              f"medge.load(device='cpu') chooses: {result.get('auto_cpu', '-')}", "",
              "| pipeline | batch | p50 ms | p90 ms | p99 ms | max ms | images/s | read ms | preprocess ms | infer ms | "
              "postprocess ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -529,8 +537,13 @@ def main(argv=None) -> int:
                 continue
             if what == "throughput":
                 ratio = ours["throughput_images_per_s"] / base["throughput_images_per_s"]
-                result["targets"].append(f"Throughput at batch 8, {name} vs baseline: {ratio:.2f}x "
-                                         f"(target >= {target}x)")
+                # Throughput counts every stall; a shared machine stalls PyTorch's OpenMP workers far more than
+                # medge's (seen: baseline p90 15x its p50). The ratio of medians is the steadier figure; both
+                # are printed, and the target is judged on the smaller.
+                median_ratio = base["latency_ms"]["p50"] / ours["latency_ms"]["p50"]
+                verdict = "met" if min(ratio, median_ratio) >= target else "NOT met"
+                result["targets"].append(f"Throughput at batch 8, {name} vs baseline: {ratio:.2f}x; ratio of "
+                                         f"median batch times {median_ratio:.2f}x (target >= {target}x: {verdict})")
             else:
                 ratio = base["latency_ms"]["p50"] / ours["latency_ms"]["p50"]
                 result["targets"].append(f"p50 at batch 1, baseline / {name}: {ratio:.2f}x lower")

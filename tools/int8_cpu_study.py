@@ -237,7 +237,7 @@ def trained_densenet121(size: int = 128, *, cache: Path | None = None, log=None)
     """MONAI DenseNet121 (2-D, 1 channel, 2 classes) trained on the synthetic CT lesion task, as users deploy one.
 
     Deterministic (seeded data order and weights, TRAIN_THREADS threads): TRAIN_IMAGES * TRAIN_EPOCHS image
-    passes, about 3 minutes on 2 idle CPU cores at 128x128 (20 on a shared, loaded one). The weights
+    passes on one thread at 128x128: 510 s measured on the shared 2-vCPU VM at load average 6-9. The weights
     are cached under ``~/.cache/medge`` (generated here, never downloaded), keyed by the recipe and input size.
 
     Returns:

@@ -32,7 +32,7 @@ test slices 200000+, series seeds 0..9999 reserved for the demo calibration /
 validation sets that ``medge.demo.write_demo_dicoms`` (and so
 ``medge-convert --demo``) writes.
 
-Usage (about 6 minutes on 2 idle CPU cores; needs torch, onnx, onnxruntime):
+Usage (6-7 minutes on the shared 2-core machine with 1 thread; needs torch, onnx, onnxruntime):
 
     PYTHONPATH=. python tools/train_demo_model.py            # writes medge/demo/
     PYTHONPATH=. python tools/train_demo_model.py --output /tmp/demo   # elsewhere

@@ -256,3 +256,14 @@ def test_accuracy_control_is_quiet_when_int8_already_agrees(fp32, tmp_path):
     assert summary.accuracy_control["float_layers"] == [] and summary.accuracy_control["top1_agreement"] >= 0.5
     with pytest.raises(ConversionError, match="min_top1_agreement"):
         make_int8(fp32, tmp_path / "x.onnx", inputs(), target="tensorrt", min_images=16, min_top1_agreement=1.5)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_a_count_that_is_not_a_multiple_of_the_batch_calibrates(fp32, tmp_path, method):
+    """33 images in batches of 4 made ONNX Runtime's histogram calibrators fail on the ragged last batch
+    ("inhomogeneous shape"); every image is still used, in equal batches."""
+    summary = make_int8(fp32, tmp_path / "q.onnx", inputs(33), target="tensorrt", min_images=16, method=method,
+                        batch_size=4)
+    assert summary.images == 33
+    assert summary.batch_size == 3 and summary.batches == 11
+    assert _qdq(onnx.load(str(tmp_path / "q.onnx")))[1], "the graph was quantised"

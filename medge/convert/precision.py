@@ -299,6 +299,10 @@ def make_int8(
             "check the preprocessing spec"
         )
 
+    # Every batch the same size: ONNX Runtime's entropy and percentile calibrators stack each tensor's batches
+    # into one array and fail on a ragged last one ("inhomogeneous shape", e.g. 33 images in batches of 4). The
+    # largest size up to batch_size that divides the count keeps every image.
+    batch_size = max(size for size in range(1, max(1, int(batch_size)) + 1) if count % size == 0)
     batches = [calibration[i : i + batch_size] for i in range(0, count, batch_size)]
     bar = Progress(f"calibrating INT8 for {target} ({method})", len(batches), enabled=progress)
 

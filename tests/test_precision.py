@@ -267,3 +267,33 @@ def test_a_count_that_is_not_a_multiple_of_the_batch_calibrates(fp32, tmp_path, 
     assert summary.images == 33
     assert summary.batch_size == 3 and summary.batches == 11
     assert _qdq(onnx.load(str(tmp_path / "q.onnx")))[1], "the graph was quantised"
+
+
+def test_fp16_of_a_graph_with_a_resize_is_in_topological_order(tmp_path):
+    """ONNX Runtime's FP16 converter appends the Cast it keeps for Resize's float32 scales after the Resize
+    (MONAI SegResNet's trilinear upsampling): the graph failed ONNX's check. make_fp16 orders it again."""
+    from medge.convert.precision import make_fp16
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 1, 3, 3, 3)).astype(np.float32),
+                                     "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 6),
+        helper.make_node("Constant", [], ["scales"],
+                         value=numpy_helper.from_array(np.array([1, 1, 2, 2, 2], np.float32))),
+        helper.make_node("Resize", ["c", "", "scales"], ["y"], mode="linear"),
+    ]
+    graph = helper.make_graph(nodes, "resize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 16, 16])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    make_fp16(tmp_path / "m.onnx", tmp_path / "m16.onnx")
+    fp16 = onnx.load(str(tmp_path / "m16.onnx"))
+    made = {i.name for i in fp16.graph.input} | {i.name for i in fp16.graph.initializer} | {""}
+    for node in fp16.graph.node:
+        assert set(node.input) <= made, f"{node.op_type} reads a tensor made after it"
+        made |= set(node.output)
+    x = np.random.default_rng(1).random((1, 1, 4, 8, 8), dtype=np.float32)
+    ref = ort_session(tmp_path / "m.onnx").run(None, {"x": x})[0]
+    got = ort_session(tmp_path / "m16.onnx").run(None, {"x": x.astype(np.float16)})[0]
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 0.02 * np.abs(ref).max()

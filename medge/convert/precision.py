@@ -41,6 +41,7 @@ flags, so each precision is its own ONNX file:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import io
 import logging
 import time
@@ -162,6 +163,7 @@ def make_fp16(fp32_path: Path, out_path: Path) -> dict:
     outputs = [o.name for o in model.graph.output]
     try:
         fp16 = convert_float_to_float16(model, keep_io_types=outputs)
+        _sort_topologically(fp16.graph)
         onnx.checker.check_model(fp16)
     except Exception as exc:
         raise ConversionError(f"converting the model to FP16 failed: {exc}") from exc
@@ -169,6 +171,43 @@ def make_fp16(fp32_path: Path, out_path: Path) -> dict:
     kept = [n.name or n.op_type for n in fp16.graph.node
             if n.op_type != "Cast" and all(_is_float32(fp16, t) for t in n.output)]
     return {"file": Path(out_path).name, "input_dtype": "float16", "output_dtype": "float32", "float32_nodes": kept}
+
+
+def _sort_topologically(graph) -> None:
+    """Put ``graph``'s nodes in an order where every input is made before it is used (in place).
+
+    ONNX Runtime's FP16 converter appends the Casts it adds for inputs that must stay float32 (Resize's scales,
+    e.g. MONAI SegResNet's trilinear upsampling) at the end of the node list, after the nodes that read them,
+    and ONNX requires topological order. Nodes already in order keep their relative order (stable Kahn sort).
+    """
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    nodes = list(graph.node)
+    producers = {out: index for index, node in enumerate(nodes) for out in node.output}
+    waiting: dict[int, set] = {}
+    users: dict[int, list[int]] = {}
+    for index, node in enumerate(nodes):
+        # Subgraph (If/Loop) bodies may read outer tensors: count those as inputs too.
+        needed = set(node.input) | {name for attr in node.attribute if attr.g.node
+                                    for inner in attr.g.node for name in inner.input}
+        deps = {producers[name] for name in needed if name not in known and name in producers} - {index}
+        waiting[index] = deps
+        for dep in deps:
+            users.setdefault(dep, []).append(index)
+    ready = [index for index, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for user in users.get(index, ()):
+            waiting[user].discard(index)
+            if not waiting[user]:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        raise ConversionError("the FP16 graph has a cycle: it cannot be ordered")
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
 
 
 def _is_float32(model, tensor_name: str) -> bool:

@@ -89,3 +89,17 @@ def test_a_csv_results_file_is_refused_before_the_model_loads(seg_bundle, seg_da
                  "--out", str(tmp_path / "r.csv")]) == 2
     assert "give a .jsonl file" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_the_batcher_and_triton_export_refuse_a_segmentation_bundle_clearly(seg_bundle, tmp_path):
+    """Both batch single images for classifiers; a segmentation needs whole series (model.segment, medge serve)."""
+    from medge.errors import MedgeError
+    from medge.runtime.batcher import BatcherError
+    from medge.serve.triton import export_triton
+
+    with medge.load(seg_bundle.bundle_path, backend="onnxruntime") as model:
+        with pytest.raises(BatcherError, match="segments whole series: call model.segment"):
+            medge.Batcher(model)
+    with pytest.raises(MedgeError, match="task is segmentation: export-triton exports classifiers only"):
+        export_triton(seg_bundle.bundle_path, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())

@@ -713,6 +713,10 @@ class Batcher:
             delay = math.nan
         if not (delay >= 0 and math.isfinite(delay)):
             raise BatcherError(f"max_delay_ms must be a finite number >= 0, got {max_delay_ms!r}")
+        if getattr(getattr(model, "task", None), "kind", None) == "segmentation":
+            raise BatcherError("the Batcher batches images for classifiers; a segmentation bundle segments whole "
+                               "series: call model.segment(series), or serve it with medge serve (one DICOM SEG "
+                               "per series)")
         if not callable(getattr(model, "predict_each", None)) and not callable(getattr(model, "predict_batch", None)):
             raise BatcherError("the model must have predict_each(items, *, return_exceptions=True) (medge.Model) "
                                "or predict_batch(items, *, return_exceptions=True) giving one result per item")

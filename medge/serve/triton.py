@@ -374,6 +374,11 @@ def export_triton(bundle: Union[str, os.PathLike], repository: Union[str, os.Pat
     if missing:
         raise BundleError(f"the bundle's manifest has no {', '.join(missing)}: convert the model again with this medge")
     task = task_from_manifest(manifest)
+    if task.kind != "classification":
+        # Triton batches requests of single images; a segmentation needs a whole series, its sliding window and
+        # the way back onto the series' grid, none of which this repository layout carries yet.
+        raise MedgeError(f"the bundle's task is {task.kind}: export-triton exports classifiers only; serve a "
+                         "segmentation bundle with medge serve (a DICOM SEG per series) or model.segment")
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     prefix = _model_name(manifest, name)
     left_out: list = []

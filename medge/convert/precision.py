@@ -797,7 +797,7 @@ def _accuracy_control(fp32_path: Path, out_path: Path, x: np.ndarray, quant_inpu
         record["result"] = (f"the target was not reached with up to {limit} of {len(ranked)} layers in float "
                             f"(best {max(tried.values()):.2%}); the graph stays fully quantised for the gates to judge")
         _LOG.warning("INT8 accuracy control: %s", record["result"])
-        record["seconds"] = round(time.monotonic() - started, 1)
+        record.update({"evaluations": len(tried), "seconds": round(time.monotonic() - started, 1)})
         return record
     failing = passing // 2
     while passing - failing > 1:

@@ -29,6 +29,14 @@ def strict_bundle(tmp_path_factory):
     return result
 
 
+def test_int8_accuracy_control_aims_at_the_conversions_top1_gate(strict_bundle):
+    graphs = strict_bundle.manifest["graphs"]
+    for graph in ("int8", "int8-ort"):
+        control = graphs[graph]["quantization"]["accuracy_control"]
+        assert control["min_top1_agreement"] == 0.99  # the default gate (only max abs error was given)
+        assert control["float_layers"] == [] and control["top1_agreement"] >= 0.99, control  # agrees as calibrated
+
+
 def test_a_failed_gate_is_recorded_per_graph_and_the_conversion_says_so(strict_bundle):
     verdicts = strict_bundle.manifest["gates"]["verdicts"]
     assert verdicts["fp32"]["verdict"] == "reference"
@@ -74,6 +82,8 @@ def test_medge_convert_exits_3_when_a_gate_fails_and_no_gates_records_ungated(tm
     manifest = json.loads((tmp_path / "b.medge" / "manifest.json").read_text())
     assert manifest["gates"]["enabled"] is False
     assert {v["verdict"] for g, v in manifest["gates"]["verdicts"].items() if g != "fp32"} == {"ungated"}
+    # INT8 accuracy control aims at the top-1 gate, so it is off with the gates.
+    assert all(manifest["graphs"][g]["quantization"]["accuracy_control"] is None for g in ("int8", "int8-ort"))
     assert main(["--demo", "--engine", "none", "--no-gates", "--max-abs-error", "1", "-o",
                  str(tmp_path / "c.medge")]) == 2
 

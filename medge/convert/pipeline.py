@@ -387,11 +387,16 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
             graph_meta["fp16"] = {"precision": "fp16", "target": "any", "input_dtype": info["input_dtype"],
                                   "output_dtype": info["output_dtype"]}
         if "int8" in precisions:
+            # Accuracy control aims at the conversion's own top-1 gate (layers kept in float until the INT8 graph
+            # agrees with FP32 on the calibration images); --no-gates switches it off with the gates.
+            agreement_target = (options.limits.get("min_top1_agreement")
+                                if options.limits.get("min_top1_agreement") is not None
+                                else task.default_gates.get("min_top1_agreement")) if options.enabled else None
             for graph, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):
                 summary = make_int8(
                     imported.onnx_path, work / f"model.{graph}.onnx", calib.array, method=calibration_method,
                     batch_size=batch[1], min_images=min_calibration_images, source=calib.source, target=target,
-                    progress=progress)
+                    min_top1_agreement=agreement_target, progress=progress)
                 graphs[graph] = work / f"model.{graph}.onnx"
                 graph_meta[graph] = {"precision": "int8", "target": target, "input_dtype": "float32",
                                      "output_dtype": "float32", "quantization": summary.to_manifest()}

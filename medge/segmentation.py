@@ -160,8 +160,7 @@ def to_label_map(logits: np.ndarray, volume: Any, spec: Any, task: Any, *,
         # crop removed, filled with 0, stay background); half the resampling work of both channels.
         foreground = task.probabilities(logits, axis=0)[1]
         back = None
-        label_map = (to_original_grid(foreground, spec, volume.shape, volume.spacing, mode="linear", fill=0,
-                                      compute_dtype=np.float32) > 0.5).view(np.uint8)
+        label_map = (_probability_to_original_grid(foreground, spec, volume) > 0.5).view(np.uint8)
     else:
         back = to_original_grid(task.probabilities(logits, axis=0), spec, volume.shape, volume.spacing,
                                 mode="linear", fill=0, compute_dtype=np.float32)
@@ -173,6 +172,32 @@ def to_label_map(logits: np.ndarray, volume: Any, spec: Any, task: Any, *,
     else:
         counts = np.bincount(label_map.ravel(), minlength=task.label_count)[1:]
     return label_map, (back if keep_probabilities else None), counts
+
+
+def _probability_to_original_grid(probability: np.ndarray, spec: Any, volume: Any) -> np.ndarray:
+    """One probability map (D, H, W) on the model's grid -> the series' grid (float32), linearly.
+
+    The same mapping as ``to_original_grid(..., mode="linear", fill=0)`` (ROI crop / pad undone, then half-pixel
+    trilinear over the same field of view), with the trilinear pass in medge's native multi-threaded volume
+    resampler: a VOI range of 0..1 is the identity on probabilities, so ``preprocess_volume`` with only a target
+    size is that resampling. On a 128 x 512 x 512 series it replaces three numpy passes over 33.5 M voxels.
+    """
+    from .volume import VolumeSpec, preprocess_volume
+
+    resampled = tuple(spec.resampled_size(volume.shape, volume.spacing))
+    size, offset = spec.roi_placement(resampled)
+    grid = np.zeros(resampled, np.float32)  # voxels the crop removed: probability 0 (background)
+    dst, src = [], []
+    for axis in range(3):
+        lo, hi = max(0, offset[axis]), min(size[axis], offset[axis] + resampled[axis])
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - offset[axis], hi - offset[axis]))
+    grid[tuple(dst)] = probability[tuple(src)]
+    if resampled == tuple(volume.shape):
+        return grid
+    back = preprocess_volume(grid, None, None, VolumeSpec(voi="range", value_range=(0.0, 1.0),
+                                                          target_size=tuple(volume.shape), interpolation="trilinear"))
+    return back.reshape(volume.shape)
 
 
 def volumes_ml(counts: np.ndarray, spacing: Any, labels: tuple) -> dict:

@@ -385,3 +385,21 @@ def test_segmentation_outputs_that_do_not_fit_are_refused(kwargs, match):
     output, inp = kwargs.pop("output"), kwargs.pop("inp")
     with pytest.raises(ConversionError, match=match):
         SegmentationTask.for_outputs(output, inp, **kwargs)
+
+
+@pytest.mark.parametrize("roi_fit, roi", [("crop_or_pad", (6, 20, 9)), ("pad", (4, 8, 8)), ("crop_or_pad", None)])
+def test_the_native_way_back_equals_to_original_grid(roi_fit, roi):
+    """segment()'s two-class way back (the native trilinear resampler) is to_original_grid's linear mapping."""
+    from types import SimpleNamespace
+
+    from medge.segmentation import _probability_to_original_grid
+    from medge.volume import VolumeSpec, to_original_grid
+
+    volume = SimpleNamespace(shape=(7, 30, 13), spacing=(0.8, 1.1, 2.5))
+    spec = VolumeSpec(voi="range", value_range=(0, 1), target_spacing=(1.5, 1.0, 2.0), roi_size=roi, roi_fit=roi_fit)
+    size, _ = spec.roi_placement(spec.resampled_size(volume.shape, volume.spacing))
+    probability = np.random.default_rng(3).random(size, dtype=np.float32)
+    expected = to_original_grid(probability, spec, volume.shape, volume.spacing, mode="linear", fill=0)
+    got = _probability_to_original_grid(probability, spec, volume)
+    assert got.shape == volume.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)

@@ -392,6 +392,8 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
             agreement_target = (options.limits.get("min_top1_agreement")
                                 if options.limits.get("min_top1_agreement") is not None
                                 else task.default_gates.get("min_top1_agreement")) if options.enabled else None
+            if agreement_target is not None and not agreement_target > 0:
+                agreement_target = None  # a gate of 0 asks for no agreement: nothing to aim at
             for graph, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):
                 summary = make_int8(
                     imported.onnx_path, work / f"model.{graph}.onnx", calib.array, method=calibration_method,

@@ -375,36 +375,21 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
                 f"{imported.torch_check['max_abs_error']:.3g}")
 
         log("2/5 making precision graphs: " + ", ".join(precisions))
-        # Graph name -> file; "int8" (TensorRT's Q/DQ placement, the engines' source) and "int8-ort"
-        # (ONNX Runtime's placement, for its CPU backend) are both INT8, from the same calibration data.
-        graphs = {"fp32": imported.onnx_path}
-        graph_meta = {"fp32": {"precision": "fp32", "target": "any", "input_dtype": "float32",
-                               "output_dtype": "float32"}}
-        calibration_summary = None
-        if "fp16" in precisions:
-            info = make_fp16(imported.onnx_path, work / "model.fp16.onnx")
-            graphs["fp16"] = work / "model.fp16.onnx"
-            graph_meta["fp16"] = {"precision": "fp16", "target": "any", "input_dtype": info["input_dtype"],
-                                  "output_dtype": info["output_dtype"]}
-        if "int8" in precisions:
-            # Accuracy control aims at the conversion's own top-1 gate (layers kept in float until the INT8 graph
-            # agrees with FP32 on the calibration images); --no-gates switches it off with the gates.
-            agreement_target = (options.limits.get("min_top1_agreement")
-                                if options.limits.get("min_top1_agreement") is not None
-                                else task.default_gates.get("min_top1_agreement")) if options.enabled else None
-            if agreement_target is not None and not agreement_target > 0:
-                agreement_target = None  # a gate of 0 asks for no agreement: nothing to aim at
-            for graph, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):
-                summary = make_int8(
-                    imported.onnx_path, work / f"model.{graph}.onnx", calib.array, method=calibration_method,
-                    batch_size=batch[1], min_images=min_calibration_images, source=calib.source, target=target,
-                    min_top1_agreement=agreement_target, progress=progress)
-                graphs[graph] = work / f"model.{graph}.onnx"
-                graph_meta[graph] = {"precision": "int8", "target": target, "input_dtype": "float32",
-                                     "output_dtype": "float32", "quantization": summary.to_manifest()}
-                calibration_summary = calibration_summary or summary
-                log(f"    INT8 for {target}: {summary.method} calibration on {summary.images} images, "
-                    f"{summary.quantized_tensors} tensors quantised")
+        # Accuracy control aims at the conversion's own top-1 gate (layers kept in float until the INT8 graph
+        # agrees with FP32 on the calibration images); --no-gates switches it off with the gates.
+        agreement_target = (options.limits.get("min_top1_agreement")
+                            if options.limits.get("min_top1_agreement") is not None
+                            else task.default_gates.get("min_top1_agreement")) if options.enabled else None
+        if agreement_target is not None and not agreement_target > 0:
+            agreement_target = None  # a gate of 0 asks for no agreement: nothing to aim at
+
+        def quantize(out_path: Path, target: str) -> CalibrationSummary:
+            return make_int8(imported.onnx_path, out_path, calib.array, method=calibration_method,
+                             batch_size=batch[1], min_images=min_calibration_images, source=calib.source,
+                             target=target, min_top1_agreement=agreement_target, progress=progress)
+
+        graphs, graph_meta, calibration_summary = _precision_graphs(imported.onnx_path, precisions, work, quantize,
+                                                                    "images", log)
 
         report, chosen_point = None, None
         limits = {name: default if options.limits.get(name) is None else options.limits[name]
@@ -433,32 +418,11 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
                                     [what for what, s in (("calibration", calib), ("validation", val))
                                      if s is not None and s.headers])
 
-        engines: list[dict] = []
-        if engine != "none":
-            from .engine import build_engine
-
-            log(f"4/5 building {engine} engines")
-            for precision in precisions:
-                target = work / f"model.{precision}.{engine}.engine"
-                info = build_engine(graphs[precision], target, flavour=engine, precision=precision, batch=batch,
-                                    workspace_bytes=workspace_bytes, optimization_level=optimization_level,
-                                    timing_cache_path=timing_cache, compute_capabilities=compute_capabilities)
-                engines.append(info)
-                log(f"    {precision}: {info.size_bytes / 1e6:.2f} MB, layers {info.layer_precisions}, "
-                    f"{info.build_seconds:.1f} s")
-        else:
-            log("4/5 no engines (--engine none)")
-
+        engines = _build_engines(graphs, precisions, engine, work, batch, log, workspace_bytes=workspace_bytes,
+                                 optimization_level=optimization_level, timing_cache_path=timing_cache,
+                                 compute_capabilities=compute_capabilities)
         log(f"5/5 writing the bundle {output}")
-        for precision, path in graphs.items():
-            graph_meta[precision]["file"] = writer.add_file(path, f"models/{path.name}")
-        engine_entries = []
-        for info in engines:
-            entry = info.to_manifest()
-            entry["file"] = writer.add_file(Path(info.file), f"engines/{Path(info.file).name}")
-            if info.layers_file:
-                entry["layers_file"] = writer.add_file(Path(info.layers_file), f"engines/{Path(info.layers_file).name}")
-            engine_entries.append(entry)
+        engine_entries = _add_artifacts(writer, graphs, graph_meta, engines)
         manifest = {
             "model": {"name": name or _default_name(model), "version": str(version), "source": imported.source,
                       "opset": imported.opset, "export_check": imported.torch_check},
@@ -490,6 +454,72 @@ def _convert(writer, model, output, spec, calibration, validation, labels, preci
         bundle = writer.commit(manifest, sign_key=sign_key)
     return ConversionResult(Path(bundle.path), imported, report, calibration_summary,
                             engine_entries, failures, bundle.manifest)
+
+
+#: The INT8 graphs a bundle carries, from one calibration: TensorRT's Q/DQ placement (the engines' source; OpenVINO
+#: runs it with int8 kernels) and ONNX Runtime's (its CPU provider fuses only its own placement).
+INT8_GRAPHS = (("int8", "tensorrt"), ("int8-ort", "onnxruntime"))
+
+
+def _precision_graphs(fp32_path: Path, precisions: Sequence[str], work: Path,
+                      quantize: Callable[[Path, str], CalibrationSummary], unit: str,
+                      log: Callable[[str], None]) -> tuple[dict, dict, Optional[CalibrationSummary]]:
+    """Every precision graph of the bundle (graph name -> file), its manifest entries, and the calibration summary.
+
+    Shared by the classification and segmentation conversions; ``quantize(out_path, target)`` writes one INT8
+    graph from the task's own calibration inputs (``unit`` names them in the log: images, windows).
+    """
+    graphs = {"fp32": Path(fp32_path)}
+    graph_meta = {"fp32": {"precision": "fp32", "target": "any", "input_dtype": "float32", "output_dtype": "float32"}}
+    calibration_summary = None
+    if "fp16" in precisions:
+        info = make_fp16(fp32_path, work / "model.fp16.onnx")
+        graphs["fp16"] = work / "model.fp16.onnx"
+        graph_meta["fp16"] = {"precision": "fp16", "target": "any", "input_dtype": info["input_dtype"],
+                              "output_dtype": info["output_dtype"]}
+    if "int8" in precisions:
+        for graph, target in INT8_GRAPHS:
+            summary = quantize(work / f"model.{graph}.onnx", target)
+            graphs[graph] = work / f"model.{graph}.onnx"
+            graph_meta[graph] = {"precision": "int8", "target": target, "input_dtype": "float32",
+                                 "output_dtype": "float32", "quantization": summary.to_manifest()}
+            calibration_summary = calibration_summary or summary
+            log(f"    INT8 for {target}: {summary.method} calibration on {summary.images} {unit}, "
+                f"{summary.quantized_tensors} tensors quantised")
+    return graphs, graph_meta, calibration_summary
+
+
+def _build_engines(graphs: dict, precisions: Sequence[str], engine: str, work: Path, batch: Sequence[int],
+                   log: Callable[[str], None], **options: Any) -> list:
+    """One engine per precision graph (``engine`` "none": none); ``options`` go to build_engine."""
+    if engine == "none":
+        log("4/5 no engines (--engine none)")
+        return []
+    from .engine import build_engine
+
+    log(f"4/5 building {engine} engines")
+    engines = []
+    for precision in precisions:
+        info = build_engine(graphs[precision], work / f"model.{precision}.{engine}.engine", flavour=engine,
+                            precision=precision, batch=batch, **options)
+        engines.append(info)
+        log(f"    {precision}: {info.size_bytes / 1e6:.2f} MB, layers {info.layer_precisions}, "
+            f"{info.build_seconds:.1f} s")
+    return engines
+
+
+def _add_artifacts(writer, graphs: dict, graph_meta: dict, engines: list) -> list:
+    """Graph and engine files into the bundle; each graph's manifest entry gets its file; the engines' entries."""
+    for precision, path in graphs.items():
+        graph_meta[precision]["file"] = writer.add_file(path, f"models/{path.name}")
+    entries = []
+    for info in engines:
+        entry = info.to_manifest()
+        entry["file"] = writer.add_file(Path(info.file), f"engines/{Path(info.file).name}")
+        if info.layers_file:
+            entry["layers_file"] = writer.add_file(Path(info.layers_file), f"engines/{Path(info.layers_file).name}")
+        entries.append(entry)
+    return entries
 
 
 @dataclass(frozen=True)
@@ -660,15 +690,7 @@ def _segmentation_bundle(writer, model, output, volume_spec, roi, overlap, sw_mo
                 f"{imported.torch_check['max_abs_error']:.3g}")
 
         log("2/5 making precision graphs: " + ", ".join(precisions))
-        graphs = {"fp32": imported.onnx_path}
-        graph_meta = {"fp32": {"precision": "fp32", "target": "any", "input_dtype": "float32",
-                               "output_dtype": "float32"}}
-        calibration_summary = None
-        if "fp16" in precisions:
-            info = make_fp16(imported.onnx_path, work / "model.fp16.onnx")
-            graphs["fp16"] = work / "model.fp16.onnx"
-            graph_meta["fp16"] = {"precision": "fp16", "target": "any", "input_dtype": info["input_dtype"],
-                                  "output_dtype": info["output_dtype"]}
+        windows = None
         if "int8" in precisions:
             windows = _calibration_windows(calib.arrays, task, batch[1])
             if len(windows) < min_calibration_images:
@@ -678,17 +700,14 @@ def _segmentation_bundle(writer, model, output, volume_spec, roi, overlap, sw_mo
                     "--min-calibration-images N knowingly: each window is a whole network input)")
             log(f"    calibration: {len(windows)} windows of {task.roi} from {len(calib.arrays)} series (the "
                 "windows the sliding window feeds)")
-            for graph, target in (("int8", "tensorrt"), ("int8-ort", "onnxruntime")):
-                summary = _make_int8_any_rank(
-                    imported.onnx_path, work / f"model.{graph}.onnx", windows, work, method=calibration_method,
-                    batch_size=batch[1], min_images=min_calibration_images, source=calib.source, target=target,
-                    progress=progress)
-                graphs[graph] = work / f"model.{graph}.onnx"
-                graph_meta[graph] = {"precision": "int8", "target": target, "input_dtype": "float32",
-                                     "output_dtype": "float32", "quantization": summary.to_manifest()}
-                calibration_summary = calibration_summary or summary
-                log(f"    INT8 for {target}: {summary.method} calibration on {summary.images} windows, "
-                    f"{summary.quantized_tensors} tensors quantised")
+
+        def quantize(out_path: Path, target: str) -> CalibrationSummary:
+            return _make_int8_any_rank(imported.onnx_path, out_path, windows, work, method=calibration_method,
+                                       batch_size=batch[1], min_images=min_calibration_images, source=calib.source,
+                                       target=target, progress=progress)
+
+        graphs, graph_meta, calibration_summary = _precision_graphs(imported.onnx_path, precisions, work, quantize,
+                                                                    "windows", log)
 
         limits = {key: default if given_limits.get(key) is None else float(given_limits[key])
                   for key, default in task.default_gates.items()}
@@ -722,31 +741,11 @@ def _segmentation_bundle(writer, model, output, volume_spec, roi, overlap, sw_mo
         sets = [(what, s) for what, s in (("calibration", calib), ("validation", val)) if s is not None]
         envelope = Envelope.observe([h for _, s in sets for h in s.headers], [what for what, _ in sets], unit="series")
 
-        engines: list = []
-        if engine != "none":
-            from .engine import build_engine
-
-            log(f"4/5 building {engine} engines")
-            for precision in precisions:
-                target = work / f"model.{precision}.{engine}.engine"
-                info = build_engine(graphs[precision], target, flavour=engine, precision=precision, batch=batch,
-                                    workspace_bytes=workspace_bytes, optimization_level=optimization_level,
-                                    timing_cache_path=timing_cache, compute_capabilities=compute_capabilities)
-                engines.append(info)
-                log(f"    {precision}: {info.size_bytes / 1e6:.2f} MB, {info.build_seconds:.1f} s")
-        else:
-            log("4/5 no engines (--engine none)")
-
+        engines = _build_engines(graphs, precisions, engine, work, batch, log, workspace_bytes=workspace_bytes,
+                                 optimization_level=optimization_level, timing_cache_path=timing_cache,
+                                 compute_capabilities=compute_capabilities)
         log(f"5/5 writing the bundle {output}")
-        for precision, path in graphs.items():
-            graph_meta[precision]["file"] = writer.add_file(path, f"models/{path.name}")
-        engine_entries = []
-        for info in engines:
-            entry = info.to_manifest()
-            entry["file"] = writer.add_file(Path(info.file), f"engines/{Path(info.file).name}")
-            if info.layers_file:
-                entry["layers_file"] = writer.add_file(Path(info.layers_file), f"engines/{Path(info.layers_file).name}")
-            engine_entries.append(entry)
+        engine_entries = _add_artifacts(writer, graphs, graph_meta, engines)
         manifest = {
             "model": {"name": name or _default_name(model), "version": str(version), "source": imported.source,
                       "opset": imported.opset, "export_check": imported.torch_check},

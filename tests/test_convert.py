@@ -375,3 +375,11 @@ def test_signed_bundle_through_the_command_lines(tmp_path, dicom_sets, capsys):
     assert "OK" in capsys.readouterr().out
     assert medge_main(["inspect", str(bundle), "--trusted-key", str(tmp_path / "other.pub.pem")]) == 2
     assert "medge: error:" in capsys.readouterr().err
+
+
+def test_an_accuracy_table_whose_rows_are_all_unmeasured_still_prints():
+    """The classification table took max() of no widths when no row was measured (TypeError)."""
+    from medge.convert.validate import _aligned
+
+    text = _aligned(["precision", "batch", "max|err|"], [["int8", "8", "not measured: the engine failed"]])
+    assert text.splitlines() == ["precision  batch  max|err|", "int8       8      not measured: the engine failed"]

@@ -103,15 +103,7 @@ class AccuracyReport:
                          _fmt(r.top1_agreement, ".2%"), _fmt(r.accuracy, ".2%"), _fmt(r.balanced_accuracy, ".2%"),
                          _fmt(r.sensitivity, ".2%"), _fmt(r.specificity, ".2%"), _fmt(r.auc, ".4f"),
                          _fmt(r.auc_drop, "+.4f"), _fmt(r.pr_auc, ".4f"), _fmt(r.heatmap_correlation, ".4f")])
-        widths = [max(len(header[i]), *(len(row[i]) for row in rows if len(row) > i and len(row) == len(header)))
-                  for i in range(len(header))]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-        for row in rows:
-            if len(row) == len(header):
-                lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-            else:
-                lines.append("  ".join(c.ljust(w) for c, w in zip(row[:2], widths)) + "  " + row[2])
-        return "\n".join(lines)
+        return _aligned(header, rows)
 
 
     def _segmentation_table(self) -> str:
@@ -127,15 +119,20 @@ class AccuracyReport:
             rows.append([r.precision, str(r.batch_size), engine, _fmt(r.max_abs_error, ".2e"),
                          _fmt(r.max_probability_error, ".2e"), _fmt(r.voxel_agreement, ".4%"),
                          _fmt(r.min_dice, ".4f"), *[_fmt(d, ".4f") for d in (r.dice or [None] * len(names))]])
-        widths = [max([len(header[i])] + [len(row[i]) for row in rows if len(row) == len(header)])
-                  for i in range(len(header))]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-        for row in rows:
-            if len(row) == len(header):
-                lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-            else:
-                lines.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
-        return "\n".join(lines)
+        return _aligned(header, rows)
+
+
+def _aligned(header: list, rows: list) -> str:
+    """Columns padded to their widest cell; a short row (its key cells, then a note) keeps its note unpadded."""
+    widths = [max([len(header[i])] + [len(row[i]) for row in rows if len(row) == len(header)])
+              for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    for row in rows:
+        if len(row) == len(header):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        else:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1])
+    return "\n".join(lines)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

@@ -103,3 +103,21 @@ def test_the_batcher_and_triton_export_refuse_a_segmentation_bundle_clearly(seg_
     with pytest.raises(MedgeError, match="task is segmentation: export-triton exports classifiers only"):
         export_triton(seg_bundle.bundle_path, tmp_path / "repo")
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_non_finite_network_outputs_give_an_error_not_a_background_mask(seg_bundle, seg_data, monkeypatch):
+    """NaN logits would threshold to background silently: segment() refuses to answer instead."""
+    from medge.errors import MedgeError
+
+    root, _ = seg_data
+    with medge.load(seg_bundle.bundle_path, backend="onnxruntime", precision="fp32") as model:
+        execute = model.backend_impl.execute
+
+        def poisoned(n):
+            out = np.array(execute(n), copy=True)
+            out.flat[::97] = np.nan
+            return out
+
+        monkeypatch.setattr(model.backend_impl, "execute", poisoned)
+        with pytest.raises(MedgeError, match="non-finite output value"):
+            model.segment(root / "deploy" / "one")

@@ -60,6 +60,13 @@ def segment(model: Any, source: Any, *, probabilities: bool = False, threads: in
     timings["sliding_window"] = total_ms - timings["infer"]
     timings["windows"] = infer_seconds[1]
 
+    bad = logits.size - int(np.count_nonzero(np.isfinite(logits)))
+    if bad:
+        # NaN compares false with every threshold and argmax takes it as a maximum: the mask would silently be
+        # background (or one label) exactly where the network failed. No segmentation is better than that one.
+        raise MedgeError(f"the network gave {bad} non-finite output value(s) of {logits.size} on this series "
+                         f"({model.backend.name}, {model.backend.precision}): no segmentation is given; check the "
+                         "bundle with medge inspect --self-test, or choose another precision")
     started = time.perf_counter()
     label_map, probs, counts = to_label_map(logits, volume, model.spec, task, keep_probabilities=probabilities)
     timings["postprocess"] = (time.perf_counter() - started) * 1e3
